@@ -1,0 +1,98 @@
+"""`distill`: run recipes, show a workdir's state, print the environment.
+
+Exit codes: 0 success, 1 a step failed, 2 bad input (recipe, override, data, model reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import UserError
+
+console = Console()
+
+
+def cmd_run(args) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.override)
+    force = [name for value in args.force for name in value.split(",") if name]
+    outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console)
+    ran = sum(o.state == "ran" for o in outcomes.values())
+    console.print(f"[bold]{recipe.name}[/bold]: {ran} step(s) ran, {len(outcomes) - ran} skipped "
+                  f"→ {outcomes[next(reversed(outcomes))].artifact.path.parent}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.runner import status
+
+    table = Table(title=str(args.workdir))
+    for column in ("step", "type", "state", "rows", "seconds", "key"):
+        table.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
+    colors = {"complete": "green", "failed": "red", "incomplete": "yellow", "pending": "dim"}
+    for row in status(Path(args.workdir)):
+        table.add_row(row["step"], row["uses"], f"[{colors[row['state']]}]{row['state']}",
+                      "" if row["rows"] is None else str(row["rows"]),
+                      "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["key"] or "")
+    console.print(table)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from pipeline import __version__
+    from pipeline.env import device, library_versions
+
+    table = Table(title="distill env")
+    table.add_column("component")
+    table.add_column("version")
+    for name, version in {"distillery": __version__, **library_versions(), "device": device()}.items():
+        table.add_row(name, version)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distill reasoning into language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe (complete steps are skipped)")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe key, e.g. -o steps.samples.n=8 (repeatable)")
+    run.add_argument("--until", metavar="STEP", help="stop after this step")
+    run.add_argument("--force", action="append", default=[], metavar="STEP|all",
+                     help="re-run this step (and the steps after it that read it) even if complete")
+    run.add_argument("--dry-run", action="store_true",
+                     help="every step on a handful of rows with tiny budgets, in <workdir>-dry-run")
+    run.set_defaults(func=cmd_run)
+
+    stat = commands.add_parser("status", help="show the steps of a workdir")
+    stat.add_argument("workdir")
+    stat.set_defaults(func=cmd_status)
+
+    env = commands.add_parser("env", help="print library versions and device")
+    env.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`load`: read problems from JSONL, JSON, parquet or an Arrow dir into the `problems` contract.
+
+Every column of the file passes through (so a file of existing completions can be re-graded by
+load -> verify); `id`, `problem` and `answer` are checked: ids unique and non-empty, problem and
+answer non-empty, answer turned into a string.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import StepConfig
+
+REQUIRED_COLUMNS = ("id", "problem", "answer")
+
+
+class Config(StepConfig):
+    path: str = Field(description="JSONL/JSON/parquet file, or a directory written by datasets.save_to_disk.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns on load, source -> contract name, e.g. {question: problem}.")
+    limit: int | None = Field(default=None, ge=1, description="Keep only the first N rows.")
+    require: list[str] = Field(
+        default=list(REQUIRED_COLUMNS),
+        description="Columns that must be present and non-empty in every row.")
+
+    dry_run_overrides: ClassVar[dict] = {"limit": 4}
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str) -> str:
+        if not Path(path).exists():
+            raise ValueError(f"file not found: {path} (relative paths are read from {Path.cwd()})")
+        return path
+
+
+def read_table(path: str):
+    """A datasets.Dataset from a file or an Arrow dir, chosen by what is on disk."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        return datasets.load_from_disk(str(p))
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return datasets.Dataset.from_json(str(p))
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(p))
+    if suffix == ".arrow":
+        return datasets.Dataset.from_file(str(p))
+    raise UserError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .arrow or a dataset dir)")
+
+
+def check_problems(ds, source: str, require: list[str]):
+    """Refuse missing columns, empty values and duplicate ids, naming the file, column and row id."""
+    missing = [c for c in require if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{source}: missing column(s) {missing}; columns are {ds.column_names} "
+                        "(rename with `columns: {{old: new}}`)")
+    seen: set[str] = set()
+    for index, row in enumerate(ds.select_columns(require)):
+        row_id = row.get("id", index)
+        for column in require:
+            value = row[column]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise UserError(f"{source}: row {index} (id {row_id!r}): empty {column!r}")
+        if "id" in require:
+            if row_id in seen:
+                raise UserError(f"{source}: row {index}: duplicate id {row_id!r}")
+            seen.add(row_id)
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
+    import datasets
+
+    ds = read_table(cfg.path)
+    unknown = [c for c in cfg.columns if c not in ds.column_names]
+    if unknown:
+        raise UserError(f"{cfg.path}: columns {unknown} named in `columns` are not in the file ({ds.column_names})")
+    if cfg.columns:
+        ds = ds.rename_columns(cfg.columns)
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"{cfg.path}: no rows")
+    # Ids and answers are strings in every contract, whatever the file stored (ints, floats).
+    for column in ("id", "answer"):
+        if column in ds.column_names and getattr(ds.features[column], "dtype", None) != "string":
+            ds = ds.map(lambda row, c=column: {c: None if row[c] is None else str(row[c])},
+                        features=datasets.Features({**ds.features, column: datasets.Value("string")}))
+    check_problems(ds, cfg.path, cfg.require)
+    return out.write_dataset(ds, source=cfg.path)
