@@ -77,14 +77,15 @@ class Output:
 
     def write_dataset(self, dataset, **stats) -> Artifact:
         """Save a datasets.Dataset as this step's output; `stats` go into the manifest."""
-        dataset.save_to_disk(str(self.data_dir))
+        # datasets 5.2 writes no data file for 0 rows unless asked for one shard, and then cannot load it.
+        dataset.save_to_disk(str(self.data_dir), num_shards=1 if len(dataset) == 0 else None)
         stats.setdefault("rows", len(dataset))
         return Artifact(self.name, "dataset", self.dir, stats=stats)
 
     def model_written(self, **stats) -> Artifact:
-        """Call after saving a model into `model_dir`; `stats` go into the manifest."""
-        if not (self.model_dir / "config.json").exists():
-            raise RuntimeError(f"step {self.name!r} did not write a model into {self.model_dir}")
+        """Call after saving a model (or a peft adapter) into `model_dir`; `stats` go into the manifest."""
+        if not any((self.model_dir / f).exists() for f in ("config.json", "adapter_config.json")):
+            raise RuntimeError(f"step {self.name!r} did not write a model or adapter into {self.model_dir}")
         return Artifact(self.name, "model", self.dir, stats=stats)
 
     def report_written(self, **stats) -> Artifact:

@@ -114,6 +114,10 @@ def _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run) -> tu
     scratch.mkdir(exist_ok=True)
     (scratch / "KEY").write_text(key)
 
+    import datasets
+
+    # `.map()` on a loaded dataset would otherwise write cache files into the (finished) input step's dir.
+    datasets.disable_caching()
     module = step_module(cfg.uses)
     out = Output(name=name, kind=cfg.produces, dir=tmp_dir, scratch=scratch, seed=recipe.seed, dry_run=dry_run)
     inputs = {p: outcomes[p].artifact for p in parents}

@@ -28,6 +28,9 @@ class Config(StepConfig):
     require: list[str] = Field(
         default=list(REQUIRED_COLUMNS),
         description="Columns that must be present and non-empty in every row.")
+    unique_ids: bool = Field(
+        default=True,
+        description="Refuse repeated ids. Turn off to load several completions per problem for re-grading.")
 
     dry_run_overrides: ClassVar[dict] = {"limit": 4}
 
@@ -56,7 +59,7 @@ def read_table(path: str):
     raise UserError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .arrow or a dataset dir)")
 
 
-def check_problems(ds, source: str, require: list[str]):
+def check_problems(ds, source: str, require: list[str], unique_ids: bool = True):
     """Refuse missing columns, empty values and duplicate ids, naming the file, column and row id."""
     missing = [c for c in require if c not in ds.column_names]
     if missing:
@@ -69,7 +72,7 @@ def check_problems(ds, source: str, require: list[str]):
             value = row[column]
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise UserError(f"{source}: row {index} (id {row_id!r}): empty {column!r}")
-        if "id" in require:
+        if unique_ids and "id" in require:
             if row_id in seen:
                 raise UserError(f"{source}: row {index}: duplicate id {row_id!r}")
             seen.add(row_id)
@@ -93,5 +96,5 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         if column in ds.column_names and getattr(ds.features[column], "dtype", None) != "string":
             ds = ds.map(lambda row, c=column: {c: None if row[c] is None else str(row[c])},
                         features=datasets.Features({**ds.features, column: datasets.Value("string")}))
-    check_problems(ds, cfg.path, cfg.require)
+    check_problems(ds, cfg.path, cfg.require, cfg.unique_ids)
     return out.write_dataset(ds, source=cfg.path)

@@ -1,0 +1,70 @@
+"""The select step: graded samples -> one verified trace per problem, in TRL conversational format."""
+
+import pytest
+from datasets import Dataset
+from pydantic import ValidationError
+
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import select
+
+
+def prompt(problem):
+    return [{"role": "user", "content": f"{problem} Please reason step by step."}]
+
+
+def graded_row(problem_id, sample_idx, correct, problem="What is 2 + 3?"):
+    return {
+        "id": problem_id,
+        "problem": problem,
+        "answer": "5",
+        "sample_idx": sample_idx,
+        "prompt": prompt(problem),
+        "completion": f"completion {sample_idx} of {problem_id}",
+        "correct": correct,
+        "label": "correct" if correct else "incorrect",
+    }
+
+
+def run_select(tmp_path, rows, **config):
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "graded" / "data"))
+    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
+    out = Output(name="sft_data", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
+    artifact = select.run(select.Config(uses="select", input="graded", **config), inputs, out)
+    return artifact, artifact.dataset()
+
+
+def test_keeps_the_correct_sample_with_the_lowest_sample_idx(tmp_path):
+    rows = [
+        # sample_idx out of order: sample 3 comes first but sample 1 is the first correct one
+        graded_row("a", 3, True), graded_row("a", 0, False), graded_row("a", 1, True), graded_row("a", 2, True),
+        graded_row("b", 0, False, problem="What is 4 * 4?"), graded_row("b", 1, False, problem="What is 4 * 4?"),
+        graded_row("c", 1, False, problem="What is 9 - 1?"), graded_row("c", 0, True, problem="What is 9 - 1?"),
+    ]
+    artifact, selected = run_select(tmp_path, rows)
+
+    assert selected.column_names == ["id", "messages"]
+    assert selected["id"] == ["a", "c"]  # b has no correct sample; input order kept
+    assert selected[0]["messages"] == prompt("What is 2 + 3?") + [
+        {"role": "assistant", "content": "completion 1 of a"}
+    ]
+    assert selected[1]["messages"][-1] == {"role": "assistant", "content": "completion 0 of c"}
+    assert artifact.stats == {"samples_in": 8, "problems_in": 3, "problems_kept": 2, "rows": 2}
+
+
+def test_no_correct_sample_gives_an_empty_dataset_with_the_schema(tmp_path):
+    artifact, selected = run_select(tmp_path, [graded_row("a", 0, False), graded_row("a", 1, False)])
+    assert len(selected) == 0
+    assert selected.column_names == ["id", "messages"]
+    assert artifact.stats["problems_kept"] == 0
+
+
+def test_missing_column_names_dataset_and_column(tmp_path):
+    rows = [{k: v for k, v in graded_row("a", 0, True).items() if k != "correct"}]
+    with pytest.raises(UserError, match=r"'graded'.*correct"):
+        run_select(tmp_path, rows)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValidationError):
+        select.Config(uses="select", input="graded", keep="longest")

@@ -1,0 +1,114 @@
+"""The sft step: real TRL SFTTrainer + peft LoRA on builtin:tiny-random (a 2-layer Llama), a few steps on CPU."""
+
+import pytest
+from datasets import Dataset
+
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import sft
+
+EOS = "<|im_end|>"  # SmolLM2's end of turn, the eos of builtin:tiny-random
+
+
+def arithmetic_conversations(count, long_answer_every=0):
+    rows = []
+    for i in range(count):
+        answer = f"{i} + {i} = {2 * i}. The answer is \\boxed{{{2 * i}}}."
+        if long_answer_every and i % long_answer_every == 0:
+            answer = "Let me think. " * 60 + answer
+        rows.append({"id": f"p{i}", "messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                                 {"role": "assistant", "content": answer}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    step_dir = tmp_path_factory.mktemp("sft_data")
+    Dataset.from_list(arithmetic_conversations(16)).save_to_disk(str(step_dir / "data"))
+    return {"sft_data": Artifact("sft_data", "dataset", step_dir)}
+
+
+def config(**overrides):
+    settings = dict(uses="sft", input="sft_data", model="builtin:tiny-random", lora={"r": 8}, batch_size=4,
+                    learning_rate=5e-3, logging_steps=1, max_length=128)
+    return sft.Config(**{**settings, **overrides})
+
+
+def output(tmp_path, name="sft", scratch="scratch"):
+    return Output(name=name, kind="model", dir=tmp_path / name, scratch=tmp_path / scratch, seed=0)
+
+
+def test_trained_tokens_are_the_completion_and_end_with_eos(sft_data, tmp_path):
+    trainer, dropped = sft.build_trainer(config(), sft_data, output(tmp_path))
+    tokenizer = trainer.processing_class
+
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert dropped == 0 and len(trainer.train_dataset) == 16
+    for row, source in zip(trainer.train_dataset, arithmetic_conversations(16)):
+        trained = [token for token in row["labels"] if token != -100]
+        assert row["labels"][0] == -100  # the prompt is not trained on
+        assert tokenizer.decode(trained) == source["messages"][-1]["content"] + EOS + "\n"
+        assert tokenizer.eos_token_id in trained
+
+
+def test_rows_truncated_before_eos_are_dropped(tmp_path):
+    step_dir = tmp_path / "long_data"
+    Dataset.from_list(arithmetic_conversations(8, long_answer_every=4)).save_to_disk(str(step_dir / "data"))
+    inputs = {"sft_data": Artifact("sft_data", "dataset", step_dir)}
+
+    trainer, dropped = sft.build_trainer(config(), inputs, output(tmp_path))
+    assert dropped == 2  # rows 0 and 4 are longer than max_length=128
+    assert all(trainer.processing_class.eos_token_id in row["labels"] for row in trainer.train_dataset)
+
+    with pytest.raises(UserError, match="max_length=40"):
+        sft.build_trainer(config(max_length=40), inputs, output(tmp_path))
+
+
+def test_lora_training_lowers_the_loss_and_saves_the_adapter(sft_data, tmp_path):
+    artifact = sft.run(config(max_steps=12, save_steps=6), sft_data, output(tmp_path))
+
+    stats = artifact.stats
+    assert stats["adapter"] is True and stats["base_model"] == "builtin:tiny-random"
+    assert stats["steps"] == 12 and stats["resumed_from_step"] == 0
+    assert stats["train_loss_last"] < stats["train_loss_first"] - 0.5
+    assert stats["tokens_seen"] > 0 and stats["tokens_per_second"] > 0
+    model_dir = artifact.path / "model"
+    assert (model_dir / "adapter_config.json").exists() and (model_dir / "adapter_model.safetensors").exists()
+    assert (model_dir / "tokenizer_config.json").exists() and (model_dir / "chat_template.jinja").exists()
+    assert "builtin:tiny-random" in (model_dir / "README.md").read_text()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(sft_data, tmp_path):
+    # Constant learning rate, so a run stopped at step 4 and resumed to step 6 must match one straight run of 6.
+    stopped = sft.run(config(max_steps=4, save_steps=2, lr_scheduler_type="constant"), sft_data,
+                      output(tmp_path, "first"))
+    assert stopped.stats["steps"] == 4
+    resumed = sft.run(config(max_steps=6, save_steps=2, lr_scheduler_type="constant"), sft_data,
+                      output(tmp_path, "second"))
+    straight = sft.run(config(max_steps=6, save_steps=2, lr_scheduler_type="constant"), sft_data,
+                       output(tmp_path, "straight", scratch="straight_scratch"))
+
+    assert resumed.stats["resumed_from_step"] == 4 and resumed.stats["steps"] == 6
+    assert resumed.stats["train_loss_first"] == stopped.stats["train_loss_first"]
+    assert resumed.stats["tokens_seen"] == straight.stats["tokens_seen"]  # no batch skipped or repeated
+    assert resumed.stats["train_loss_last"] == pytest.approx(straight.stats["train_loss_last"], abs=1e-4)
+
+
+def test_full_fine_tuning_saves_the_whole_model(sft_data, tmp_path):
+    artifact = sft.run(config(lora=None, max_steps=2, learning_rate=1e-3), sft_data, output(tmp_path))
+    model_dir = artifact.path / "model"
+    assert artifact.stats["adapter"] is False
+    assert (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists()
+    assert not (model_dir / "adapter_config.json").exists()
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    step_dir = tmp_path / "bad"
+    Dataset.from_list([{"id": "x", "messages": [{"role": "user", "content": "hi"}]}]).save_to_disk(
+        str(step_dir / "data"))
+    with pytest.raises(UserError, match=r"'x' of dataset 'sft_data'"):
+        sft.run(config(), {"sft_data": Artifact("sft_data", "dataset", step_dir)}, output(tmp_path))
+
+    Dataset.from_list([{"id": "x", "text": "hi"}]).save_to_disk(str(tmp_path / "text" / "data"))
+    with pytest.raises(UserError, match=r"'sft_data' lacks column 'messages'"):
+        sft.run(config(), {"sft_data": Artifact("sft_data", "dataset", tmp_path / "text")}, output(tmp_path))
