@@ -1,0 +1,53 @@
+"""The committed data: arithmetic files equal their generator's output, and every benchmark gold grades."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.benchmarks import BENCHMARKS, load_benchmark
+from eval.grader import grade
+from pipeline.errors import UserError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_arithmetic_files_are_the_generators_output_and_disjoint(tmp_path):
+    subprocess.run([sys.executable, str(DATA / "make_arithmetic.py"), "--out-dir", str(tmp_path)], check=True)
+    for relative in ("train/arith_train.jsonl", "benchmarks/arith_test.jsonl"):
+        assert (DATA / relative).read_bytes() == (tmp_path / relative).read_bytes(), f"rerun data/make_arithmetic.py"
+    train, test = read_jsonl(DATA / "train/arith_train.jsonl"), read_jsonl(DATA / "benchmarks/arith_test.jsonl")
+    assert (len(train), len(test)) == (2000, 200)
+    triple = lambda row: tuple(row["problem"].removeprefix("What is ").removesuffix("?").split())
+    assert not {triple(r) for r in train} & {triple(r) for r in test}
+    for row in train + test:
+        a, op, b = triple(row)
+        assert 2 <= int(a) <= 30 and 2 <= int(b) <= 30
+        assert row["answer"] == str(eval(f"{a} {op} {b}"))  # noqa: S307 - two small ints and an operator
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_gold_parses_and_a_boxed_copy_of_it_is_correct(name):
+    benchmark, rows = load_benchmark(name)
+    assert rows and len({r["id"] for r in rows}) == len(rows)
+    labels = [grade(f"So \\boxed{{{r['answer']}}}.", r["answer"], gold_is_latex=benchmark.gold_is_latex).label
+              for r in rows]
+    wrong = [(r["id"], r["answer"], label) for r, label in zip(rows, labels) if label != "correct"]
+    assert not wrong
+
+
+def test_benchmark_specs():
+    assert len(load_benchmark("aime24:5")[1]) == 5
+    assert len(load_benchmark("aime24:5", limit=3)[1]) == 3
+    benchmark, rows = load_benchmark(str(DATA / "train/arith_train.jsonl") + ":4")
+    assert benchmark.name == "arith_train" and [r["id"] for r in rows] == [f"arith-train-{i:04d}" for i in range(4)]
+    with pytest.raises(UserError, match="known benchmarks: aime24"):
+        load_benchmark("aime2024")
+    with pytest.raises(UserError, match="not found"):
+        load_benchmark("no/such/file.jsonl")

@@ -1,0 +1,145 @@
+"""eval.grader on known cases, grade_many's worker pool on input that would hang math-verify, and eval.metrics
+against hand computations."""
+
+import math
+import random
+import string
+import time
+
+import pytest
+
+from eval.grader import grade, grade_many, last_boxed
+from eval.metrics import maj_at_k, pass_at_1, pass_at_k
+
+
+@pytest.mark.parametrize("completion, gold, label, extracted", [
+    ("So the total is \\boxed{204}.", "204", "correct", "204"),
+    ("So the total is \\boxed{205}.", "204", "incorrect", "205"),
+    ("\\boxed{-14}", "-14", "correct", "-14"),
+    # no box: the last number, or LaTeX math written after it
+    ("The answer is 42.", "42", "correct", "42"),
+    ("30 - 16 = -14? No: 30-16 = 14", "14", "correct", "14"),
+    ("So the final answer is 30 - 16 = 15.", "14", "incorrect", "15"),
+    ("The answer is 30 - 16.", "14", "incorrect", "16"),  # restating the question does not score
+    ("It is -3/4", "-\\frac{3}{4}", "correct", "-3/4"),
+    ("$16 \\times 10 = 160$ and $16 \\times 9 = 144$, total 304", "304", "correct", "304"),
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}", "correct", "\\frac{1}{2}"),
+    ("I have no idea.", "42", "no_answer", ""),
+    ("\\boxed{2125}", "2,125", "correct", "2125"),  # GSM8K golds keep thousands separators
+    # LaTeX fractions, in gold and prediction, equal by value
+    ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}", "correct", "\\frac{14}{3}"),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "correct", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{2}{3}}", "\\frac{1}{2}", "incorrect", "\\frac{2}{3}"),
+    # the last box wins, not a set of all boxes
+    ("first \\boxed{1}, then corrected: \\boxed{2}", "2", "correct", "2"),
+    ("first \\boxed{2}, then corrected: \\boxed{1}", "2", "incorrect", "1"),
+    # only the text after the last </think> is read
+    ("<think>maybe \\boxed{3}</think>Final: \\boxed{4}", "4", "correct", "4"),
+    ("<think>maybe \\boxed{4}</think>Final: \\boxed{3}", "4", "incorrect", "3"),
+    # thinking never closed: a number in the reasoning is not an answer, a box still is
+    ("<think>2 + 2 is 4", "4", "no_answer", ""),
+    ("<think>so \\boxed{4}", "4", "correct", "4"),
+])
+def test_grade_known_cases(completion, gold, label, extracted):
+    result = grade(completion, gold)
+    assert (result.label, result.extracted) == (label, extracted)
+    assert result.correct == (label == "correct")
+
+
+def test_math500_gold_needs_dollar_wrapping():
+    from math_verify import LatexExtractionConfig, parse
+
+    gold = "\\left( 3, \\frac{\\pi}{2} \\right)"  # MATH-500 test/precalculus/807.json
+    assert parse(gold, [LatexExtractionConfig()]) == []  # the trap: raw, it does not parse at all
+    assert grade("In polar form: \\boxed{\\left(3, \\frac{\\pi}{2}\\right)}", gold).label == "correct"
+    assert grade("\\boxed{(3, \\pi)}", gold).label == "incorrect"
+
+
+def test_truncated_only_counts_a_box():
+    assert grade("Let me compute 6*7 = 42 and then", "42", finish_reason="length").label == "truncated"
+    assert grade("Let me compute 6*7 = 42 and then", "42", finish_reason="stop").label == "correct"
+    assert grade("\\boxed{42} and now let me check", "42", finish_reason="length").label == "correct"
+    assert grade("\\boxed{41} and now let me check", "42", finish_reason="length").label == "incorrect"
+
+
+@pytest.mark.parametrize("gold", ["", "???", None])
+def test_bad_gold_is_reported_not_wrong(gold):
+    assert grade("\\boxed{1}", gold).label == "bad_gold"
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\boxed{\\frac{1}{2}}"
+    assert last_boxed("\\boxed{1} then \\boxed{\\frac{3") == "\\boxed{1}"  # cut-off box: the previous one
+    assert last_boxed("no box") is None
+
+
+def test_grade_many_matches_grade_and_keeps_order():
+    completions = ["\\boxed{%d}" % (i if i % 3 else i + 1) for i in range(30)] + ["6*7 = 42 and", None]
+    golds = [str(i) for i in range(30)] + ["42", "1"]
+    reasons = ["stop"] * 30 + ["length", "stop"]
+    graded = grade_many(completions, golds, workers=2, timeout_s=30, finish_reasons=reasons)
+    assert graded == [grade(c, g, finish_reason=r) for c, g, r in zip(completions, golds, reasons)]
+    assert [g.correct for g in graded[:30]] == [i % 3 != 0 for i in range(30)]
+    assert [g.label for g in graded[30:]] == ["truncated", "no_answer"]
+
+
+def test_pathological_input_ends_in_bounded_time():
+    garbage = "".join(random.Random(0).choice(string.printable) for _ in range(50_000))
+    completions = [
+        "\\boxed{10^{10^{10^{10}}}}",  # sympy tries to evaluate the tower: never finishes
+        garbage,
+        "\\boxed{" + "9" * 50_000 + "}",
+        "\\boxed{5}",  # a normal item after the stuck ones still gets graded, by a fresh worker
+    ]
+    started = time.monotonic()
+    graded = grade_many(completions, ["5"] * 4, workers=2, timeout_s=3)
+    elapsed = time.monotonic() - started
+    assert graded[0].label == "timeout"
+    assert all(g.label in ("timeout", "incorrect", "no_answer") for g in graded[1:3])
+    assert graded[3].label == "correct"
+    assert elapsed < 60, f"grading took {elapsed:.0f} s"
+
+
+def test_grade_many_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        grade_many(["\\boxed{1}"], ["1", "2"], workers=1, timeout_s=5)
+
+
+def test_pass_at_1_mean_and_stderr_by_hand():
+    # per-problem rates 1/2, 1, 0 -> mean 1/2; sample variance ((0)^2 + (1/2)^2 + (1/2)^2) / 2 = 1/4
+    mean, stderr = pass_at_1([[True, False], [True, True], [False, False]])
+    assert mean == pytest.approx(0.5)
+    assert stderr == pytest.approx(math.sqrt(0.25 / 3))
+
+
+def test_pass_at_1_uneven_n_and_edge_cases():
+    assert pass_at_1([[True, False, False, False], [True]])[0] == pytest.approx((0.25 + 1) / 2)
+    mean, stderr = pass_at_1([[True, True, False]])
+    assert mean == pytest.approx(2 / 3) and math.isnan(stderr)
+    assert pass_at_1([[True], [True]]) == (1.0, 0.0)
+    with pytest.raises(ValueError):
+        pass_at_1([])
+    with pytest.raises(ValueError):
+        pass_at_1([[True], []])
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+    assert pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0  # fewer than k wrong samples: some correct one is always drawn
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_maj_at_k_by_hand():
+    answers = [["3", "4", "4", "5"], ["7", "8", "", ""], ["", "", "", ""], ["1", "2", "2", "1"]]
+    correct = [[False, True, True, False], [False, True, False, False], [False] * 4, [False, True, True, False]]
+    # p0: "4" wins (2 votes) -> right. p1: 1-1 tie, "7" seen first -> wrong. p2: no answers -> wrong.
+    # p3 at k=4: 2-2 tie, "1" first -> wrong; at k=3: "2" wins -> right
+    assert maj_at_k(answers, correct, 4) == pytest.approx(1 / 4)
+    assert maj_at_k(answers, correct, 3) == pytest.approx(2 / 4)
+    assert maj_at_k(answers, correct, 1) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        maj_at_k(answers, correct, 5)
