@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a step failed, 2 bad input (recipe, override, data, mod
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.override)
     force = [name for value in args.force for name in value.split(",") if name]
     outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console)
+    # A cached evaluate step printed nothing this time: show its table again, the run's headline.
+    for outcome in outcomes.values():
+        if outcome.state == "skipped" and recipe.steps[outcome.name].uses == "evaluate":
+            from pipeline.steps.evaluate import print_table
+
+            print_table(json.loads((outcome.artifact.path / "results.json").read_text())["models"])
     ran = sum(o.state == "ran" for o in outcomes.values())
     console.print(f"[bold]{recipe.name}[/bold]: {ran} step(s) ran, {len(outcomes) - ran} skipped "
                   f"→ {outcomes[next(reversed(outcomes))].artifact.path.parent}")

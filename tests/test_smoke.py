@@ -1,0 +1,46 @@
+"""recipes/smoke.yaml end to end through the real CLI: every step type, real vLLM, TRL, peft, math-verify."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+
+DISTILL = str(Path(sys.executable).with_name("distill"))
+
+
+def distill(*args):
+    proc = subprocess.run([DISTILL, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def test_smoke_recipe_end_to_end_then_cached(tmp_path):
+    workdir = tmp_path / "smoke"
+    distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}")
+
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in workdir.glob("*/manifest.json")}
+    assert set(manifests) == {"problems", "samples", "graded", "sft_data", "sft", "merged", "report"}
+    assert all(m["status"] == "complete" for m in manifests.values())
+
+    samples = datasets.load_from_disk(str(workdir / "samples" / "data"))
+    assert len(samples) == 24 * 4
+    graded = datasets.load_from_disk(str(workdir / "graded" / "data"))
+    assert {"label", "correct", "extracted", "pass_rate"} <= set(graded.column_names)
+    sft_data = datasets.load_from_disk(str(workdir / "sft_data" / "data"))
+    assert len(sft_data) == len({row["id"] for row in graded if row["correct"]}) > 0
+    assert (workdir / "merged" / "model" / "config.json").exists()
+    results = json.loads((workdir / "report" / "results.json").read_text())
+    assert list(results["models"]) == ["builtin:tiny-random", "step:merged"]
+    for per_benchmark in results["models"].values():
+        assert 0.0 <= per_benchmark["arith_test"]["pass@1"] <= 1.0
+
+    started = time.time()
+    out = distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}")
+    print(f"cached re-run: {time.time() - started:.2f}s")
+    assert "7 skipped" in out and "0 step(s) ran" in out
+    status = distill("status", str(workdir))
+    assert status.count("complete") == 7
