@@ -94,12 +94,12 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
             if name not in forced and complete_key(final_dir) == key:
                 artifact = Artifact.from_dir(final_dir)
                 outcomes[name] = StepOutcome(name, "skipped", artifact, 0.0)
-                console.print(f"[dim]✓ {label}: complete, skipped (key {key}, {_rows(artifact.stats)})[/dim]")
+                console.print(f"[dim]✓ {label}: complete, skipped (key {key}, {_rows(artifact)})[/dim]")
                 continue
             console.rule(f"[bold]▶ {label}")
             artifact, seconds = _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run)
             outcomes[name] = StepOutcome(name, "ran", artifact, seconds)
-            console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact.stats)})")
+            console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
     return outcomes
 
 
@@ -156,8 +156,8 @@ def _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run) -> tu
     return Artifact.from_dir(final_dir), seconds
 
 
-def _rows(stats: dict) -> str:
-    return f"{stats['rows']} rows" if "rows" in stats else "no rows"
+def _rows(artifact: Artifact) -> str:
+    return f"{artifact.stats['rows']} rows" if "rows" in artifact.stats else artifact.kind
 
 
 def status(workdir: Path) -> list[dict]:
