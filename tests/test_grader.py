@@ -1,15 +1,14 @@
-"""eval.grader on known cases, grade_many's worker pool on input that would hang math-verify, and eval.metrics
-against hand computations."""
+"""eval.grader on known cases, grade_many's worker pool on input that would hang math-verify, and every MATH-500
+gold against its own reference solution. (eval.metrics is tested in test_metrics.py.)"""
 
-import math
 import random
 import string
 import time
 
 import pytest
 
+from eval.benchmarks import load_benchmark
 from eval.grader import grade, grade_many, last_boxed
-from eval.metrics import maj_at_k, pass_at_1, pass_at_k
 
 
 @pytest.mark.parametrize("completion, gold, label, extracted", [
@@ -105,41 +104,11 @@ def test_grade_many_rejects_mismatched_lengths():
         grade_many(["\\boxed{1}"], ["1", "2"], workers=1, timeout_s=5)
 
 
-def test_pass_at_1_mean_and_stderr_by_hand():
-    # per-problem rates 1/2, 1, 0 -> mean 1/2; sample variance ((0)^2 + (1/2)^2 + (1/2)^2) / 2 = 1/4
-    mean, stderr = pass_at_1([[True, False], [True, True], [False, False]])
-    assert mean == pytest.approx(0.5)
-    assert stderr == pytest.approx(math.sqrt(0.25 / 3))
-
-
-def test_pass_at_1_uneven_n_and_edge_cases():
-    assert pass_at_1([[True, False, False, False], [True]])[0] == pytest.approx((0.25 + 1) / 2)
-    mean, stderr = pass_at_1([[True, True, False]])
-    assert mean == pytest.approx(2 / 3) and math.isnan(stderr)
-    assert pass_at_1([[True], [True]]) == (1.0, 0.0)
-    with pytest.raises(ValueError):
-        pass_at_1([])
-    with pytest.raises(ValueError):
-        pass_at_1([[True], []])
-
-
-def test_pass_at_k_by_hand():
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
-    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
-    assert pass_at_k(4, 0, 4) == 0.0
-    assert pass_at_k(4, 3, 2) == 1.0  # fewer than k wrong samples: some correct one is always drawn
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
-
-
-def test_maj_at_k_by_hand():
-    answers = [["3", "4", "4", "5"], ["7", "8", "", ""], ["", "", "", ""], ["1", "2", "2", "1"]]
-    correct = [[False, True, True, False], [False, True, False, False], [False] * 4, [False, True, True, False]]
-    # p0: "4" wins (2 votes) -> right. p1: 1-1 tie, "7" seen first -> wrong. p2: no answers -> wrong.
-    # p3 at k=4: 2-2 tie, "1" first -> wrong; at k=3: "2" wins -> right
-    assert maj_at_k(answers, correct, 4) == pytest.approx(1 / 4)
-    assert maj_at_k(answers, correct, 3) == pytest.approx(2 / 4)
-    assert maj_at_k(answers, correct, 1) == pytest.approx(0.0)
-    with pytest.raises(ValueError):
-        maj_at_k(answers, correct, 5)
+def test_every_math500_gold_verifies_against_its_reference_solution():
+    # the boxed answer inside each `solution` must grade correct against the `answer` column: 500/500
+    benchmark, rows = load_benchmark("math500")
+    assert len(rows) == 500
+    graded = grade_many([r["solution"] for r in rows], [r["answer"] for r in rows], workers=2, timeout_s=30,
+                        gold_is_latex=benchmark.gold_is_latex)
+    failed = [(r["id"], r["answer"], g.label, g.extracted) for r, g in zip(rows, graded) if not g.correct]
+    assert failed == []

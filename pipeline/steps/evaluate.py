@@ -1,27 +1,56 @@
-"""`evaluate`: sample each model on each benchmark with vLLM, grade with math-verify, report pass@1 ± stderr.
+"""`evaluate` (recipe step) and `distill eval` (command): sample models on benchmarks with vLLM, grade with
+math-verify, and report pass@1 ± stderr, pass@k, maj@k, truncation and lengths. Both run `evaluate_models`.
 
-Writes into the step dir:
-    samples/       one row per sample (datasets.save_to_disk): benchmark, id, model, sample_idx, completion,
-                   extracted, label, correct, prompt_tokens, completion_tokens, finish_reason
-    results.json   {"models": {MODEL: {BENCHMARK: {"pass@1", "stderr", "n", "problems", "labels"}}}, "meta": {...}}
-                   MODEL and BENCHMARK are written as in the recipe, in its order.
-and prints a models x benchmarks table. Each model's generations are kept in the scratch dir as they finish,
-so a run killed during the third model does not sample the first two again.
+Protocol (DeepSeek-R1 distills, open-r1): the problem and "Please reason step by step, and put your final answer
+within \\boxed{}." in one user turn, no system prompt, the model's chat template, and `<think>\\n` after the
+generation prompt when the template shows the model thinks. Presets: `r1` (temperature 0.6, top_p 0.95, 32,768
+new tokens, n = each benchmark's protocol n: AIME 64, AMC23 16, MATH-500 4, GSM8K 1) and `quick` (a CPU budget:
+512 new tokens, n at most 4). Every field set explicitly wins over the preset.
+
+Writes into the output dir:
+    samples/       one row per sample (datasets.save_to_disk): benchmark, id, model, sample_idx, answer, subject,
+                   level, completion, extracted, label, correct, prompt_tokens, completion_tokens, finish_reason
+    results.json   {"models": {LABEL: {BENCHMARK: {"pass@1", "stderr", "n", "pass@k", "maj@k", ...}}},
+                    "meta": {seed, sampling, n, prompt template, per model path / weights and chat-template
+                    sha256 / think prefix, benchmark files and sha256, library versions}}
+                   LABEL and BENCHMARK are written as the user named them, in the order given.
+    report.md, accuracy.png, lengths.png   (eval/report.py)
+Each model's generations are kept in a scratch dir as they finish, so a run killed during the third model does
+not sample the first two again. `distill eval --rescore DIR` re-grades samples/ and rewrites the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-from collections import Counter, defaultdict
-from typing import ClassVar
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
+
+# lighteval's MATH prompt, used by open-r1's evaluation
+OPEN_R1_TEMPLATE = (
+    "Solve the following math problem efficiently and clearly.  The last line of your response should be of the "
+    "following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' (without quotes) "
+    "where ANSWER is just the final number or expression that solves the problem. Think step by step before "
+    "answering.\n\n{problem}")
+PROMPT_TEMPLATES = {"r1": DEFAULT_PROMPT_TEMPLATE, "open-r1": OPEN_R1_TEMPLATE}
+# Settings a preset fills in where the user set nothing. n is per benchmark: see Config.samples_per_problem.
+PRESETS: dict[str, dict[str, Any]] = {
+    "r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens": 32768},
+    "quick": {"temperature": 0.6, "top_p": 0.95, "max_tokens": 512},
+}
+QUICK_MAX_N = 4
+THINK_OPEN = "<think>\n"
+SAMPLES_DIR = "samples"
+RESULTS_JSON = "results.json"
 
 
 class Config(StepConfig):
@@ -30,28 +59,50 @@ class Config(StepConfig):
     benchmarks: list[str] = Field(min_length=1, description=(
         "Benchmarks: aime24, aime25, amc23, math500, gsm8k, arith_test, or a JSONL/parquet file of problems; "
         "a :N suffix keeps the first N problems (aime24:5)."))
-    n: int | None = Field(default=None, ge=1,
-                          description="Samples per problem; null = each benchmark's default (AIME 64, MATH-500 4).")
-    temperature: float = Field(default=0.6, ge=0, description="Sampling temperature (R1-distill protocol: 0.6).")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling top_p (protocol: 0.95).")
-    max_tokens: int = Field(default=2048, ge=1, description=(
-        "Most new tokens per sample. The published protocol uses 32768 for reasoning models; "
-        "keep it small on CPU."))
-    prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description=(
-        "User turn, as in the sample step: {column} is replaced by that column of the problem (at least "
-        "{problem}); other braces, such as \\boxed{}, are kept."))
-    think_prefix: str = Field(default="", description=(
-        "Text appended after the chat template's generation prompt, e.g. '<think>\\n' for R1-style models. "
-        "When set, a sample that never closes </think> only scores with a \\boxed{} answer."))
+    preset: Literal["r1", "quick"] = Field(default="r1", description=(
+        "Defaults for the fields you do not set. r1: temperature 0.6, top_p 0.95, 32768 new tokens, n = the "
+        "benchmark's protocol n (AIME 64, AMC23 16, MATH-500 4, GSM8K 1). quick: 512 new tokens, n at most 4 "
+        "(a CPU budget)."))
+    n: int | None = Field(default=None, ge=1, description=(
+        "Samples per problem for every benchmark; null = the preset's n for each benchmark."))
+    temperature: float = Field(default=PRESETS["r1"]["temperature"], ge=0, description="Sampling temperature.")
+    top_p: float = Field(default=PRESETS["r1"]["top_p"], gt=0, le=1, description="Nucleus sampling top_p.")
+    top_k: int = Field(default=-1, ge=-1, description="Keep only the k most likely tokens; -1 keeps all.")
+    max_tokens: int = Field(default=PRESETS["r1"]["max_tokens"], ge=1, description=(
+        "Most new tokens per sample; longer samples stop with finish_reason 'length' and count as truncated."))
+    max_model_len: int | None = Field(default=None, ge=1, description=(
+        "Longest prompt + completion in tokens; default: the model's own limit."))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype in vLLM; auto lets vLLM choose (bfloat16 on CPU).")
+    prompt_template: str = Field(default="r1", description=(
+        "User turn: 'r1' (the problem, then the \\boxed{} instruction), 'open-r1' (lighteval's MATH prompt) or "
+        "your own text where {column} is replaced by that column of the problem (at least {problem}); other "
+        "braces, such as \\boxed{}, are kept."))
+    think_prefix: str | None = Field(default=None, description=(
+        "Text appended after the chat template's generation prompt. null = from the chat template: '<think>\\n' "
+        "when it handles </think> (R1-style), nothing otherwise. A sample that opened thinking and never closed "
+        "</think> only scores with a \\boxed{} answer."))
     limit: int | None = Field(default=None, ge=1, description="Keep only the first N problems of every benchmark.")
     workers: int = Field(default=2, ge=1, description="Grading processes (math-verify).")
     timeout_s: float = Field(default=10.0, gt=0, description="Seconds one sample may take to grade.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs each model is split over (vLLM).")
+    data_parallel_size: int = Field(default=1, ge=1, description=(
+        "Engine replicas, each on its own GPUs, sharing the prompts (vLLM data parallelism)."))
+    distributed_executor_backend: str | None = Field(default=None, description=(
+        "vLLM's executor for multi-GPU runs: 'mp' (one node) or 'ray' (across nodes); null = vLLM's choice."))
 
     produces: ClassVar[str] = "report"
     dry_run_overrides: ClassVar[dict] = {"limit": 2, "n": 2, "max_tokens": 16}
 
     def model_refs(self) -> list[str]:
         return list(self.models)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset", "r1") in PRESETS:
+            return {**PRESETS[data.get("preset", "r1")], **data}  # what the user set wins
+        return data
 
     @field_validator("models", "benchmarks")
     @classmethod
@@ -76,101 +127,230 @@ class Config(StepConfig):
     @field_validator("prompt_template")
     @classmethod
     def _has_problem(cls, template: str) -> str:
-        if "{problem}" not in template:
-            raise ValueError("prompt_template must contain {problem}")
+        if template not in PROMPT_TEMPLATES and "{problem}" not in template:
+            raise ValueError(f"prompt_template must be one of {list(PROMPT_TEMPLATES)} or contain {{problem}}")
         return template
+
+    @property
+    def template_text(self) -> str:
+        return PROMPT_TEMPLATES.get(self.prompt_template, self.prompt_template)
+
+    def samples_per_problem(self, benchmark) -> int:
+        if self.n is not None:
+            return self.n
+        return min(benchmark.default_n, QUICK_MAX_N) if self.preset == "quick" else benchmark.default_n
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    import datasets
-
-    from eval.benchmarks import load_benchmark
-    from eval.grader import grade_many
-    from eval.metrics import pass_at_1
-    from pipeline.env import library_versions
     from pipeline.models import resolve_model
 
+    models = {ref: resolve_model(ref, inputs) for ref in cfg.models}
+    results = evaluate_models(cfg, models, out.dir, out.scratch, out.seed)
+    print_table(results["models"])
+    summary = {f"{ref} {spec} pass@1": scores["pass@1"]
+               for ref, per_bench in results["models"].items() for spec, scores in per_bench.items()}
+    return out.report_written(samples=sum(s["samples"] for p in results["models"].values() for s in p.values()),
+                              **summary)
+
+
+def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch: Path, seed: int) -> dict:
+    """Generate, grade and score every model (label -> resolved dir or hub id) on every benchmark of `cfg`;
+    write samples/, results.json, report.md and plots into out_dir; return the results dict."""
+    from eval.benchmarks import load_benchmark
+    from pipeline.env import library_versions
+
     suites = {spec: load_benchmark(spec, cfg.limit) for spec in cfg.benchmarks}
-    samples_per_problem = {spec: cfg.n or benchmark.default_n for spec, (benchmark, _) in suites.items()}
+    n_by_spec = {spec: cfg.samples_per_problem(benchmark) for spec, (benchmark, _) in suites.items()}
+    model_meta = {label: describe_model(model, cfg.think_prefix) for label, model in models.items()}
 
     # one engine start per model and distinct n: benchmarks that share n share a generate call
-    specs_by_n: dict[int, list[str]] = defaultdict(list)
+    specs_by_n: dict[int, list[str]] = {}
     for spec in cfg.benchmarks:
-        specs_by_n[samples_per_problem[spec]].append(spec)
-
-    # model -> benchmark -> one list of sample dicts per problem
-    generated: dict[str, dict[str, list[list[dict]]]] = {}
-    timings: dict[str, Counter] = {}
-    for model_index, ref in enumerate(cfg.models):
-        model_dir = resolve_model(ref, inputs)
-        generated[ref], timings[ref] = {}, Counter()
+        specs_by_n.setdefault(n_by_spec[spec], []).append(spec)
+    rows: list[dict] = []
+    timings: dict[str, dict[str, float]] = {}
+    for label, model in models.items():
+        timings[label] = {"load": 0.0, "generate": 0.0}
         for n, specs in specs_by_n.items():
             problems = [(spec, row) for spec in specs for row in suites[spec][1]]
-            per_problem, seconds = _generate_or_resume(cfg, out, model_dir, f"{model_index}-n{n}", problems, n)
-            timings[ref].update(seconds)
-            for (spec, _), samples in zip(problems, per_problem):
-                generated[ref].setdefault(spec, []).append(samples)
+            per_problem, seconds = _generate_or_resume(cfg, scratch, model, model_meta[label]["think_prefix"],
+                                                       [row for _, row in problems], n, seed)
+            for key, value in seconds.items():
+                timings[label][key] += value
+            for (spec, problem), samples in zip(problems, per_problem):
+                rows += [_sample_row(spec, label, problem, idx, sample) for idx, sample in enumerate(samples)]
+    order = {(label, spec): i for i, (label, spec) in
+             enumerate((label, spec) for label in models for spec in cfg.benchmarks)}
+    rows.sort(key=lambda r: order[(r["model"], r["benchmark"])])  # stable: problems and samples keep their order
 
-    rows: list[dict] = []
-    results: dict[str, dict[str, dict]] = {ref: {} for ref in cfg.models}
-    for spec, (benchmark, problems) in suites.items():
-        flat = [(ref, problem, idx, sample)
-                for ref in cfg.models
-                for problem, samples in zip(problems, generated[ref][spec])
-                for idx, sample in enumerate(samples)]
-        # the think prefix was part of the prompt: grading must see that the sample started inside <think>
-        grades = grade_many([cfg.think_prefix + s["text"] for *_, s in flat], [p["answer"] for _, p, _, _ in flat],
-                            workers=cfg.workers, timeout_s=cfg.timeout_s,
-                            finish_reasons=[s["finish_reason"] for *_, s in flat],
-                            gold_is_latex=benchmark.gold_is_latex)
-        correct: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-        labels: dict[str, Counter] = defaultdict(Counter)
-        for (ref, problem, idx, sample), result in zip(flat, grades):
-            correct[ref][problem["id"]].append(result.correct)
-            labels[ref][result.label] += 1
-            rows.append({"benchmark": spec, "id": problem["id"], "model": ref, "sample_idx": idx,
-                         "completion": sample["text"], "extracted": result.extracted, "label": result.label,
-                         "correct": result.correct, "prompt_tokens": sample["prompt_tokens"],
-                         "completion_tokens": sample["completion_tokens"], "finish_reason": sample["finish_reason"]})
-        for ref in cfg.models:
-            mean, stderr = pass_at_1(list(correct[ref].values()))
-            results[ref][spec] = {"pass@1": mean, "stderr": stderr if math.isfinite(stderr) else None,
-                                  "n": samples_per_problem[spec], "problems": len(problems),
-                                  "labels": dict(labels[ref])}
-
-    datasets.Dataset.from_list(rows).save_to_disk(str(out.dir / "samples"))
     meta = {
-        "seed": out.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-        "prompt_template": cfg.prompt_template, "think_prefix": cfg.think_prefix,
-        "benchmark_files": {spec: str(benchmark.path) for spec, (benchmark, _) in suites.items()},
-        "timings_s": {ref: dict(t) for ref, t in timings.items()}, "versions": library_versions(),
+        "seed": seed,
+        "preset": cfg.preset,
+        "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "max_model_len",
+                                                  "dtype", "tensor_parallel_size", "data_parallel_size")},
+        "n": n_by_spec,
+        "prompt_template": cfg.template_text,
+        "prompt_template_name": cfg.prompt_template if cfg.prompt_template in PROMPT_TEMPLATES else "custom",
+        "system_prompt": None,
+        "models": model_meta,
+        "benchmarks": {spec: {"file": str(benchmark.path), "sha256": _sha256_files([benchmark.path]),
+                              "gold_is_latex": benchmark.gold_is_latex, "problems": len(problems)}
+                       for spec, (benchmark, problems) in suites.items()},
+        "grader": {"workers": cfg.workers, "timeout_s": cfg.timeout_s},
+        "timings_s": timings,
+        "versions": library_versions(),
     }
-    write_json_atomic(out.dir / "results.json", {"models": results, "meta": meta})
-    print_table(results)
-    summary = {f"{ref} {spec} pass@1": scores["pass@1"]
-               for ref, per_bench in results.items() for spec, scores in per_bench.items()}
-    return out.report_written(samples=len(rows), **summary)
+    return _grade_score_and_write(rows, meta, Path(out_dir))
 
 
-def _generate_or_resume(cfg: Config, out: Output, model_dir: str, part: str, problems: list[tuple[str, dict]],
-                        n: int) -> tuple[list[list[dict]], dict[str, float]]:
-    """Samples for each problem (dicts: text, finish_reason, prompt_tokens, completion_tokens) and engine timings."""
+def rescore(run_dir: Path, *, workers: int | None = None, timeout_s: float | None = None) -> dict:
+    """Re-grade a finished evaluation's saved completions (no generation) and rewrite its outputs."""
+    import datasets
+
+    from pipeline.env import library_versions
+
+    run_dir = Path(run_dir)
+    results_path, samples_path = run_dir / RESULTS_JSON, run_dir / SAMPLES_DIR
+    if not results_path.is_file() or not samples_path.is_dir():
+        raise UserError(f"--rescore {run_dir}: not an evaluation output (needs {RESULTS_JSON} and {SAMPLES_DIR}/)")
+    meta = json.loads(results_path.read_text())["meta"]
+    if workers is not None or timeout_s is not None:
+        meta["grader"] = {"workers": workers or meta["grader"]["workers"],
+                          "timeout_s": timeout_s or meta["grader"]["timeout_s"]}
+    rows = datasets.load_from_disk(str(samples_path)).to_list()
+    meta["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
+    return _grade_score_and_write(rows, meta, run_dir)
+
+
+def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
+    """Grade rows in place (per model's completion prefix, per benchmark's gold format), score, write outputs."""
+    import datasets
+
+    from eval.grader import iter_grades
+    from eval.metrics import benchmark_scores
+    from eval.report import write_report
+    from rich.progress import track
+
+    completions = [meta["models"][r["model"]]["completion_prefix"] + r["completion"] for r in rows]
+    gold_format = [meta["benchmarks"][r["benchmark"]]["gold_is_latex"] for r in rows]
+    for gold_is_latex in dict.fromkeys(gold_format):  # one worker pool per gold format
+        indices = [i for i, is_latex in enumerate(gold_format) if is_latex == gold_is_latex]
+        grades = iter_grades([completions[i] for i in indices], [rows[i]["answer"] for i in indices],
+                             workers=meta["grader"]["workers"], timeout_s=meta["grader"]["timeout_s"],
+                             finish_reasons=[rows[i]["finish_reason"] for i in indices], gold_is_latex=gold_is_latex)
+        for position, grade in track(grades, total=len(indices), description="grading", transient=True):
+            rows[indices[position]].update(extracted=grade.extracted, label=grade.label, correct=grade.correct)
+
+    results: dict[str, dict[str, dict]] = {label: {} for label in meta["models"]}
+    for label in meta["models"]:
+        for spec, n in meta["n"].items():
+            results[label][spec] = benchmark_scores(
+                [r for r in rows if r["model"] == label and r["benchmark"] == spec], n)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_samples(datasets.Dataset.from_list(rows), out_dir / SAMPLES_DIR)
+    document = {"models": results, "meta": meta}
+    write_json_atomic(out_dir / RESULTS_JSON, document)
+    write_report(document, rows, out_dir)
+    return document
+
+
+def _save_samples(dataset, path: Path) -> None:
+    # next to the old copy, then swapped: a crash while rescoring never leaves samples/ half written
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp), num_shards=1)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _sample_row(spec: str, label: str, problem: dict, idx: int, sample: dict) -> dict:
+    level = problem.get("level")
+    return {"benchmark": spec, "id": problem["id"], "model": label, "sample_idx": idx, "answer": problem["answer"],
+            "subject": problem.get("subject"), "level": None if level is None else str(level),
+            "completion": sample["text"], "extracted": "", "label": "", "correct": False,
+            "prompt_tokens": sample["prompt_tokens"], "completion_tokens": sample["completion_tokens"],
+            "finish_reason": sample["finish_reason"]}
+
+
+def _generate_or_resume(cfg: Config, scratch: Path, model: str, think_prefix: str, problems: list[dict], n: int,
+                        seed: int) -> tuple[list[list[dict]], dict[str, float]]:
+    """Samples for each problem (dicts: text, finish_reason, prompt_tokens, completion_tokens) and engine timings.
+
+    Kept in scratch under a hash of everything that shapes them, so a resumed run reuses only matching work.
+    """
     from dataclasses import asdict
 
-    from pipeline.generation import generate
+    from pipeline import generation
 
-    saved = out.scratch / f"generations-{part}.json"
+    prompts = [[{"role": "user", "content": render_prompt(cfg.template_text, row)}] for row in problems]
+    request = dict(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+                   seed=seed, max_model_len=cfg.max_model_len, dtype=cfg.dtype, think_prefix=think_prefix,
+                   tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
+                   distributed_executor_backend=cfg.distributed_executor_backend)
+    digest = hashlib.sha256(json.dumps([model, prompts, request], sort_keys=True).encode()).hexdigest()[:16]
+    saved = scratch / f"generations-{digest}.json"
     if saved.exists():
         kept = json.loads(saved.read_text())
         return kept["samples"], kept["seconds"]
-    prompts = [[{"role": "user", "content": render_prompt(cfg.prompt_template, row)}] for _, row in problems]
-    generations = generate(model_dir, prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                           max_tokens=cfg.max_tokens, seed=out.seed, think_prefix=cfg.think_prefix)
+    generations = generation.generate(model, prompts, **request)
     samples = [[asdict(c) for c in per_prompt] for per_prompt in generations]
     seconds = {"load": generations.load_seconds, "generate": generations.generate_seconds}
-    out.scratch.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved, {"samples": samples, "seconds": seconds})
     return samples, seconds
+
+
+def describe_model(model: str, think_prefix: str | None) -> dict:
+    """What results.json records about a model, and the think prefix its prompts get.
+
+    `completion_prefix` is what the grader reads before each completion: the think prefix, or `<think>\\n` when
+    the chat template's generation prompt itself opens thinking; either way an unclosed </think> scores nothing.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    template = tokenizer.chat_template
+    if not template:
+        raise UserError(f"model {model}: its tokenizer has no chat template; evaluation prompts chat models")
+    template_text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    detected, opened_by_template = detect_think_prefix(tokenizer)
+    prefix = detected if think_prefix is None else think_prefix
+    path = Path(model)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    weights = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt") for p in path.glob(pattern)) \
+        if path.is_dir() else []
+    return {"path": model,
+            "weights_sha256": _sha256_files(weights) if weights else None,
+            "config_dtype": config.get("dtype", config.get("torch_dtype")),
+            "chat_template_sha256": hashlib.sha256(template_text.encode()).hexdigest(),
+            "think_prefix": prefix,
+            "completion_prefix": THINK_OPEN if opened_by_template else prefix}
+
+
+def detect_think_prefix(tokenizer) -> tuple[str, bool]:
+    """(think prefix to append, whether the generation prompt already opens <think>) from the chat template.
+
+    R1-distill templates strip `...</think>` from earlier assistant turns (so they mention </think>) and expect
+    the reply to start with `<think>\\n`; newer ones write `<think>\\n` into the generation prompt themselves.
+    """
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    if rendered.rstrip().endswith("<think>"):
+        return "", True
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template)
+    return (THINK_OPEN, False) if "</think>" in template else ("", False)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def print_table(results: dict[str, dict[str, dict]]) -> None:
@@ -191,3 +371,83 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
             cells.append(f"{100 * scores['pass@1']:.1f}{stderr}  (n={scores['n']})")
         table.add_row(ref, *cells)
     Console().print(table)
+
+
+# ---- `distill eval` ----
+
+# Config fields the command takes as --flags (the rest: models, --benchmarks, and the step's own keys)
+CLI_FIELDS = ("preset", "n", "temperature", "top_p", "top_k", "max_tokens", "max_model_len", "dtype",
+              "prompt_template", "think_prefix", "limit", "workers", "timeout_s", "tensor_parallel_size",
+              "data_parallel_size", "distributed_executor_backend")
+
+
+def add_cli_arguments(parser) -> None:
+    """`distill eval`'s arguments: one --flag per sampling/grading field of Config, with its help text."""
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=(
+        "builtin:NAME, a local model dir, a hub id, or a recipe step dir (runs/<recipe>/<step>, its model/)"))
+    parser.add_argument("--benchmarks", metavar="B[:N],...", help=(
+        "comma-separated: aime24, aime25, amc23, math500, gsm8k, arith_test or a .jsonl/.parquet file; "
+        ":N keeps the first N problems"))
+    parser.add_argument("--out", metavar="DIR", help="output dir (default runs/eval/<date>-<time>)")
+    parser.add_argument("--seed", type=int, default=0, help="vLLM engine seed (default 0)")
+    parser.add_argument("--rescore", metavar="DIR", help=(
+        "re-grade the saved completions of an earlier run in DIR (no generation) and rewrite its results"))
+    for name in CLI_FIELDS:
+        field = Config.model_fields[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=field.description)
+
+
+def run_cli(args) -> int:
+    if args.rescore:
+        document = rescore(Path(args.rescore), workers=_positive(args.workers, "--workers", int),
+                           timeout_s=_positive(args.timeout_s, "--timeout-s", float))
+        print_table(document["models"])
+        print(f"rescored → {args.rescore}")
+        return 0
+    if not args.models or not args.benchmarks:
+        raise UserError("distill eval needs MODEL(s) and --benchmarks (or --rescore DIR)")
+    settings = {name: getattr(args, name) for name in CLI_FIELDS if getattr(args, name) is not None}
+    try:
+        cfg = Config(uses="evaluate", models=args.models,
+                     benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], **settings)
+    except ValidationError as error:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                             for e in error.errors())
+        raise UserError(f"distill eval: {problems}") from None
+    out_dir = Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S"))
+    models = {ref: resolve_cli_model(ref) for ref in cfg.models}
+    scratch = out_dir / ".scratch"
+    document = evaluate_models(cfg, models, out_dir, scratch, args.seed)
+    shutil.rmtree(scratch, ignore_errors=True)  # everything is in samples/ now
+    print_table(document["models"])
+    print(f"results → {out_dir / RESULTS_JSON}, report → {out_dir / 'report.md'}")
+    return 0
+
+
+def _positive(value: str | None, flag: str, kind: type) -> int | float | None:
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise UserError(f"{flag} must be a positive {kind.__name__}, got {value!r}")
+    return number
+
+
+def resolve_cli_model(ref: str) -> str:
+    """A model the command can load: a recipe step dir means its model/; everything else as in recipes."""
+    from pipeline.artifacts import read_manifest
+    from pipeline.models import STEP_PREFIX, resolve_model
+
+    path = Path(ref).expanduser()
+    if (path / "manifest.json").is_file():
+        manifest = read_manifest(path)
+        if manifest.get("produces") != "model":
+            raise UserError(f"{ref}: step {manifest.get('step')!r} produced a {manifest.get('produces')}, "
+                            "not a model")
+        return str((path / "model").resolve())
+    if ref.startswith(STEP_PREFIX):
+        raise UserError(f"{ref}: step:NAME only works inside a recipe; pass the step's dir (runs/<recipe>/<step>)")
+    return resolve_model(ref)

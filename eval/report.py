@@ -1,0 +1,153 @@
+"""An evaluation's human-readable outputs, from results.json and the per-sample rows:
+
+    report.md     models x benchmarks pass@1 ± stderr, then per benchmark pass@k, maj@k, truncation, tokens,
+                  MATH-500 by subject and level, and the run's settings
+    accuracy.png  pass@1 with standard-error bars, one bar per model, grouped by benchmark
+    lengths.png   completion-length histograms, correct vs incorrect, one panel per model x benchmark
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+ACCURACY_PNG = "accuracy.png"
+LENGTHS_PNG = "lengths.png"
+REPORT_MD = "report.md"
+
+
+def write_report(results: dict, samples: list[dict], out_dir: Path) -> list[Path]:
+    """Write report.md and the two plots into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = [plot_accuracy(results["models"], out_dir / ACCURACY_PNG),
+             plot_lengths(samples, list(results["models"]), _benchmarks(results["models"]), out_dir / LENGTHS_PNG)]
+    report = out_dir / REPORT_MD
+    report.write_text(render_markdown(results))
+    return [report, *paths]
+
+
+def _benchmarks(models: dict[str, dict]) -> list[str]:
+    return list(next(iter(models.values())))
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _with_stderr(scores: dict) -> str:
+    stderr = f" ± {_pct(scores['stderr'])}" if scores.get("stderr") is not None else ""
+    return f"{_pct(scores['pass@1'])}{stderr}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def render_markdown(results: dict) -> str:
+    models, meta = results["models"], results.get("meta", {})
+    benchmarks = _benchmarks(models)
+    lines = ["# Evaluation report", "",
+             "pass@1 (%) ± standard error over problems; n = samples per problem.", ""]
+    lines += _table(["model", *(f"{b} (n={models[next(iter(models))][b]['n']})" for b in benchmarks)],
+                    [[label, *(_with_stderr(per_bench[b]) for b in benchmarks)] for label, per_bench in models.items()])
+    lines += ["", f"![pass@1 with standard-error bars]({ACCURACY_PNG})", "",
+              f"![completion lengths, correct vs incorrect]({LENGTHS_PNG})", ""]
+    for benchmark in benchmarks:
+        lines += [f"## {benchmark}", ""]
+        first = models[next(iter(models))][benchmark]
+        ks = list(first["pass@k"])
+        header = ["model", "problems", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks), "truncated",
+                  "tokens (correct)", "tokens (incorrect)", "labels"]
+        rows = []
+        for label, per_bench in models.items():
+            s = per_bench[benchmark]
+            tokens = s["mean_completion_tokens"]
+            rows.append([label, str(s["problems"]), *(_pct(s["pass@k"].get(k)) for k in ks),
+                         *(_pct(s["maj@k"].get(k)) for k in ks), _pct(s["truncation_rate"]),
+                         _tokens(tokens["correct"]), _tokens(tokens["incorrect"]),
+                         ", ".join(f"{name} {count}" for name, count in sorted(s["labels"].items()))])
+        lines += _table(header, rows) + [""]
+        for group in ("by_subject", "by_level"):
+            if group not in first:
+                continue
+            values = list(first[group])
+            lines += [f"{group.replace('_', ' ')}: pass@1 (%) ± stderr (problems)", ""]
+            lines += _table(["model", *(f"{v} ({first[group][v]['problems']})" for v in values)],
+                            [[label, *(_with_stderr(per_bench[benchmark][group][v]) for v in values)]
+                             for label, per_bench in models.items()]) + [""]
+    if meta:
+        lines += ["## Settings", ""] + _settings(meta) + [""]
+    return "\n".join(lines)
+
+
+def _tokens(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _settings(meta: dict) -> list[str]:
+    lines = [f"- seed {meta.get('seed')}, preset {meta.get('preset')}, sampling {meta.get('sampling')}",
+             f"- prompt template: `{meta.get('prompt_template')!r}`"]
+    for label, info in meta.get("models", {}).items():
+        lines.append(f"- `{label}`: {info.get('path')}, weights sha256 {str(info.get('weights_sha256'))[:16]}, "
+                     f"chat template sha256 {str(info.get('chat_template_sha256'))[:16]}, "
+                     f"think prefix {info.get('think_prefix')!r}")
+    versions = meta.get("versions", {})
+    lines.append("- versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
+    return lines
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(models: dict[str, dict], path: Path) -> Path:
+    """Grouped bars: pass@1 (%) per benchmark, one bar per model, standard-error whiskers."""
+    plt = _pyplot()
+    benchmarks = _benchmarks(models)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(benchmarks) * max(1, len(models) / 2)), 3.6))
+    for m, (label, per_bench) in enumerate(models.items()):
+        xs = [b + (m - (len(models) - 1) / 2) * width for b in range(len(benchmarks))]
+        means = [100 * per_bench[b]["pass@1"] for b in benchmarks]
+        errors = [100 * (per_bench[b]["stderr"] or 0.0) for b in benchmarks]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(range(len(benchmarks)), benchmarks)
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    ax.set_title("pass@1 ± standard error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_lengths(samples: list[dict], labels: list[str], benchmarks: list[str], path: Path) -> Path:
+    """Histograms of completion tokens, correct vs not, one panel per model (rows) x benchmark (columns)."""
+    plt = _pyplot()
+    tokens: dict[tuple[str, str, bool], list[int]] = defaultdict(list)
+    for s in samples:
+        tokens[(s["model"], s["benchmark"], bool(s["correct"]))].append(s["completion_tokens"])
+    fig, axes = plt.subplots(len(labels), len(benchmarks), squeeze=False,
+                             figsize=(3.2 * len(benchmarks), 2.4 * len(labels)))
+    for row, label in enumerate(labels):
+        for col, benchmark in enumerate(benchmarks):
+            ax = axes[row][col]
+            right, wrong = tokens[(label, benchmark, True)], tokens[(label, benchmark, False)]
+            longest = max(right + wrong, default=1)
+            bins = [longest * i / 20 for i in range(21)] if longest > 0 else 1
+            ax.hist([right, wrong], bins=bins, label=["correct", "incorrect"], color=["tab:green", "tab:red"])
+            ax.set_title(f"{label}\n{benchmark}", fontsize="small")
+            ax.set_xlabel("completion tokens", fontsize="small")
+            if row == 0 and col == 0:
+                ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

