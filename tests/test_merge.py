@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 
-from pipeline.artifacts import Artifact, Output
+from pipeline.artifacts import MANIFEST, Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.models import resolve_model
 from pipeline.steps import merge, sft
@@ -25,6 +25,11 @@ def adapter_step(tmp_path_factory):
                      batch_size=4, learning_rate=1e-2)
     out = Output(name="sft", kind="model", dir=root / "sft", scratch=root / "scratch", seed=0)
     artifact = sft.run(cfg, {"sft_data": Artifact("sft_data", "dataset", root / "sft_data")}, out)
+    # The manifests the runner would write: the merge's model card reads the lineage from them.
+    write_json_atomic(root / "sft_data" / MANIFEST, {"step": "sft_data", "uses": "select", "key": "k-data",
+                                                     "parents": {}, "config": {"input": "graded"}})
+    write_json_atomic(root / "sft" / MANIFEST, {"step": "sft", "uses": "sft", "key": "k-sft",
+                                                "parents": {"sft_data": "k-data"}, "config": cfg.model_dump()})
     return Artifact("sft", "model", root / "sft", key="k-sft", stats=artifact.stats)
 
 
@@ -58,7 +63,8 @@ def test_merged_model_matches_the_adapter_model(adapter_step, tmp_path):
     with safe_open(str(merged_dir / "model.safetensors"), "pt") as weights:
         assert not [key for key in weights.keys() if "lora" in key]
     card = (merged_dir / "README.md").read_text()
-    assert "builtin:tiny-random" in card and "`sft`" in card
+    assert "base model: `builtin:tiny-random`" in card and "trained by step: `sft` (key `k-sft`)" in card
+    assert "- `sft_data` (select, key `k-data`)" in card and "input: `sft_data`" in card  # the data it learned from
 
     # Loaded on its own, the merged dir gives the adapter model's logits on a prompt the step never checked.
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))

@@ -39,11 +39,11 @@ def output(tmp_path, name="sft", scratch="scratch"):
 
 
 def test_trained_tokens_are_the_completion_and_end_with_eos(sft_data, tmp_path):
-    trainer, dropped = sft.build_trainer(config(), sft_data, output(tmp_path))
+    trainer, data_stats = sft.build_trainer(config(), sft_data, output(tmp_path))
     tokenizer = trainer.processing_class
 
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert dropped == 0 and len(trainer.train_dataset) == 16
+    assert data_stats == {"rows": 16, "dropped_truncated": 0} and len(trainer.train_dataset) == 16
     for row, source in zip(trainer.train_dataset, arithmetic_conversations(16)):
         trained = [token for token in row["labels"] if token != -100]
         assert row["labels"][0] == -100  # the prompt is not trained on
@@ -56,8 +56,8 @@ def test_rows_truncated_before_eos_are_dropped(tmp_path):
     Dataset.from_list(arithmetic_conversations(8, long_answer_every=4)).save_to_disk(str(step_dir / "data"))
     inputs = {"sft_data": Artifact("sft_data", "dataset", step_dir)}
 
-    trainer, dropped = sft.build_trainer(config(), inputs, output(tmp_path))
-    assert dropped == 2  # rows 0 and 4 are longer than max_length=128
+    trainer, data_stats = sft.build_trainer(config(), inputs, output(tmp_path))
+    assert data_stats == {"rows": 6, "dropped_truncated": 2}  # rows 0 and 4 are longer than max_length=128
     assert all(trainer.processing_class.eos_token_id in row["labels"] for row in trainer.train_dataset)
 
     with pytest.raises(UserError, match="max_length=40"):
@@ -112,3 +112,48 @@ def test_bad_input_is_a_user_error(tmp_path):
     Dataset.from_list([{"id": "x", "text": "hi"}]).save_to_disk(str(tmp_path / "text" / "data"))
     with pytest.raises(UserError, match=r"'sft_data' lacks column 'messages'"):
         sft.run(config(), {"sft_data": Artifact("sft_data", "dataset", tmp_path / "text")}, output(tmp_path))
+
+
+def test_a_batch_without_trained_tokens_is_an_error(sft_data, tmp_path):
+    trainer, _ = sft.build_trainer(config(), sft_data, output(tmp_path))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert trainer.compute_loss(trainer.model, dict(batch)).item() > 0
+    batch["labels"][:] = -100  # as if every completion had been cut away
+    with pytest.raises(UserError, match="no trainable token"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_packed_and_padding_free_batches_train_on_the_same_tokens(tmp_path):
+    # Length-skewed rows: padding wastes most of a padded batch, packing and padding-free waste none.
+    step_dir = tmp_path / "skewed"
+    Dataset.from_list(arithmetic_conversations(8, long_answer_every=4)).save_to_disk(str(step_dir / "data"))
+    inputs = {"sft_data": Artifact("sft_data", "dataset", step_dir)}
+    padded, _ = sft.build_trainer(config(max_length=512), inputs, output(tmp_path))
+    packed, _ = sft.build_trainer(config(max_length=512, packing=True), inputs, output(tmp_path))
+    padding_free, _ = sft.build_trainer(config(max_length=512, padding_free=True), inputs, output(tmp_path))
+
+    def trained_tokens(trainer):
+        batch = trainer.data_collator(list(trainer.train_dataset))
+        return (batch["labels"] != -100).sum().item(), batch["input_ids"].numel(), trainer.compute_loss(
+            trainer.model, batch).item()
+
+    padded_trained, padded_size, padded_loss = trained_tokens(padded)
+    for trainer in (packed, padding_free):
+        trained, size, loss = trained_tokens(trainer)
+        assert trained == padded_trained and size < padded_size
+        # Same weights, same rows: rows never attend to each other, so the loss is the padded batch's.
+        assert loss == pytest.approx(padded_loss, rel=1e-4)
+
+
+def test_chat_template_override_and_gradient_checkpointing(sft_data, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    artifact = sft.run(config(chat_template=str(template), gradient_checkpointing=True, max_steps=1), sft_data,
+                       output(tmp_path))
+    saved = (artifact.path / "model" / "chat_template.jinja").read_text()
+    assert saved == template.read_text()  # sampling and evaluation see the template it was trained with
+    assert artifact.stats["steps"] == 1
+
+    with pytest.raises(ValueError, match="file not found"):
+        config(chat_template=str(tmp_path / "missing.jinja"))

@@ -118,5 +118,33 @@ def model_card(cfg: Config, step_name: str, source, merged: bool, base_path: str
         how = (f"The LoRA adapter of step `{cfg.input}` merged into its base model with peft `merge_and_unload`; "
                f"merged and adapter logits agree within {cfg.tolerance:.0e} (float32). Weights saved as {cfg.dtype}.")
     lineage = f"- base model: `{base_ref}`" + (f" (loaded from `{base_path}`)" if base_path else "")
-    return (f"# {step_name}\n\n{how}\n\n## Lineage\n\n{lineage}\n- trained by step: `{cfg.input}` "
-            f"(key `{source.key or 'n/a'}`)\n- merged by step: `{step_name}` (distillery `merge`)\n")
+    upstream = upstream_steps(source.path)
+    steps = ("\n\n## Steps upstream (from their manifests)\n\n" + "\n".join(upstream)) if upstream else ""
+    return (f"# {step_name}\n\n{how}\n\n## Lineage\n\n{lineage}\n- adapter / trained by step: `{cfg.input}` "
+            f"(key `{source.key or 'n/a'}`)\n- merged by step: `{step_name}` (distillery `merge`)\n{steps}\n")
+
+
+def upstream_steps(step_dir: Path) -> list[str]:
+    """One line per step the model came from (training, data, ...), with its type, key and main settings.
+
+    Read from the manifests the runner wrote beside the input step; a step without one (run by hand) ends the walk.
+    """
+    from pipeline.artifacts import read_manifest
+
+    lines, seen, pending = [], set(), [step_dir]
+    while pending:
+        current = pending.pop(0)
+        try:
+            manifest = read_manifest(current)
+        except (OSError, ValueError):
+            continue
+        if manifest["step"] in seen:
+            continue
+        seen.add(manifest["step"])
+        config = manifest.get("config", {})
+        settings = ", ".join(f"{key}: `{config[key]}`" for key in ("model", "input", "path", "alpha") if config.get(key)
+                             is not None)
+        lines.append(f"- `{manifest['step']}` ({manifest['uses']}, key `{manifest['key']}`)"
+                     + (f": {settings}" if settings else ""))
+        pending += [current.parent / parent for parent in manifest.get("parents", {})]
+    return lines

@@ -5,9 +5,13 @@ message but the last) and a completion (the final assistant message), so TRL com
 completion only, which works with any chat template (`assistant_only_loss` needs `{% generation %}` markers
 that most templates, SmolLM2's included, lack).
 
-The model must learn to stop, so every trained row must have the end-of-sequence token in its labels: rows that
-`max_length` truncated before it are dropped and counted (`dropped_truncated`), and the pad token is kept
-distinct from eos. Checkpoints go to the step's scratch dir; a killed step resumes from the last one.
+The model must learn to stop, so every trained row must have the end-of-sequence token in its labels: rows longer
+than `max_length` are dropped before tokenization and counted (`dropped_truncated`), never cut; the pad token is kept
+distinct from eos; a batch without a single trained token stops the run instead of adding a silent zero loss.
+Checkpoints go to the step's scratch dir; a killed step resumes from the last one.
+
+This module also holds what every training step shares (`TrainingConfig`, the Trainer arguments, resume and save,
+and the `accelerate launch` path for several GPUs); `redi` builds on it.
 
 Output: with LoRA, the adapter (peft dir) + tokenizer, stats `adapter: true` and `base_model`; a `merge` step
 turns it into a standalone model. With `lora: null`, the full fine-tuned model.
@@ -15,17 +19,23 @@ turns it into a standalone model. With `lora: null`, the full fine-tuned model.
 
 from __future__ import annotations
 
+import functools
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
 
 # Tokens that serve as padding when a tokenizer has none of its own, or pads with eos.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
+# Written by the main process of an `accelerate launch`ed step: the stats the parent puts in the manifest.
+LAUNCH_RESULT = "launch_result.json"
 
 
 class LoraSettings(BaseModel):
@@ -41,11 +51,12 @@ class LoraSettings(BaseModel):
     )
 
 
-class Config(StepConfig):
+class TrainingConfig(StepConfig):
+    """Settings every training step (sft, redi) has: the model, LoRA, the schedule, checkpoints, precision, launch."""
+
     produces: ClassVar = "model"
     dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1}
 
-    input: str = Field(description="Name of the step whose dataset (id, messages) is trained on, e.g. a select step.")
     model: str = Field(description="Model to fine-tune: builtin:NAME, a local dir, a hub id, or step:NAME.")
     lora: LoraSettings | None = Field(
         default_factory=LoraSettings,
@@ -69,94 +80,120 @@ class Config(StepConfig):
     report_to: str | list[str] = Field(
         default="none", description="Trackers for the Trainer logs: none, tensorboard, wandb, ... (transformers)."
     )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: far less memory on long sequences, about a third slower.",
+    )
+    bf16: bool | None = Field(
+        default=None,
+        description="bfloat16 mixed precision. null: on where the hardware has it (a CUDA GPU with bf16), else float32.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Train with this chat template instead of the model's own: a Jinja file, or a model dir whose "
+        "tokenizer's template is taken. It is saved with the trained model, so sampling and evaluation use it too.",
+    )
+    num_processes: int = Field(
+        default=1, ge=1, description="Processes (one per GPU) to train on; above 1 the step runs under `accelerate launch`."
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description="An accelerate config file, e.g. recipes/accelerate/zero3.yaml (DDP, DeepSpeed ZeRO-2/3, FSDP); "
+        "when set, the step runs under `accelerate launch --config_file` it.",
+    )
+
+    @field_validator("chat_template", "accelerate_config")
+    @classmethod
+    def _exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"file not found: {path} (relative paths are read from {Path.cwd()})")
+        return path
 
     def model_refs(self) -> list[str]:
         return [self.model]
 
 
-def run(cfg: Config, inputs, out):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    trainer, dropped_truncated = build_trainer(cfg, inputs, out)
-    checkpoints = Path(trainer.args.output_dir)
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    started = time.time()
-    trainer.train(resume_from_checkpoint=last_checkpoint)
-    seconds = time.time() - started
-
-    trainer.save_model(str(out.model_dir))  # LoRA: the adapter only; full: the whole model
-    trainer.processing_class.save_pretrained(str(out.model_dir))
-    (out.model_dir / "README.md").write_text(model_card(cfg, out.name))
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens_this_run = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
-    return out.model_written(
-        adapter=cfg.lora is not None,
-        base_model=cfg.model,
-        rows=len(trainer.train_dataset),
-        dropped_truncated=dropped_truncated,
-        steps=trainer.state.global_step,
-        resumed_from_step=int(last_checkpoint.rsplit("-", 1)[1]) if last_checkpoint else 0,
-        train_loss_first=losses[0] if losses else None,
-        train_loss_last=losses[-1] if losses else None,
-        tokens_seen=trainer.state.num_input_tokens_seen,
-        train_seconds=round(seconds, 2),
-        tokens_per_second=round(tokens_this_run / seconds, 1),
-        bf16=trainer.args.bf16,
+class Config(TrainingConfig):
+    input: str = Field(description="Name of the step whose dataset (id, messages) is trained on, e.g. a select step.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several rows into each max_length sequence (TRL best-fit decreasing, no row is cut); "
+        "attention stays within each row (padding-free).",
+    )
+    padding_free: bool = Field(
+        default=False,
+        description="Concatenate a batch's rows into one sequence without padding (position ids keep rows apart). "
+        "Fastest with flash-attention on GPU.",
     )
 
 
+def run(cfg: Config, inputs, out):
+    if runs_distributed(cfg):
+        return launch_distributed(cfg, inputs, out)
+    return out.model_written(**train(cfg, inputs, out))
+
+
+def train(cfg: Config, inputs, out) -> dict:
+    """Train in this process (every process of a distributed launch runs it); returns the manifest stats."""
+    trainer, data_stats = build_trainer(cfg, inputs, out)
+    return train_and_save(trainer, cfg, out, model_card(cfg, out.name), **data_stats)
+
+
 def build_trainer(cfg: Config, inputs, out):
-    """An SFTTrainer over the prepared data, and how many rows it dropped for losing their eos to truncation."""
+    """An SFTTrainer over the prepared data, and the rows it trains on and dropped for being over max_length."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig
 
     from pipeline.models import resolve_model
 
     set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
-    train_data = prompt_completion_dataset(inputs[cfg.input].dataset(), cfg.input)
     model_path = resolve_model(cfg.model, inputs)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"sft: the tokenizer of model {cfg.model!r} has no eos token, so the model cannot learn to stop")
-    use_distinct_pad_token(tokenizer)
+    tokenizer = load_tokenizer(cfg, model_path)
+    conversations = prompt_completion_dataset(inputs[cfg.input].dataset(), cfg.input)
+    train_data = drop_overlong(conversations, tokenizer, cfg, ("completion",), cfg.input)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
     args = SFTConfig(
-        output_dir=str(out.scratch / "checkpoints"),
-        seed=out.seed,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=cfg.report_to,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **training_arguments(cfg, out),
+        # Rows are already at most max_length; TRL refuses padding-free without packing when given one.
+        max_length=None if cfg.padding_free and not cfg.packing else cfg.max_length,
+        packing=cfg.packing,
+        padding_free=cfg.padding_free,
         completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",
     )
-    trainer = SFTTrainer(
+    trainer = checked_sft_trainer()(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config(cfg.lora)
     )
-    rows_prepared = len(trainer.train_dataset)
     eos_id = tokenizer.eos_token_id
-    trainer.train_dataset = trainer.train_dataset.filter(lambda row: eos_id in row["labels"])
-    if len(trainer.train_dataset) == 0:
+    missing_eos = sum(eos_id not in row["labels"] for row in trainer.train_dataset)
+    if missing_eos:
         raise UserError(
-            f"sft: no row of dataset {cfg.input!r} has the eos token {tokenizer.eos_token!r} in its trained tokens "
-            f"after truncation to max_length={cfg.max_length}; raise max_length, or check that the chat template of "
-            f"{cfg.model!r} ends an assistant turn with eos"
+            f"sft: {missing_eos} row(s) of dataset {cfg.input!r} have no eos token {tokenizer.eos_token!r} in their "
+            f"trained tokens; check that the chat template of {cfg.model!r} ends an assistant turn with eos"
         )
-    return trainer, rows_prepared - len(trainer.train_dataset)
+    return trainer, {"rows": len(train_data), "dropped_truncated": len(conversations) - len(train_data)}
+
+
+@functools.cache
+def checked_sft_trainer():
+    """The SFTTrainer subclass below; built on first use, so importing this module never imports TRL."""
+    from trl import SFTTrainer
+
+    class CheckedSFTTrainer(SFTTrainer):
+        """SFTTrainer that refuses a batch with no trained token (TRL would add a loss of exactly zero)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Position 0 is never predicted, so its label cannot train anything.
+            if not (inputs["labels"][..., 1:] != -100).any():
+                raise UserError(
+                    "sft: a training batch has no trainable token (every label is masked), so its loss would be a "
+                    "silent zero; check that the completions are not empty and that max_length leaves room for them"
+                )
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CheckedSFTTrainer
 
 
 def model_card(cfg: Config, step_name: str) -> str:
@@ -192,6 +229,106 @@ def prompt_completion_dataset(dataset, dataset_name: str):
     return dataset.map(split, with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True)
 
 
+# ---- shared by the training steps -------------------------------------------------------------------------------
+
+
+def training_arguments(cfg: TrainingConfig, out) -> dict:
+    """transformers TrainingArguments every training step passes to its TRL config."""
+    import torch
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dict(
+        output_dir=str(out.scratch / "checkpoints"),
+        seed=out.seed,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=cfg.report_to,
+        bf16=bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def load_tokenizer(cfg: TrainingConfig, model_path: str):
+    """The model's tokenizer with the chat template to train with, an eos, and a pad token that is not eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.chat_template:
+        template = Path(cfg.chat_template)
+        tokenizer.chat_template = (
+            AutoTokenizer.from_pretrained(str(template)).chat_template if template.is_dir() else template.read_text()
+        )
+    if not tokenizer.chat_template:
+        raise UserError(f"{cfg.uses}: model {cfg.model!r} has no chat template; name one with `chat_template`")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{cfg.uses}: the tokenizer of model {cfg.model!r} has no eos token, so it cannot learn to stop")
+    use_distinct_pad_token(tokenizer)
+    return tokenizer
+
+
+def drop_overlong(dataset, tokenizer, cfg: TrainingConfig, completion_columns: tuple[str, ...], dataset_name: str):
+    """Rows whose prompt + each completion fit in max_length tokens; a cut completion would lose its eos."""
+
+    def fits(row) -> bool:
+        return all(
+            len(tokenizer.apply_chat_template(row["prompt"] + row[column], tokenize=True, return_dict=True)["input_ids"])
+            <= cfg.max_length
+            for column in completion_columns
+        )
+
+    kept = dataset.filter(fits, keep_in_memory=True, desc=f"{cfg.uses}: dropping rows over max_length")
+    if len(kept) == 0:
+        raise UserError(
+            f"{cfg.uses}: every row of dataset {dataset_name!r} is longer than max_length={cfg.max_length} tokens "
+            "(prompt + completion); raise max_length"
+        )
+    return kept
+
+
+def train_and_save(trainer, cfg: TrainingConfig, out, card: str, **stats) -> dict:
+    """Train (resuming from the last checkpoint in scratch), save model + tokenizer + card, return manifest stats."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = Path(trainer.args.output_dir)
+    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    started = time.time()
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    seconds = time.time() - started
+
+    trainer.save_model(str(out.model_dir))  # every rank takes part (ZeRO-3 gathers); the main process writes
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(out.model_dir))
+        (out.model_dir / "README.md").write_text(card)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens_this_run = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    return dict(
+        adapter=cfg.lora is not None,
+        base_model=cfg.model,
+        **stats,
+        steps=trainer.state.global_step,
+        resumed_from_step=int(last_checkpoint.rsplit("-", 1)[1]) if last_checkpoint else 0,
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        tokens_seen=trainer.state.num_input_tokens_seen,
+        train_seconds=round(seconds, 2),
+        tokens_per_second=round(tokens_this_run / seconds, 1) if seconds else None,
+        bf16=trainer.args.bf16,
+        processes=trainer.args.world_size,
+    )
+
+
 def use_distinct_pad_token(tokenizer) -> None:
     """Pad with a token other than eos, so no padding rule can ever mask the eos a completion ends with."""
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
@@ -202,7 +339,7 @@ def use_distinct_pad_token(tokenizer) -> None:
             tokenizer.pad_token = candidate
             return
     # No spare token: TRL pads labels with -100 independently of the pad token, and build_trainer's
-    # eos-in-labels filter still guarantees every trained row ends with eos.
+    # eos-in-labels check still guarantees every trained row ends with eos.
     tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -218,3 +355,65 @@ def peft_config(lora: LoraSettings | None):
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+# ---- several GPUs: the step re-runs itself under `accelerate launch` --------------------------------------------
+
+
+def runs_distributed(cfg: TrainingConfig) -> bool:
+    return cfg.num_processes > 1 or cfg.accelerate_config is not None
+
+
+def launch_command(cfg: TrainingConfig, payload: Path) -> list[str]:
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if cfg.accelerate_config:
+        command += ["--config_file", str(Path(cfg.accelerate_config).resolve())]
+    if cfg.num_processes > 1 or not cfg.accelerate_config:
+        command += ["--num_processes", str(cfg.num_processes)]
+    return command + ["-m", "pipeline.steps.sft", str(payload)]
+
+
+def launch_distributed(cfg: TrainingConfig, inputs, out):
+    """Run this step's `train` in `accelerate launch` processes, with the same output and scratch dirs.
+
+    Every process trains; only the main one writes the model and the stats file read back here.
+    """
+    payload = out.scratch / "launch.json"
+    payload.write_text(json.dumps({
+        "uses": cfg.uses,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": {name: {"name": a.name, "kind": a.kind, "path": str(a.path), "key": a.key, "stats": a.stats}
+                   for name, a in inputs.items()},
+        "out": {"name": out.name, "kind": out.kind, "dir": str(out.dir), "scratch": str(out.scratch),
+                "seed": out.seed, "dry_run": out.dry_run},
+    }))
+    result = out.scratch / LAUNCH_RESULT
+    result.unlink(missing_ok=True)
+    command = launch_command(cfg, payload)
+    process = subprocess.run(command)
+    if process.returncode != 0 or not result.exists():
+        raise RuntimeError(f"{cfg.uses}: `{' '.join(command)}` failed (exit code {process.returncode}); "
+                           "its output is above")
+    return out.model_written(**json.loads(result.read_text()))
+
+
+def launched_main(payload_path: str) -> None:
+    """Entry point of each `accelerate launch`ed process: run one training step's `train`."""
+    from accelerate import PartialState
+
+    from pipeline.artifacts import Artifact, Output
+    from pipeline.steps import step_module
+
+    payload = json.loads(Path(payload_path).read_text())
+    module = step_module(payload["uses"])
+    cfg = module.Config(**payload["config"])
+    inputs = {name: Artifact(**{**fields, "path": Path(fields["path"])}) for name, fields in payload["inputs"].items()}
+    out_fields = payload["out"]
+    out = Output(**{**out_fields, "dir": Path(out_fields["dir"]), "scratch": Path(out_fields["scratch"])})
+    stats = module.train(cfg, inputs, out)
+    if PartialState().is_main_process:
+        (out.scratch / LAUNCH_RESULT).write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    launched_main(sys.argv[1])

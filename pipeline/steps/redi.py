@@ -1,0 +1,234 @@
+"""`redi`: Reinforcement Distillation (REDI, arXiv 2505.24850) on pairs of a correct and an incorrect trace.
+
+The objective, exactly as the paper's Eq. 5 (see `redi_loss`):
+
+    L = mean over pairs of [ -log pi(y_w|x) / |y_w|  +  alpha * log pi(y_l|x) / |y_l| ]
+
+where log pi(y|x) sums the completion's token log-probs and |y| is that completion's own token count (eos included,
+prompt excluded). It is reference-free: no reference model is loaded and no reference forward ever runs.
+
+Built on TRL's DPOTrainer, which gives the preference-data tokenization (chat template, prompt/completion split), the
+collator that stacks [chosen; rejected] so both are scored in one forward pass, the fused log-prob head, peft and
+DeepSpeed/FSDP handling. `RediTrainer` replaces its loss: the policy's log-probs only. For a full fine-tune TRL would
+load a reference copy of the model unless reference log-probs are "precomputed"; the step sets that flag and the
+trainer's precompute does nothing. Logged each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean
+length-normalised log-probs) and `redi/margin` (their difference).
+
+Input: TRL preference data, `id`, `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), as
+the `pairs` step writes. Pairs with a side longer than `max_length` are dropped and counted, never cut.
+
+Model: usually `step:<sft step>`. When that is a LoRA adapter, the adapter is loaded onto its base model and trained
+further (`lora` must then be unset); the output is again an adapter on the same base, which `merge` folds in. A full
+model is trained in full (`lora: null`, the default) or gets a new adapter (`lora: {r: ...}`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline.errors import UserError
+from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, launch_distributed, load_tokenizer,
+                                peft_config, runs_distributed, train_and_save, training_arguments)
+
+PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
+
+
+class Config(TrainingConfig):
+    input: str = Field(description="Name of the step whose pairs (id, prompt, chosen, rejected) are trained on.")
+    model: str = Field(description="Model to train, usually step:<sft step> (a LoRA adapter is trained further).")
+    alpha: float = Field(
+        default=0.8, ge=0.0,
+        description="Weight of the rejected term. 0: length-normalised SFT on the chosen; 1: symmetric; paper: 0.8.",
+    )
+    lora: LoraSettings | None = Field(
+        default=None,
+        description="A new LoRA adapter on a full model. null: train a full model in full, or keep training the "
+        "adapter when `model` is one.",
+    )
+    learning_rate: float = Field(default=1e-6, gt=0, description="Peak learning rate (paper: 1e-6, full fine-tuning).")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
+    batch_size: int = Field(default=4, ge=1, description="Pairs per device per forward pass (2 sequences each).")
+
+
+def redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, alpha: float = 0.8):
+    """REDI loss: mean over pairs of -chosen_logps/chosen_lengths + alpha * rejected_logps/rejected_lengths.
+
+    `*_logps` are per-sequence SUMS of completion token log-probs, `*_lengths` the completion token counts (> 0).
+    """
+    chosen_norm = chosen_logps / chosen_lengths
+    rejected_norm = rejected_logps / rejected_lengths
+    return (-chosen_norm + alpha * rejected_norm).mean()
+
+
+def run(cfg: Config, inputs, out):
+    if runs_distributed(cfg):
+        return launch_distributed(cfg, inputs, out)
+    return out.model_written(**train(cfg, inputs, out))
+
+
+def train(cfg: Config, inputs, out) -> dict:
+    trainer, data_stats, lineage = build_trainer(cfg, inputs, out)
+    stats = train_and_save(trainer, cfg, out, model_card(cfg, out.name, lineage), alpha=cfg.alpha, **data_stats)
+    # The adapter's own base, so `merge` and the lineage name the original model, not the sft step.
+    return {**stats, "adapter": trainer.is_peft, "base_model": lineage["base_model"],
+            "adapter_from": lineage.get("adapter_from")}
+
+
+def build_trainer(cfg: Config, inputs, out):
+    """A RediTrainer, the data stats (rows, dropped_truncated) and the lineage (base model, adapter it continues)."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import DPOConfig
+
+    from pipeline.artifacts import Artifact
+    from pipeline.models import resolve_model
+
+    set_seed(out.seed)
+    model_path = resolve_model(cfg.model, inputs)
+    tokenizer = load_tokenizer(cfg, model_path)
+    pairs = preference_dataset(inputs[cfg.input].dataset(), cfg.input)
+    train_data = drop_overlong(pairs, tokenizer, cfg, ("chosen", "rejected"), cfg.input)
+
+    adapter_dir = Path(model_path) if (Path(model_path) / "adapter_config.json").exists() else None
+    # A model from a training step names the model it started from; that is the base of this one too.
+    source = inputs.get(cfg.model.removeprefix("step:")) or Artifact(cfg.model, "model", Path(model_path).parent)
+    lineage = {"base_model": source.stats.get("base_model") or cfg.model}
+    if adapter_dir is not None:
+        from peft import PeftConfig
+
+        from pipeline.steps.merge import base_model_path
+
+        if cfg.lora is not None:
+            raise UserError(f"redi: model {cfg.model!r} is a LoRA adapter, which is trained further with its own "
+                            "settings; remove `lora`, or merge the adapter first and give the merged model")
+        base_path = base_model_path(json.loads((adapter_dir / "adapter_config.json").read_text()), source)
+        lineage = {"base_model": source.stats.get("base_model") or base_path, "adapter_from": cfg.model}
+        adapter = PeftConfig.from_pretrained(str(adapter_dir))
+        adapter.inference_mode = False
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    else:
+        adapter = peft_config(cfg.lora)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    args = DPOConfig(
+        **training_arguments(cfg, out),
+        max_length=cfg.max_length,
+        # Full fine-tuning: keeps DPOTrainer from loading a reference model (RediTrainer's precompute is a no-op).
+        precompute_ref_log_probs=adapter is None,
+    )
+    trainer = redi_trainer()(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
+                             peft_config=adapter, alpha=cfg.alpha)
+    if adapter_dir is not None:
+        load_adapter_weights(trainer.model, adapter_dir)
+
+    eos_id = tokenizer.eos_token_id
+    missing_eos = sum(eos_id not in row["chosen_ids"] or eos_id not in row["rejected_ids"]
+                      for row in trainer.train_dataset)
+    if missing_eos:
+        raise UserError(f"redi: {missing_eos} pair(s) of dataset {cfg.input!r} have a completion without the eos token "
+                        f"{tokenizer.eos_token!r}; check that the chat template ends an assistant turn with eos")
+    return trainer, {"rows": len(train_data), "dropped_truncated": len(pairs) - len(train_data)}, lineage
+
+
+def model_card(cfg: Config, step_name: str, lineage: dict) -> str:
+    if lineage.get("adapter_from"):
+        kind = f"The LoRA adapter of `{lineage['adapter_from']}`, trained further"
+    else:
+        kind = f"A LoRA adapter (r={cfg.lora.r})" if cfg.lora else "A fully fine-tuned model"
+    return (
+        f"# {step_name}\n\n{kind} with REDI (reference-free, alpha={cfg.alpha}) by the distillery `redi` step "
+        f"`{step_name}`.\n\n- base model: `{lineage['base_model']}`\n- started from: `{cfg.model}`\n"
+        f"- pairs: step `{cfg.input}`\n- {cfg.epochs} epochs" + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
+        + f", learning rate {cfg.learning_rate}, batch {cfg.batch_size} pairs x {cfg.gradient_accumulation_steps}\n"
+    )
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Copy a saved adapter's weights into the freshly initialised adapter of the same config."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(str(adapter_dir))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"redi: the adapter in {adapter_dir} does not fit its base model "
+                           f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})")
+
+
+@functools.cache
+def redi_trainer():
+    """The DPOTrainer subclass with the REDI loss; built on first use, so importing this module never imports TRL."""
+    from trl import DPOTrainer
+
+    class RediTrainer(DPOTrainer):
+        _tag_names = ["trl", "redi", "distillery"]
+
+        def __init__(self, *args, alpha: float, **kwargs):
+            self.alpha = alpha
+            super().__init__(*args, **kwargs)
+
+        @property
+        def is_peft(self) -> bool:
+            return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset  # REDI has no reference model: nothing to precompute
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            mode = "train" if self.model.training else "eval"
+            completion_mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            # One forward over [chosen; rejected] (the collator stacks them); log-probs only on completion tokens.
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                            use_cache=False, fused_lm_head=True)
+            shift_mask = completion_mask[:, 1:]
+            per_token_logps = outputs.log_probs[:, -shift_mask.size(1):]
+            logps = (per_token_logps * shift_mask).sum(dim=1)
+            lengths = shift_mask.sum(dim=1)
+            if (lengths == 0).any():
+                raise UserError("redi: a pair has a completion with no tokens left to score")
+            chosen_logps, rejected_logps = logps.chunk(2)
+            chosen_lengths, rejected_lengths = lengths.chunk(2)
+            loss = redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, self.alpha)
+
+            chosen_norm = self.accelerator.gather_for_metrics(chosen_logps.detach() / chosen_lengths)
+            rejected_norm = self.accelerator.gather_for_metrics(rejected_logps.detach() / rejected_lengths)
+            metrics = self._metrics[mode]
+            metrics["redi/chosen_norm"].append(chosen_norm.mean().item())
+            metrics["redi/rejected_norm"].append(rejected_norm.mean().item())
+            metrics["redi/margin"].append((chosen_norm - rejected_norm).mean().item())
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(
+                    inputs["attention_mask"].sum()).sum().item()
+            metrics["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return RediTrainer
+
+
+def preference_dataset(dataset, dataset_name: str):
+    """The pairs as TRL conversational preference rows, checked: a prompt and one assistant message per side."""
+    missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise UserError(f"redi: dataset of step {dataset_name!r} lacks column(s) {', '.join(missing)} (it has "
+                        f"{', '.join(dataset.column_names)}); redi reads TRL preference data such as a pairs step writes")
+    if len(dataset) == 0:
+        raise UserError(f"redi: dataset of step {dataset_name!r} has no pairs to train on")
+
+    def check(row):
+        for column in ("chosen", "rejected"):
+            messages = row[column]
+            if not isinstance(messages, list) or len(messages) != 1 or messages[0].get("role") != "assistant":
+                raise UserError(f"redi: {row['id']!r} of dataset {dataset_name!r}: column {column!r} must be one "
+                                f"assistant message ([{{role: assistant, content: ...}}])")
+        if not isinstance(row["prompt"], list) or not row["prompt"]:
+            raise UserError(f"redi: {row['id']!r} of dataset {dataset_name!r}: column 'prompt' must be chat messages")
+        return {}
+
+    # In memory: otherwise this map and TRL's would write cache files into the input step's finished data dir.
+    return dataset.select_columns(list(PAIR_COLUMNS)).map(check, keep_in_memory=True)

@@ -1,0 +1,166 @@
+"""The redi step: the REDI loss against a hand computation, and real TRL training on builtin:tiny-random."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import merge, redi, sft
+
+
+def pair_rows(count):
+    # Chosen and rejected differ in length, so a per-sequence normalisation that used the wrong length shows.
+    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"The answer is \\boxed{{{2 * i}}}."}],
+             "rejected": [{"role": "assistant", "content": f"Adding them I think it is {2 * i + 1}, so "
+                                                           f"\\boxed{{{2 * i + 1}}}."}]} for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    step_dir = tmp_path_factory.mktemp("pairs")
+    Dataset.from_list(pair_rows(8)).save_to_disk(str(step_dir / "data"))
+    return Artifact("pairs", "dataset", step_dir)
+
+
+def config(**overrides):
+    settings = dict(uses="redi", input="pairs", model="builtin:tiny-random", batch_size=4, learning_rate=5e-3,
+                    warmup_ratio=0.0, logging_steps=1, max_length=128)
+    return redi.Config(**{**settings, **overrides})
+
+
+def output(tmp_path, name="redi"):
+    return Output(name=name, kind="model", dir=tmp_path / name, scratch=tmp_path / f"{name}_scratch", seed=0)
+
+
+def test_redi_loss_matches_a_hand_computation():
+    generator = torch.Generator().manual_seed(0)
+    chosen_logps = -torch.rand(6, generator=generator) * 50
+    rejected_logps = -torch.rand(6, generator=generator) * 50
+    chosen_lengths = torch.tensor([3, 17, 5, 40, 1, 9])
+    rejected_lengths = torch.tensor([30, 2, 11, 7, 25, 4])
+
+    expected = sum(-c / lc + 0.8 * r / lr for c, lc, r, lr in zip(
+        chosen_logps.tolist(), chosen_lengths.tolist(), rejected_logps.tolist(), rejected_lengths.tolist())) / 6
+    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths).item() == pytest.approx(
+        expected, rel=1e-6)
+    # alpha = 0: length-normalised SFT on the chosen, whatever the rejected are.
+    sft_loss = -(chosen_logps / chosen_lengths).mean()
+    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps * 3, rejected_lengths,
+                          alpha=0.0).item() == pytest.approx(sft_loss.item(), rel=1e-6)
+    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, alpha=1.0).item() == \
+        pytest.approx((-(chosen_logps / chosen_lengths) + rejected_logps / rejected_lengths).mean().item(), rel=1e-6)
+
+
+def test_gradients_reach_both_terms():
+    chosen_logps = torch.tensor([-12.0, -30.0], requires_grad=True)
+    rejected_logps = torch.tensor([-8.0, -20.0], requires_grad=True)
+    lengths_chosen, lengths_rejected = torch.tensor([4, 10]), torch.tensor([2, 5])
+    redi.redi_loss(chosen_logps, lengths_chosen, rejected_logps, lengths_rejected, alpha=0.8).backward()
+    # d/d chosen = -1 / (n * len); d/d rejected = alpha / (n * len): raise the chosen, lower the rejected.
+    assert chosen_logps.grad.tolist() == pytest.approx([-1 / 8, -1 / 20])
+    assert rejected_logps.grad.tolist() == pytest.approx([0.8 / 4, 0.8 / 10])
+
+
+def test_trainer_loss_is_the_formula_in_one_forward_without_a_reference(pairs, tmp_path):
+    trainer, data_stats, _ = redi.build_trainer(config(lora=None), {"pairs": pairs}, output(tmp_path))
+    assert trainer.ref_model is None and not trainer.is_peft  # full fine-tuning, and still no reference model
+    assert data_stats == {"rows": 8, "dropped_truncated": 0}
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    try:
+        loss = trainer.compute_loss(model, batch)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # chosen and rejected in one forward, and no reference forward
+
+    # By hand: full logits, log-softmax, the completion tokens' log-probs summed, divided by each one's own length.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch["completion_mask"][:, 1:].float()
+    eos_id = trainer.processing_class.eos_token_id
+    for row, row_mask in zip(batch["input_ids"], batch["completion_mask"]):
+        assert eos_id in row[row_mask.bool()]  # |y| counts the eos
+    summed, lengths = (token_logps * mask).sum(1), mask.sum(1)
+    assert lengths[:4].tolist() != lengths[4:].tolist()
+    expected = (-(summed[:4] / lengths[:4]) + 0.8 * (summed[4:] / lengths[4:])).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory):
+    """A finished sft step (LoRA on tiny-random) trained on the chosen answers, as REDI's stage 1."""
+    root = tmp_path_factory.mktemp("stage1")
+    rows = [{"id": row["id"], "messages": row["prompt"] + row["chosen"]} for row in pair_rows(8)]
+    Dataset.from_list(rows).save_to_disk(str(root / "sft_data" / "data"))
+    cfg = sft.Config(uses="sft", input="sft_data", model="builtin:tiny-random", lora={"r": 8}, max_steps=2,
+                     batch_size=4, learning_rate=5e-3, max_length=128)
+    out = Output(name="sft", kind="model", dir=root / "sft", scratch=root / "scratch", seed=0)
+    stats = sft.run(cfg, {"sft_data": Artifact("sft_data", "dataset", root / "sft_data")}, out).stats
+    return Artifact("sft", "model", root / "sft", key="k-sft", stats=stats)
+
+
+def test_redi_from_an_sft_adapter_raises_chosen_and_lowers_rejected(pairs, sft_adapter, tmp_path):
+    from peft.utils import load_peft_weights
+
+    inputs = {"pairs": pairs, "sft": sft_adapter}
+    trainer, _, lineage = redi.build_trainer(config(model="step:sft"), inputs, output(tmp_path, "probe"))
+    assert lineage == {"base_model": "builtin:tiny-random", "adapter_from": "step:sft"}
+    assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    saved = load_peft_weights(str(sft_adapter.model_dir))
+    loaded = {name: p for name, p in trainer.model.named_parameters() if "lora_B" in name}
+    name = next(iter(loaded))
+    saved_name = name.replace(".default", "")
+    assert torch.equal(loaded[name].detach(), saved[saved_name])  # the sft adapter is where REDI starts
+    del trainer
+
+    artifact = redi.run(config(model="step:sft", max_steps=6), inputs, output(tmp_path))
+    history = json.loads(sorted((tmp_path / "redi_scratch" / "checkpoints").glob("checkpoint-*"))[-1]
+                         .joinpath("trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "redi/chosen_norm" in entry]
+    assert len(logged) == 6  # every logging step carries the REDI metrics
+    first, last = logged[0], logged[-1]
+    assert last["redi/chosen_norm"] > first["redi/chosen_norm"]
+    assert last["redi/rejected_norm"] < first["redi/rejected_norm"]
+    assert last["redi/margin"] == pytest.approx(last["redi/chosen_norm"] - last["redi/rejected_norm"], abs=1e-3)
+
+    stats = artifact.stats
+    assert stats["adapter"] is True and stats["base_model"] == "builtin:tiny-random"
+    assert stats["adapter_from"] == "step:sft" and stats["steps"] == 6
+    assert (artifact.path / "model" / "adapter_config.json").exists()
+    assert "step:sft" in (artifact.path / "model" / "README.md").read_text()
+
+    # The REDI adapter sits on the original base model, so merge folds it in like an sft adapter.
+    merged = merge.run(merge.Config(uses="merge", input="redi"), {"redi": artifact}, output(tmp_path, "merged"))
+    assert merged.stats["max_abs_logit_diff"] <= 1e-3 and merged.stats["base_model"] == "builtin:tiny-random"
+
+
+def test_bad_pairs_are_user_errors(tmp_path):
+    def inputs_with(rows, name):
+        Dataset.from_list(rows).save_to_disk(str(tmp_path / name / "data"))
+        return {"pairs": Artifact("pairs", "dataset", tmp_path / name)}
+
+    no_rejected = [{key: value for key, value in row.items() if key != "rejected"} for row in pair_rows(2)]
+    with pytest.raises(UserError, match="lacks column.*rejected"):
+        redi.run(config(), inputs_with(no_rejected, "a"), output(tmp_path))
+
+    wrong_role = pair_rows(2)
+    wrong_role[1]["chosen"] = [{"role": "user", "content": "hi"}]
+    with pytest.raises(UserError, match=r"'p1' of dataset 'pairs': column 'chosen'"):
+        redi.run(config(), inputs_with(wrong_role, "b"), output(tmp_path))
+
+    with pytest.raises(UserError, match="max_length=20"):
+        redi.run(config(max_length=20), inputs_with(pair_rows(2), "c"), output(tmp_path))
+
+
+def test_an_adapter_model_with_new_lora_settings_is_refused(pairs, sft_adapter, tmp_path):
+    with pytest.raises(UserError, match="is a LoRA adapter"):
+        redi.build_trainer(config(model="step:sft", lora={"r": 4}), {"pairs": pairs, "sft": sft_adapter},
+                           output(tmp_path))
