@@ -65,6 +65,27 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pipeline.steps.evaluate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export
+
+    path, rows = export(args.step_dir, args.format, args.out)
+    console.print(f"{rows} rows -> {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipeline.bench import bench_train
+
+    bench_train(args.model, args.steps, args.rows, args.batch_size, args.out, console)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill reasoning into language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     stat = commands.add_parser("status", help="show the steps of a workdir")
     stat.add_argument("workdir")
     stat.set_defaults(func=cmd_status)
+
+    from pipeline.steps.evaluate import add_cli_arguments
+
+    evaluation = commands.add_parser("eval", help="evaluate models on benchmarks (or --rescore a saved run)")
+    add_cli_arguments(evaluation)
+    evaluation.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser("export", help="write a finished dataset step as jsonl, parquet or sharegpt")
+    export.add_argument("step_dir", help="a step dir, e.g. runs/quickstart/sft_data")
+    export.add_argument("--format", required=True, choices=["jsonl", "parquet", "sharegpt"])
+    export.add_argument("--out", help="file to write (default: <step><extension> in the current directory)")
+    export.set_defaults(func=cmd_export)
+
+    bench = commands.add_parser("bench", help="measure training cost side by side (target: train)")
+    bench.add_argument("target", choices=["train"],
+                       help="train: REDI vs DPO-with-reference peak memory; SFT tokens/s padded vs packed/padding-free")
+    bench.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model reference to train")
+    bench.add_argument("--steps", type=int, default=4, help="optimizer steps per case")
+    bench.add_argument("--rows", type=int, default=32, help="length-skewed rows (pairs / conversations)")
+    bench.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    bench.add_argument("--out", help="also write the results as JSON to this file")
+    bench.set_defaults(func=cmd_bench)
 
     env = commands.add_parser("env", help="print library versions and device")
     env.set_defaults(func=cmd_env)

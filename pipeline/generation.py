@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -60,39 +61,125 @@ def generate(
     dtype: str = "auto",
     think_prefix: str = "",
     tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    distributed_executor_backend: str | None = None,
+    chunk_size: int | None = None,
+    skip_chunks: Collection[int] = (),
+    on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
 ) -> Generations:
     """Sample `n` completions for each chat prompt with vLLM; same seed and inputs give the same outputs.
 
     `model` is a resolved local dir (or hub id). Each prompt is a list of chat messages rendered with
     the model's own chat template, generation prompt added, then `think_prefix` appended (e.g.
     "<think>\\n"); the completion text does not include the prefix.
-    """
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    import multiprocessing
 
+    `tensor_parallel_size`, `data_parallel_size` and `distributed_executor_backend` ("mp", "ray", ...) go to
+    `vllm.LLM` as they are.
+
+    Chunked (resumable) generation: with `chunk_size`, prompts are generated in chunks of that many,
+    chunk c = prompts[c * chunk_size:(c + 1) * chunk_size], on one engine. Before each chunk the
+    sampling RNG is re-seeded from (seed, c), so a chunk's samples depend only on the seed, the chunk
+    index and the chunk's prompts: a run that skips finished chunks (`skip_chunks`) and generates the
+    rest on a fresh engine gives the samples an uninterrupted run would have. `on_chunk(c, completions,
+    seconds)` is called in this process as each chunk finishes; the returned list holds [] for the
+    prompts of skipped chunks.
+    """
     if not prompts:
         return Generations()
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    size = chunk_size or len(prompts)
+    skip = set(skip_chunks)
+    chunks = [c for c in range(-(-len(prompts) // size)) if c not in skip]
     request = dict(
         model=model, prompts=prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
         max_tokens=max_tokens, seed=seed, stop=stop, max_model_len=max_model_len, dtype=dtype,
-        think_prefix=think_prefix, tensor_parallel_size=tensor_parallel_size,
+        think_prefix=think_prefix, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+        distributed_executor_backend=distributed_executor_backend,
+        chunks=chunks, chunk_size=size, reseed=chunk_size is not None,
     )
+    completions: list[list[Completion]] = [[] for _ in prompts]
+    if not chunks:
+        return Generations(completions)
     logger.info("generating %d x %d completions with %s", len(prompts), n, model)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = context.Pipe(duplex=False)
+    process = context.Process(target=_child_main, args=(child_conn, os.getpid(), request))
+    process.start()
+    child_conn.close()
+    try:
+        while True:
+            try:
+                kind, *payload = parent_conn.recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"the vLLM process for {model} died (out of memory? try a smaller max_model_len, "
+                    "or VLLM_CPU_KVCACHE_SPACE in GiB on CPU)"
+                ) from None
+            if kind == "chunk":
+                chunk, chunk_completions, seconds = payload
+                completions[chunk * size:chunk * size + len(chunk_completions)] = chunk_completions
+                if on_chunk is not None:
+                    on_chunk(chunk, chunk_completions, seconds)
+            elif kind == "error":
+                raise payload[0]
+            else:  # done
+                load_seconds, generate_seconds = payload
+                return Generations(completions, load_seconds=load_seconds, generate_seconds=generate_seconds)
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        parent_conn.close()
+
+
+def _child_main(conn, parent_pid: int, request: dict) -> None:
+    """Entry point of the spawned engine process: stream ("chunk", ...) messages, then ("done", ...)."""
+    _die_with_parent(parent_pid)
+    try:
+        _generate_in_this_process(conn, **request)
+    except BaseException as error:  # noqa: BLE001 -- handed to the parent, which re-raises it
         try:
-            return pool.submit(_generate_in_this_process, **request).result()
-        except BrokenProcessPool as err:
-            raise RuntimeError(
-                f"the vLLM process for {model} died (out of memory? try a smaller max_model_len, "
-                "or VLLM_CPU_KVCACHE_SPACE in GiB on CPU)"
-            ) from err
+            conn.send(("error", error))
+        except Exception:  # not picklable: send its text
+            conn.send(("error", RuntimeError(repr(error))))
+    finally:
+        conn.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this process when its parent dies, even by SIGKILL, so a killed run
+    never leaves an engine behind holding memory and cores."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _reseed_worker(worker, seed: int) -> None:
+    """Run on each vLLM worker through `collective_rpc`: re-seed the RNGs its sampler draws from."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The sampling seed of chunk `chunk` of a run seeded `seed` (distinct across both)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:4], "little")
 
 
 def _generate_in_this_process(
-    *, model, prompts, n, temperature, top_p, top_k, max_tokens, seed, stop, max_model_len, dtype,
-    think_prefix, tensor_parallel_size,
-) -> Generations:
+    conn, *, model, prompts, n, temperature, top_p, top_k, max_tokens, seed, stop, max_model_len, dtype,
+    think_prefix, tensor_parallel_size, data_parallel_size, distributed_executor_backend, chunks, chunk_size, reseed,
+) -> None:
     """The body of `generate`, run inside the spawned child process."""
     for name, value in _engine_env_defaults().items():
         os.environ.setdefault(name, value)
@@ -106,35 +193,43 @@ def _generate_in_this_process(
     # engine seed with a fixed batch already makes the run reproducible.
     llm = LLM(
         model=model, seed=seed, dtype=dtype, max_model_len=max_model_len,
-        tensor_parallel_size=tensor_parallel_size, enforce_eager=_on_cpu(),
+        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+        distributed_executor_backend=distributed_executor_backend, enforce_eager=_on_cpu(),
     )
+    generate_seconds = 0.0
     try:
         tokenizer = llm.get_tokenizer()
-        token_prompts = [TokensPrompt(prompt_token_ids=_render(tokenizer, m, think_prefix)) for m in prompts]
-        loaded = time.perf_counter()
         params = SamplingParams(
             n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop,
         )
-        outputs = llm.generate(token_prompts, params, use_tqdm=True)
-        finished = time.perf_counter()
+        load_seconds = time.perf_counter() - started
+        for chunk in chunks:
+            chunk_prompts = prompts[chunk * chunk_size:(chunk + 1) * chunk_size]
+            token_prompts = [TokensPrompt(prompt_token_ids=_render(tokenizer, m, think_prefix)) for m in chunk_prompts]
+            if reseed:
+                llm.collective_rpc(_reseed_worker, args=(chunk_seed(seed, chunk),))
+            chunk_started = time.perf_counter()
+            outputs = llm.generate(token_prompts, params, use_tqdm=len(chunks) == 1)
+            seconds = time.perf_counter() - chunk_started
+            generate_seconds += seconds
+            conn.send(("chunk", chunk, [_completions(output) for output in outputs], seconds))
     finally:
         # Stop the engine now. If it runs in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1),
         # leaving it to exit handlers deadlocks: this process waits for the engine, the engine for it.
         llm.llm_engine.engine_core.shutdown()
+    conn.send(("done", load_seconds, generate_seconds))
 
-    completions = [
-        [
-            Completion(
-                text=sample.text,
-                finish_reason=sample.finish_reason,
-                prompt_tokens=len(output.prompt_token_ids),
-                completion_tokens=len(sample.token_ids),
-            )
-            for sample in output.outputs
-        ]
-        for output in outputs
+
+def _completions(output) -> list[Completion]:
+    return [
+        Completion(
+            text=sample.text,
+            finish_reason=sample.finish_reason,
+            prompt_tokens=len(output.prompt_token_ids),
+            completion_tokens=len(sample.token_ids),
+        )
+        for sample in output.outputs
     ]
-    return Generations(completions, load_seconds=loaded - started, generate_seconds=finished - loaded)
 
 
 def _engine_env_defaults() -> dict[str, str]:

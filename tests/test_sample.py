@@ -89,6 +89,9 @@ def test_sample_step_writes_the_samples_contract(tmp_path):
     assert stats["completion_tokens"] == sum(samples["completion_tokens"])
     assert stats.get("finish_stop", 0) + stats.get("finish_length", 0) == 6
     assert stats["tokens_per_s"] > 0
+    assert stats["prompt_tokens"] == sum(samples["prompt_tokens"][::2])
+    assert (stats["chunks"], stats["chunks_resumed"]) == (1, 0)
+    assert set(samples["think_prefix"]) == {""}
 
 
 def test_sample_step_refuses_a_dataset_without_problem(tmp_path):
@@ -109,3 +112,78 @@ def test_prompt_template_fills_columns_and_keeps_other_braces():
         "[demo] 1 + 1? \\boxed{} \\frac{a}{b}"
     with pytest.raises(ValueError, match="problem"):
         sample.Config(uses="sample", input="p", model="builtin:tiny-random", prompt_template="no placeholder")
+
+
+def test_chunks_reseeded_so_skipping_finished_chunks_gives_the_same_samples(tiny_model):
+    prompts = [[{"role": "user", "content": f"What is {i} + {3 * i}?"}] for i in range(5)]
+    settings = dict(n=2, temperature=1.0, max_tokens=10, seed=5, chunk_size=2)
+    reported = {}
+    full = generate(tiny_model, prompts, on_chunk=lambda c, comps, s: reported.setdefault(c, comps), **settings)
+    resumed = generate(tiny_model, prompts, skip_chunks={0}, **settings)  # chunk 0 "finished before a kill"
+
+    texts = [[c.text for c in per_prompt] for per_prompt in full]
+    assert sorted(reported) == [0, 1, 2] and [len(comps) for comps in reported.values()] == [2, 2, 1]
+    assert [[c.text for c in comps] for c in (0, 1, 2) for comps in reported[c]] == texts
+    assert [len(per_prompt) for per_prompt in resumed] == [0, 0, 2, 2, 2]
+    assert [[c.text for c in per_prompt] for per_prompt in resumed][2:] == texts[2:]
+
+
+@pytest.mark.slow  # five engine start-ups: several minutes on a loaded 2-core machine
+def test_sigkill_at_random_points_then_rerun_gives_exactly_n_samples_per_problem(tmp_path):
+    """Kill `distill run` (and its engine process) with SIGKILL mid-sampling three times, then finish: every
+    problem has exactly n samples, none twice, and they equal an uninterrupted run's."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import datasets
+
+    problems, n = 12, 3
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + {i + 7}?", "answer": str(2 * i + 7)})
+                            + "\n" for i in range(problems)))
+    recipe = tmp_path / "kill.yaml"
+    recipe.write_text(
+        "name: kill\nseed: 1\nsteps:\n"
+        f"  problems: {{uses: load, path: {data}}}\n"
+        f"  samples: {{uses: sample, input: problems, model: builtin:tiny-random, n: {n}, temperature: 1.0,"
+        " max_tokens: 48, chunk_size: 2}\n")
+    distill = str(Path(sys.executable).with_name("distill"))
+    workdir = tmp_path / "killed"
+    shard_dir = workdir / ".samples.scratch" / sample.SHARD_DIR
+    rng = random.Random()
+    kills = 0
+    for _ in range(3):
+        before = len(list(shard_dir.glob("chunk-*.json"))) if shard_dir.exists() else 0
+        proc = subprocess.Popen([distill, "run", str(recipe), "-o", f"workdir={workdir}"], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and len(list(shard_dir.glob("chunk-*.json"))) <= before:
+            assert time.time() < deadline, "no shard written in 300 s"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.4))  # a random point after some progress: mid-chunk, mid-write, between
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and its vLLM engine process, all at once
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    assert not (workdir / "samples" / "manifest.json").exists()
+    finish = subprocess.run([distill, "run", str(recipe), "-o", f"workdir={workdir}"], capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    reference = subprocess.run([distill, "run", str(recipe), "-o", f"workdir={tmp_path / 'uninterrupted'}"],
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    samples = datasets.load_from_disk(str(workdir / "samples" / "data"))
+    pairs = list(zip(samples["id"], samples["sample_idx"]))
+    assert len(pairs) == len(set(pairs)) == problems * n
+    assert sorted(pairs) == sorted((f"q{i}", k) for i in range(problems) for k in range(n))
+    manifest = json.loads((workdir / "samples" / "manifest.json").read_text())
+    assert manifest["stats"]["chunks"] == 6 and manifest["stats"]["chunks_resumed"] >= 1
+    uninterrupted = datasets.load_from_disk(str(tmp_path / "uninterrupted" / "samples" / "data"))
+    assert samples["completion"] == uninterrupted["completion"]

@@ -68,3 +68,35 @@ def test_missing_column_names_dataset_and_column(tmp_path):
 def test_unknown_policy_is_refused():
     with pytest.raises(ValidationError):
         select.Config(uses="select", input="graded", keep="longest")
+
+
+def test_all_correct_and_shortest_k(tmp_path):
+    rows = [graded_row("a", i, correct) for i, correct in enumerate([True, False, True, True])]
+    for row, tokens in zip(rows, [30, 5, 10, 20]):
+        row["completion_tokens"] = tokens
+    _, everything = run_select(tmp_path / "all", rows, keep="all_correct")
+    assert [m[-1]["content"] for m in everything["messages"]] == [f"completion {i} of a" for i in (0, 2, 3)]
+    _, shortest = run_select(tmp_path / "short", rows, keep="shortest_k", k=2)
+    assert [m[-1]["content"] for m in shortest["messages"]] == ["completion 2 of a", "completion 3 of a"]
+    with pytest.raises(ValidationError, match="needs k"):
+        select.Config(uses="select", input="graded", keep="shortest_k")
+
+
+def test_max_tokens_counts_the_students_tokens_and_think_prefix_is_kept(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.models import resolve_model
+
+    rows = [graded_row("a", 0, True), graded_row("a", 1, True)]
+    rows[0]["completion"] = "word " * 50  # far over the limit
+    for row in rows:
+        row["think_prefix"] = "<think>\n"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-random"))
+    limit = len(tokenizer("<think>\ncompletion 1 of a", add_special_tokens=False).input_ids)
+    artifact, selected = run_select(tmp_path, rows, max_tokens=limit, tokenizer="builtin:tiny-random")
+    assert selected["messages"][0][-1]["content"] == "<think>\ncompletion 1 of a"
+    assert artifact.stats["dropped_too_long"] == 1
+    _, none_fit = run_select(tmp_path / "tight", rows, max_tokens=limit - 1, tokenizer="builtin:tiny-random")
+    assert len(none_fit) == 0
+    with pytest.raises(ValidationError, match="tokenizer"):
+        select.Config(uses="select", input="graded", max_tokens=10)

@@ -76,3 +76,34 @@ def test_think_prefix_means_unclosed_thinking_only_scores_a_box(tmp_path):
     _, graded = run_verify(tmp_path, write_samples(tmp_path, rows), think_prefix="<think>\n")
     assert graded["label"] == ["no_answer", "correct", "correct"]
     assert graded["completion"][0] == "so it is 12"  # the stored completion is left as sampled
+
+
+def test_manifest_lists_bad_golds_histogram_and_audit_disagreements(tmp_path):
+    rows = SAMPLES + [("p4", "7", "the sum is 7, or \\boxed{7} in words", "stop", "")]
+    artifact, _ = run_verify(tmp_path, write_samples(tmp_path, rows), audit=True)
+    stats = artifact.stats
+    assert stats["bad_gold_ids"] == ["p3"]
+    assert stats["pass_rate_histogram"]["0.0-0.1"] == 1 and stats["pass_rate_histogram"]["0.9-1.0"] == 2
+    assert sum(stats["pass_rate_histogram"].values()) == stats["problems"] == 4
+    # both graders agree on every row here (the truncated row's last number, 3, is wrong either way)
+    audit = [json.loads(line) for line in (tmp_path / "graded" / verify.AUDIT_FILE).read_text().splitlines()]
+    assert stats["audit_disagreements"] == len(audit) == 0
+
+
+def test_audit_writes_where_the_two_graders_disagree(tmp_path):
+    # math-verify simplifies 2+0 to 2; the audit compares "2+0" and "2" as text
+    rows = [("p1", "2", "\\boxed{2+0}", "stop", ""), ("p1", "2", "\\boxed{2}", "stop", "")]
+    artifact, graded = run_verify(tmp_path, write_samples(tmp_path, rows), audit=True)
+    assert graded["label"] == ["correct", "correct"]
+    audit = [json.loads(line) for line in (tmp_path / "graded" / verify.AUDIT_FILE).read_text().splitlines()]
+    assert [(a["row"], a["id"], a["audit_correct"]) for a in audit] == [(0, "p1", False)]
+    assert artifact.stats["audit_disagreements"] == 1
+
+
+def test_think_prefix_column_from_the_sample_step_is_used(tmp_path):
+    inputs = write_samples(tmp_path, [("p1", "12", "so it is 12", "stop", "")])
+    ds = datasets.load_from_disk(str(tmp_path / "samples" / "data")).add_column("think_prefix", ["<think>\n"])
+    ds.save_to_disk(str(tmp_path / "samples2" / "data"))
+    inputs = {"samples": Artifact("samples", "dataset", tmp_path / "samples2")}
+    _, graded = run_verify(tmp_path, inputs)
+    assert graded["label"] == ["no_answer"]  # thinking never closed and no box

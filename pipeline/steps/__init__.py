@@ -20,7 +20,10 @@ STEP_MODULES = {
     "sample": "sample",
     "verify": "verify",
     "select": "select",
+    "pairs": "pairs",
+    "filter": "filter",
     "sft": "sft",
+    "redi": "redi",
     "merge": "merge",
     "evaluate": "evaluate",
 }

@@ -2,12 +2,20 @@
 
 Each problem row comes out n times, contiguous and in input order, with all its columns plus
 `sample_idx`, `prompt` (the chat messages sent), `completion`, `finish_reason`, `prompt_tokens`,
-`completion_tokens` and `model` (the reference as the recipe wrote it). The engine is seeded with the
-recipe seed, so the same recipe gives the same samples.
+`completion_tokens`, `model` (the reference as the recipe wrote it) and `think_prefix` (text the prompt
+ended with that the completion continues; verify and select read it).
+
+Resume: problems are generated in chunks of `chunk_size`; each finished chunk is written atomically as
+a shard into the step's scratch dir, so after a kill (even -9) a re-run generates only the chunks that
+have no shard, and a sample is never written twice. Determinism: the engine is seeded with the recipe
+seed and re-seeded from (seed, chunk index) before each chunk, so a chunk's samples do not depend on
+which chunks ran before it on the same engine: an interrupted-and-resumed run gives the same samples as
+an uninterrupted one (a different `chunk_size` gives different, equally valid, samples).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -15,13 +23,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.artifacts import Artifact, Output
+from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 SAMPLE_COLUMNS = ("sample_idx", "prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens",
-                  "model")
+                  "model", "think_prefix")
+SHARD_DIR = "shards"
 # {name} placeholders; braces holding anything else ("\boxed{}", "\frac{a}{b}") stay as written.
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -50,6 +59,20 @@ class Config(StepConfig):
         default=None, ge=1, description="Longest prompt + completion in tokens; default: the model's own limit.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights dtype in vLLM; auto lets vLLM choose (bfloat16 on CPU).")
+    stop: list[str] | None = Field(
+        default=None, description="Strings that end a completion (not included in it); eos always does.")
+    chunk_size: int = Field(
+        default=64, ge=1, description="Problems per shard: each finished chunk is saved, and a re-run after a "
+                                      "crash or kill generates only the chunks not saved yet. Part of the "
+                                      "sampling seed, so changing it changes the samples.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs one vLLM engine splits the model over (vLLM tensor_parallel_size).")
+    data_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM data_parallel_size, passed as is; offline vLLM supports it only with "
+                                     "distributed_executor_backend: external_launcher (one process per rank).")
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
+        default=None, description="vLLM distributed_executor_backend: mp (one machine), ray (across nodes), "
+                                  "external_launcher (torchrun); default: vLLM's choice.")
 
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
 
@@ -75,49 +98,92 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from pipeline.generation import generate
+    from tqdm.auto import tqdm
+
+    from pipeline.generation import Completion, generate
     from pipeline.models import resolve_model
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
     model_dir = resolve_model(cfg.model, inputs)
     prompts = [chat_messages(cfg, row) for row in problems]
+    ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
+    chunk_ids = [ids[start:start + cfg.chunk_size] for start in range(0, len(ids), cfg.chunk_size)]
+
+    shard_dir = out.scratch / SHARD_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shards = _read_shards(shard_dir, chunk_ids, cfg.n)
+    resumed = len(shards)
 
     started = time.perf_counter()
-    generations = generate(
-        model_dir, prompts, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        max_tokens=cfg.max_tokens, seed=out.seed, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-        think_prefix=cfg.think_prefix,
-    )
+    with tqdm(total=len(chunk_ids), initial=resumed, unit="chunk", desc=f"sample ({cfg.chunk_size} problems/chunk)",
+              disable=resumed == len(chunk_ids)) as progress:
+        def save(chunk: int, completions: list[list[Completion]], seconds: float) -> None:
+            shard = {"chunk": chunk, "ids": chunk_ids[chunk], "generate_seconds": seconds,
+                     "completions": [[vars(c) for c in per_problem] for per_problem in completions]}
+            write_json_atomic(shard_dir / f"chunk-{chunk:06d}.json", shard)
+            shards[chunk] = shard
+            progress.update(1)
+
+        generations = generate(
+            model_dir, prompts, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            max_tokens=cfg.max_tokens, seed=out.seed, stop=cfg.stop, max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype, think_prefix=cfg.think_prefix, tensor_parallel_size=cfg.tensor_parallel_size,
+            data_parallel_size=cfg.data_parallel_size, distributed_executor_backend=cfg.distributed_executor_backend,
+            chunk_size=cfg.chunk_size, skip_chunks=set(shards), on_chunk=save,
+        )
     seconds = time.perf_counter() - started
 
+    per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
+    completions = [c for samples_of_problem in per_problem for c in samples_of_problem]
     samples = problems.select([row for row in range(len(problems)) for _ in range(cfg.n)])
-    completions = [c for per_problem in generations for c in per_problem]
     new_columns = {
         "sample_idx": [i for _ in range(len(problems)) for i in range(cfg.n)],
         "prompt": [p for p in prompts for _ in range(cfg.n)],
-        "completion": [c.text for c in completions],
-        "finish_reason": [c.finish_reason for c in completions],
-        "prompt_tokens": [c.prompt_tokens for c in completions],
-        "completion_tokens": [c.completion_tokens for c in completions],
+        "completion": [c["text"] for c in completions],
+        "finish_reason": [c["finish_reason"] for c in completions],
+        "prompt_tokens": [c["prompt_tokens"] for c in completions],
+        "completion_tokens": [c["completion_tokens"] for c in completions],
         "model": [cfg.model] * len(completions),
+        "think_prefix": [cfg.think_prefix] * len(completions),
     }
     for name, values in new_columns.items():
         samples = samples.add_column(name, values)
 
     finish_reasons = Counter(new_columns["finish_reason"])
+    completion_tokens = sum(new_columns["completion_tokens"])
+    # summed over every run that wrote a shard, so a resumed run reports the whole step's throughput
+    generate_seconds = sum(shard["generate_seconds"] for shard in shards.values())
     return out.write_dataset(
         samples,
         problems=len(problems),
         # each prompt once: the engine reads it once for all n samples
-        prompt_tokens=sum(per_problem[0].prompt_tokens for per_problem in generations if per_problem),
-        completion_tokens=generations.completion_tokens,
+        prompt_tokens=sum(p[0]["prompt_tokens"] for p in per_problem if p),
+        completion_tokens=completion_tokens,
         **{f"finish_{reason}": count for reason, count in sorted(finish_reasons.items())},
-        tokens_per_s=round(generations.tokens_per_second, 2),
+        tokens_per_s=round(completion_tokens / generate_seconds, 2) if generate_seconds > 0 else 0.0,
+        chunks=len(chunk_ids),
+        chunks_resumed=resumed,
         load_seconds=round(generations.load_seconds, 2),
-        generate_seconds=round(generations.generate_seconds, 2),
+        generate_seconds=round(generate_seconds, 2),
         seconds=round(seconds, 2),
     )
+
+
+def _read_shards(shard_dir, chunk_ids: list[list[str]], n: int) -> dict[int, dict]:
+    """Shards a killed run finished, by chunk index. Shards are renamed into place whole, so any that
+    exists is complete; one that does not match this input (ids, n) is ignored and generated again."""
+    shards = {}
+    for path in shard_dir.glob("chunk-*.json"):
+        try:
+            shard = json.loads(path.read_text())
+            chunk = shard["chunk"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (0 <= chunk < len(chunk_ids) and shard["ids"] == chunk_ids[chunk]
+                and all(len(per_problem) == n for per_problem in shard["completions"])):
+            shards[chunk] = shard
+    return shards
 
 
 def _check_columns(cfg: Config, columns: list[str]) -> None:

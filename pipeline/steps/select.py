@@ -1,16 +1,24 @@
-"""`select`: graded samples -> SFT data, one verified trace per problem.
+"""`select`: graded samples -> SFT data, verified traces in TRL's conversational format.
 
-Reads the graded dataset (samples + `correct`) and writes TRL's conversational format: `id` and
-`messages` = the prompt the sample was generated from + the assistant's completion. With
-`keep: first_correct` (the REDI paper's stage-1 choice) a problem contributes its correct sample
-with the lowest `sample_idx`; problems without a correct sample are left out.
+Reads the graded dataset (samples + `correct`) and writes `id` and `messages` = the prompt the sample
+was generated from + the assistant's completion. Policies, per problem, over its correct samples:
+
+    first_correct   the one with the lowest sample_idx (the REDI paper's stage-1 choice)
+    all_correct     all of them, in sample_idx order
+    shortest_k      the k shortest (completion_tokens, then characters; ties by sample_idx)
+
+`max_tokens` drops traces longer than that many tokens of the student's tokenizer before the policy
+picks. If the samples were generated after a think prefix (a `think_prefix` column, written by the
+sample step), the assistant message starts with it: the student learns to write what the teacher was
+conditioned on. Problems without an eligible correct sample are left out.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
@@ -20,11 +28,48 @@ REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
 
 class Config(StepConfig):
     input: str = Field(description="Name of the graded-samples step (the `verify` step) to select from.")
-    keep: Literal["first_correct"] = Field(
+    keep: Literal["first_correct", "all_correct", "shortest_k"] = Field(
         default="first_correct",
-        description="Which samples become SFT data. first_correct: per problem, the correct sample with the "
-        "lowest sample_idx.",
+        description="Which correct samples become SFT data, per problem. first_correct: the lowest sample_idx; "
+        "all_correct: every one; shortest_k: the k shortest.",
     )
+    k: int | None = Field(default=None, ge=1, description="Traces per problem for keep: shortest_k.")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Leave out traces (think prefix + completion) longer than this many tokens of "
+                    "`tokenizer`'s tokenizer; needs `tokenizer`.")
+    tokenizer: str | None = Field(
+        default=None, description="Model whose tokenizer counts tokens for max_tokens (the student): "
+                                  "builtin:NAME, step:NAME, a local dir or a hub id.")
+
+    @model_validator(mode="after")
+    def _options_fit(self):
+        if self.keep == "shortest_k" and self.k is None:
+            raise ValueError("keep: shortest_k needs k (traces per problem)")
+        if self.keep != "shortest_k" and self.k is not None:
+            raise ValueError(f"k is only used by keep: shortest_k (keep is {self.keep})")
+        if self.max_tokens is not None and self.tokenizer is None:
+            raise ValueError("max_tokens counts tokens of a model's tokenizer: set tokenizer (e.g. the student)")
+        return self
+
+    def model_refs(self) -> list[str]:
+        return [self.tokenizer] if self.tokenizer else []
+
+
+def assistant_texts(columns: dict) -> list[str]:
+    """Assistant message per row: the think prefix the completion continues (if recorded), then the completion."""
+    prefixes = columns.get("think_prefix") or [""] * len(columns["completion"])
+    return [(prefix or "") + (completion or "") for prefix, completion in zip(prefixes, columns["completion"])]
+
+
+def token_counter(model_ref: str, inputs):
+    """`count(texts) -> list[int]` with the tokenizer of `model_ref` (no special tokens added)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_ref, inputs))
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
 
 
 def run(cfg: Config, inputs, out):
@@ -38,21 +83,36 @@ def run(cfg: Config, inputs, out):
             f"(it has {', '.join(graded.column_names)}); select reads the output of a verify step"
         )
 
-    columns = graded.select_columns(list(REQUIRED_COLUMNS)).to_dict()
-    ids, correct, sample_idx = columns["id"], columns["correct"], columns["sample_idx"]
-    first_correct_row: dict[str, int] = {}  # problem id -> row of its correct sample with the lowest sample_idx
-    for row, (problem_id, is_correct, idx) in enumerate(zip(ids, correct, sample_idx)):
-        if is_correct and (problem_id not in first_correct_row or idx < sample_idx[first_correct_row[problem_id]]):
-            first_correct_row[problem_id] = row
+    optional = [c for c in ("think_prefix", "completion_tokens") if c in graded.column_names]
+    columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
+    ids, sample_idx = columns["id"], columns["sample_idx"]
+    texts = assistant_texts(columns)
+    lengths = (token_counter(cfg.tokenizer, inputs)(texts) if cfg.max_tokens is not None
+               else columns.get("completion_tokens") or [len(t) for t in texts])
+
+    correct_rows: dict[str, list[int]] = defaultdict(list)  # problem id -> its eligible correct rows
+    too_long = 0
+    for row, is_correct in enumerate(columns["correct"]):
+        if not is_correct:
+            continue
+        if cfg.max_tokens is not None and lengths[row] > cfg.max_tokens:
+            too_long += 1
+            continue
+        correct_rows[ids[row]].append(row)
 
     problems_in = list(dict.fromkeys(ids))  # input order, each problem once
-    kept_rows = [first_correct_row[problem_id] for problem_id in problems_in if problem_id in first_correct_row]
+    kept_rows = []
+    for problem_id in problems_in:
+        rows = sorted(correct_rows.get(problem_id, []), key=lambda r: sample_idx[r])
+        if cfg.keep == "first_correct":
+            rows = rows[:1]
+        elif cfg.keep == "shortest_k":
+            rows = sorted(rows, key=lambda r: (lengths[r], len(texts[r]), sample_idx[r]))[:cfg.k]
+        kept_rows += rows
     selected = {
         "id": [ids[row] for row in kept_rows],
-        "messages": [
-            list(columns["prompt"][row]) + [{"role": "assistant", "content": columns["completion"][row]}]
-            for row in kept_rows
-        ],
+        "messages": [list(columns["prompt"][row]) + [{"role": "assistant", "content": texts[row]}]
+                     for row in kept_rows],
     }
     # Explicit features so that a selection with no rows still has the right schema.
     features = Features({"id": graded.features["id"], "messages": graded.features["prompt"]})
@@ -60,5 +120,6 @@ def run(cfg: Config, inputs, out):
         Dataset.from_dict(selected, features=features),
         samples_in=len(ids),
         problems_in=len(problems_in),
-        problems_kept=len(kept_rows),
+        problems_kept=len(set(selected["id"])),
+        **({"dropped_too_long": too_long} if cfg.max_tokens is not None else {}),
     )

@@ -5,11 +5,17 @@ same rows plus `label`, `correct`, `extracted`, and `pass_rate` = the fraction o
 `id`) that are correct. Needs no model, so a `load` -> `verify` recipe re-grades a file of completions.
 
 Grades are appended to a scratch file as they finish, so a killed run resumes where it stopped.
+
+Printed and in the manifest: counts per label, bad golds by problem id, a pass-rate histogram. With
+`audit: true` every sample is also graded by a second, independent method (normalised string / numeric
+comparison of the last boxed answer or last number against the gold) and the rows where the two disagree
+go to `audit.jsonl` in the step dir, for a person to read.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from typing import ClassVar
 
@@ -21,6 +27,8 @@ from pipeline.steps import StepConfig
 
 REQUIRED_COLUMNS = ("id", "answer", "completion")
 PROGRESS_FILE = "grades.jsonl"
+AUDIT_FILE = "audit.jsonl"
+HISTOGRAM_BINS = 10  # pass-rate buckets [0, 0.1), ..., [0.9, 1.0]
 
 
 class Config(StepConfig):
@@ -33,7 +41,11 @@ class Config(StepConfig):
                     "true = always LaTeX (wrapped in $...$), false = plain expressions.")
     think_prefix: str = Field(
         default="", description="The sample step's think_prefix (e.g. '<think>\\n'): completions began inside it, "
-                                "so one that never closes </think> only scores with a \\boxed{} answer.")
+                                "so one that never closes </think> only scores with a \\boxed{} answer. "
+                                "A `think_prefix` column (written by the sample step) takes precedence.")
+    audit: bool = Field(
+        default=False, description="Also grade with a second, independent method (normalised string/numeric "
+                                   "comparison) and write the disagreements to audit.jsonl in the step dir.")
 
     produces: ClassVar[str] = "dataset"
 
@@ -51,7 +63,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
 
     progress = out.scratch / PROGRESS_FILE
     grades = _read_progress(progress, len(samples))
-    completions = [cfg.think_prefix + (text or "") for text in samples["completion"]]
+    prefixes = samples["think_prefix"] if "think_prefix" in samples.column_names else [cfg.think_prefix] * len(samples)
+    completions = [(prefix or "") + (text or "") for prefix, text in zip(prefixes, samples["completion"])]
     finish_reasons = samples["finish_reason"] if "finish_reason" in samples.column_names else None
     out.scratch.mkdir(parents=True, exist_ok=True)
     with open(progress, "a") as log:
@@ -75,13 +88,121 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
               .add_column("extracted", [g.extracted for g in ordered])
               .add_column("pass_rate", [pass_rates[pid] for pid in samples["id"]]))
     label_counts = Counter(g.label for g in ordered)
+    bad_gold_ids = sorted({pid for pid, g in zip(samples["id"], ordered) if g.label == "bad_gold"})
+    histogram = pass_rate_histogram(list(pass_rates.values()))
+    audit_stats = _audit(samples, completions, ordered, out.dir / AUDIT_FILE) if cfg.audit else {}
+    _print_summary(label_counts, bad_gold_ids, histogram, audit_stats)
     return out.write_dataset(
         graded,
         problems=len(pass_rates),
         mean_pass_rate=sum(pass_rates.values()) / len(pass_rates),
         problems_solved=sum(rate > 0 for rate in pass_rates.values()),
         **{f"label_{label}": label_counts[label] for label in LABELS},
+        bad_gold_ids=bad_gold_ids,
+        pass_rate_histogram=histogram,
+        **audit_stats,
     )
+
+
+def pass_rate_histogram(rates: list[float]) -> dict[str, int]:
+    """Problems per pass-rate bucket: "0.0-0.1": ..., "0.9-1.0": ... (1.0 falls in the last bucket)."""
+    counts = [0] * HISTOGRAM_BINS
+    for rate in rates:
+        counts[min(int(rate * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+    return {f"{b / HISTOGRAM_BINS:.1f}-{(b + 1) / HISTOGRAM_BINS:.1f}": c for b, c in enumerate(counts)}
+
+
+def _print_summary(label_counts: Counter, bad_gold_ids: list[str], histogram: dict[str, int], audit: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from eval.grader import LABELS
+
+    total = sum(label_counts.values())
+    table = Table(title="verify: labels")
+    table.add_column("label")
+    table.add_column("samples", justify="right")
+    table.add_column("%", justify="right")
+    for label in LABELS:
+        table.add_row(label, str(label_counts[label]), f"{100 * label_counts[label] / total:.1f}")
+    console = Console()
+    console.print(table)
+    console.print("pass rate per problem: " + "  ".join(f"{k}: {v}" for k, v in histogram.items()))
+    if bad_gold_ids:
+        more = f" (+{len(bad_gold_ids) - 20} more)" if len(bad_gold_ids) > 20 else ""
+        console.print(f"[yellow]bad golds (answer does not parse), by id: {', '.join(bad_gold_ids[:20])}{more}")
+    if audit:
+        console.print(f"audit: {audit['audit_disagreements']} disagreement(s) with the normalised-comparison grader "
+                      f"-> {AUDIT_FILE}")
+
+
+# The audit grader: deliberately not math-verify. Answer = the last \boxed{...} after any </think>, else the
+# last number; both sides normalised (LaTeX spacing and wrappers, thousands separators) and compared as
+# numbers when both are numbers (fractions included), else as strings.
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s+|\\text\{[^}]*\}|\.$")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_FRACTION = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}|()(-?[\d.]+)/(-?[\d.]+)")
+
+
+def normalised_answer(completion: str) -> str:
+    """The audit grader's reading of a completion's final answer, normalised ("" if none)."""
+    from eval.grader import last_boxed
+
+    text = completion.rsplit("</think>", 1)[-1]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _normalise(boxed[boxed.index("{") + 1:-1])
+    numbers = _NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else ""
+
+
+def _normalise(answer: str) -> str:
+    answer = _LATEX_NOISE.sub("", answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    return answer.replace(",", "") if _NUMBER.fullmatch(answer) else answer
+
+
+def _as_number(answer: str) -> float | None:
+    try:
+        return float(answer)
+    except ValueError:
+        pass
+    match = _FRACTION.fullmatch(answer)
+    if not match:
+        return None
+    sign, num, den = match.group(1, 2, 3) if match.group(2) else match.group(4, 5, 6)
+    try:
+        return (-1 if sign else 1) * float(num) / float(den)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def audit_grade(completion: str, gold: str) -> tuple[bool, str]:
+    """(correct by the audit grader, the answer it read)."""
+    answer, gold = normalised_answer(completion), _normalise(str(gold))
+    if not answer:
+        return False, ""
+    a, g = _as_number(answer), _as_number(gold)
+    if a is not None and g is not None:
+        return abs(a - g) <= 1e-6 * max(1.0, abs(g)), answer
+    return answer == gold, answer
+
+
+def _audit(samples, completions: list[str], grades: list, path) -> dict:
+    """Write rows where math-verify and the audit grader disagree; bad golds and timeouts are left out."""
+    disagreements = 0
+    rows = zip(samples["id"], samples["answer"], completions, grades)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for index, (problem_id, gold, completion, grade) in enumerate(rows):
+            if grade.label in ("bad_gold", "timeout"):
+                continue
+            audit_correct, audit_answer = audit_grade(completion, gold)
+            if audit_correct != grade.correct:
+                disagreements += 1
+                f.write(json.dumps({"row": index, "id": problem_id, "gold": gold, "label": grade.label,
+                                    "math_verify_extracted": grade.extracted, "audit_extracted": audit_answer,
+                                    "audit_correct": audit_correct, "completion_tail": completion[-400:]}) + "\n")
+    return {"audit_disagreements": disagreements}
 
 
 def _read_progress(path, rows: int) -> dict[int, "Grade"]:

@@ -1,0 +1,73 @@
+"""The filter step: truncated rows, pass-rate window, exact and near duplicates, benchmark decontamination."""
+
+import json
+
+import pytest
+from datasets import Dataset
+from pydantic import ValidationError
+
+from eval.benchmarks import load_benchmark
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import filter as filter_step
+
+LONG = ("A bag holds red, green and blue marbles in the ratio 2 : 3 : 5, and there are 40 marbles in all. "
+        "How many blue marbles are there?")
+
+
+def rows():
+    _, math500 = load_benchmark("math500:1")
+    problems = {
+        "keep": LONG,
+        "exact": "  a BAG holds red, green and blue marbles in the ratio 2 : 3 : 5, and there are 40 marbles in all. "
+                 "How many blue marbles are there?",
+        "near": LONG.replace("40 marbles", "50 marbles"),
+        "leak": "Solve this: " + math500[0]["problem"],
+        "easy": "What is 1 + 1?",
+        "short": "What is 2 * 3?",
+    }
+    rates = {"easy": 1.0}
+    out = []
+    for problem_id, text in problems.items():
+        for sample_idx, finish in enumerate(["stop", "length"] if problem_id == "keep" else ["stop"]):
+            out.append({"id": problem_id, "problem": text, "sample_idx": sample_idx, "finish_reason": finish,
+                        "pass_rate": rates.get(problem_id, 0.5)})
+    return out
+
+
+def run_filter(tmp_path, data, **config):
+    Dataset.from_list(data).save_to_disk(str(tmp_path / "graded" / "data"))
+    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
+    out = Output(name="filtered", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
+    artifact = filter_step.run(filter_step.Config(uses="filter", input="graded", **config), inputs, out)
+    removed = [json.loads(line) for line in (tmp_path / "out" / filter_step.REMOVED_FILE).read_text().splitlines()]
+    return artifact, artifact.dataset(), removed
+
+
+def test_every_filter_removes_its_problem_and_says_why(tmp_path):
+    artifact, kept, removed = run_filter(tmp_path, rows(), drop_truncated=True, max_pass_rate=0.99,
+                                         near_duplicate=0.5)
+    assert list(zip(kept["id"], kept["sample_idx"])) == [("keep", 0), ("short", 0)]
+    assert [(r["id"], r["reason"]) for r in removed] == [
+        ("keep", "truncated"), ("easy", "pass_rate"), ("exact", "duplicate"), ("near", "near_duplicate"),
+        ("leak", "contaminated")]
+    assert "math500:" in removed[-1]["detail"] and "with keep" in removed[3]["detail"]
+    stats = artifact.stats
+    assert (stats["rows_in"], stats["problems_in"], stats["problems_kept"], stats["rows"]) == (7, 6, 2, 2)
+    assert stats["removed_contaminated"] == 1 and stats["removed_near_duplicate"] == 1
+
+
+def test_defaults_only_dedupe_and_decontaminate(tmp_path):
+    _, kept, removed = run_filter(tmp_path, rows())
+    assert {r["reason"] for r in removed} == {"duplicate", "contaminated"}
+    assert "near" in kept["id"] and "easy" in kept["id"]
+    _, kept_all, removed_none = run_filter(tmp_path / "off", rows(), dedupe_exact=False, decontaminate=[])
+    assert len(kept_all) == 7 and removed_none == []
+
+
+def test_pass_rate_window_needs_verify_output_and_a_sane_window(tmp_path):
+    data = [{k: v for k, v in row.items() if k != "pass_rate"} for row in rows()]
+    with pytest.raises(UserError, match=r"'graded'.*pass_rate"):
+        run_filter(tmp_path, data, min_pass_rate=0.1)
+    with pytest.raises(ValidationError, match="above"):
+        filter_step.Config(uses="filter", input="graded", min_pass_rate=0.8, max_pass_rate=0.2)

@@ -1,0 +1,76 @@
+"""The pairs step: graded samples -> REDI preference pairs (TRL conversational preference format)."""
+
+import pytest
+from datasets import Dataset
+from pydantic import ValidationError
+
+from pipeline.artifacts import Artifact, Output
+from pipeline.errors import UserError
+from pipeline.steps import pairs
+
+
+def row(problem_id, sample_idx, label, completion=None):
+    return {"id": problem_id, "prompt": [{"role": "user", "content": f"problem {problem_id}"}],
+            "sample_idx": sample_idx, "label": label, "correct": label == "correct",
+            "completion": completion or f"{label} {sample_idx} of {problem_id}"}
+
+
+def run_pairs(tmp_path, rows, **config):
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "graded" / "data"))
+    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
+    out = Output(name="pairs", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
+    artifact = pairs.run(pairs.Config(uses="pairs", input="graded", **config), inputs, out)
+    return artifact, artifact.dataset()
+
+
+ROWS = [
+    # a: out of order; first correct is 1, first incorrect is 2 (0 is truncated, not a wrong answer by default)
+    row("a", 3, "correct"), row("a", 2, "incorrect"), row("a", 0, "truncated"), row("a", 1, "correct"),
+    row("a", 4, "incorrect"),
+    row("b", 0, "correct"), row("b", 1, "correct"),  # no rejected sample: no pair
+    row("c", 0, "incorrect"), row("c", 1, "no_answer"),  # no correct sample: no pair
+    row("d", 0, "bad_gold"), row("d", 1, "correct"),  # bad_gold never rejected
+]
+
+
+def test_first_correct_against_first_incorrect(tmp_path):
+    artifact, data = run_pairs(tmp_path, ROWS)
+    assert data.column_names == ["id", "prompt", "chosen", "rejected"]
+    assert data["id"] == ["a"]
+    assert data[0]["prompt"] == [{"role": "user", "content": "problem a"}]
+    assert data[0]["chosen"] == [{"role": "assistant", "content": "correct 1 of a"}]
+    assert data[0]["rejected"] == [{"role": "assistant", "content": "incorrect 2 of a"}]
+    stats = artifact.stats
+    assert (stats["problems_in"], stats["problems_paired"], stats["problems_without_rejected"]) == (4, 1, 2)
+
+
+def test_k_pairs_and_wider_rejected_labels(tmp_path):
+    _, data = run_pairs(tmp_path, ROWS, max_pairs_per_problem=3, rejected_labels=["incorrect", "truncated"])
+    a_pairs = [(c[0]["content"], r[0]["content"]) for i, c, r in zip(data["id"], data["chosen"], data["rejected"])
+               if i == "a"]
+    assert a_pairs == [("correct 1 of a", "truncated 0 of a"), ("correct 3 of a", "incorrect 2 of a")]
+    with pytest.raises(ValidationError, match="rejected_labels"):
+        pairs.Config(uses="pairs", input="graded", rejected_labels=["bad_gold"])
+
+
+def test_length_limits_in_characters_and_student_tokens(tmp_path):
+    rows = [row("a", 0, "correct", "x" * 500), row("a", 1, "correct"), row("a", 2, "incorrect")]
+    _, by_chars = run_pairs(tmp_path / "chars", rows, max_chars=100)
+    assert by_chars[0]["chosen"][0]["content"] == "correct 1 of a"
+    artifact, by_tokens = run_pairs(tmp_path / "tokens", rows, max_tokens=3, tokenizer="builtin:tiny-random")
+    assert len(by_tokens) == 0 and artifact.stats["samples_too_long"] == 3
+    with pytest.raises(ValidationError, match="tokenizer"):
+        pairs.Config(uses="pairs", input="graded", max_tokens=10)
+
+
+def test_think_prefix_starts_both_responses(tmp_path):
+    rows = [{**r, "think_prefix": "<think>\n"} for r in ROWS[:2]]
+    _, data = run_pairs(tmp_path, rows)
+    assert data[0]["chosen"][0]["content"] == "<think>\ncorrect 3 of a"
+    assert data[0]["rejected"][0]["content"] == "<think>\nincorrect 2 of a"
+
+
+def test_missing_label_column_is_named(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "label"} for r in ROWS]
+    with pytest.raises(UserError, match=r"'graded'.*label"):
+        run_pairs(tmp_path, rows)
