@@ -23,7 +23,8 @@ def test_smoke_recipe_end_to_end_then_cached(tmp_path):
     distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}")
 
     manifests = {p.parent.name: json.loads(p.read_text()) for p in workdir.glob("*/manifest.json")}
-    assert set(manifests) == {"problems", "samples", "graded", "sft_data", "sft", "merged", "report"}
+    assert set(manifests) == {"problems", "samples", "graded", "sft_data", "pairs", "sft", "merged", "redi",
+                              "redi_merged", "report"}
     assert all(m["status"] == "complete" for m in manifests.values())
 
     samples = datasets.load_from_disk(str(workdir / "samples" / "data"))
@@ -32,15 +33,19 @@ def test_smoke_recipe_end_to_end_then_cached(tmp_path):
     assert {"label", "correct", "extracted", "pass_rate"} <= set(graded.column_names)
     sft_data = datasets.load_from_disk(str(workdir / "sft_data" / "data"))
     assert len(sft_data) == len({row["id"] for row in graded if row["correct"]}) > 0
-    assert (workdir / "merged" / "model" / "config.json").exists()
+    pairs = datasets.load_from_disk(str(workdir / "pairs" / "data"))
+    assert len(pairs) > 0 and {"prompt", "chosen", "rejected"} <= set(pairs.column_names)
+    assert manifests["redi"]["parents"] == {"pairs": manifests["pairs"]["key"], "sft": manifests["sft"]["key"]}
+    for merged in ("merged", "redi_merged"):
+        assert (workdir / merged / "model" / "config.json").exists()
     results = json.loads((workdir / "report" / "results.json").read_text())
-    assert list(results["models"]) == ["builtin:tiny-random", "step:merged"]
+    assert list(results["models"]) == ["builtin:tiny-random", "step:merged", "step:redi_merged"]
     for per_benchmark in results["models"].values():
         assert 0.0 <= per_benchmark["arith_test"]["pass@1"] <= 1.0
 
     started = time.time()
     out = distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}")
     print(f"cached re-run: {time.time() - started:.2f}s")
-    assert "7 skipped" in out and "0 step(s) ran" in out
+    assert "10 skipped" in out and "0 step(s) ran" in out
     status = distill("status", str(workdir))
-    assert status.count("complete") == 7
+    assert status.count("complete") == 10
