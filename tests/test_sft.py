@@ -110,7 +110,7 @@ def test_bad_input_is_a_user_error(tmp_path):
         sft.run(config(), {"sft_data": Artifact("sft_data", "dataset", step_dir)}, output(tmp_path))
 
     Dataset.from_list([{"id": "x", "text": "hi"}]).save_to_disk(str(tmp_path / "text" / "data"))
-    with pytest.raises(UserError, match=r"'sft_data' lacks column 'messages'"):
+    with pytest.raises(UserError, match=r"'sft_data' lacks column\(s\) messages"):
         sft.run(config(), {"sft_data": Artifact("sft_data", "dataset", tmp_path / "text")}, output(tmp_path))
 
 

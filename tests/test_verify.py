@@ -57,7 +57,7 @@ def test_without_finish_reason_a_cut_off_answer_is_graded_as_text(tmp_path):
 
 def test_missing_column_names_the_dataset_and_column(tmp_path):
     inputs = write_samples(tmp_path, SAMPLES, drop=["completion"])
-    with pytest.raises(UserError, match=r"'samples'.*\['completion'\]"):
+    with pytest.raises(UserError, match=r"'samples' lacks column\(s\) completion "):
         run_verify(tmp_path, inputs)
 
 

@@ -51,6 +51,14 @@ class StepConfig(BaseModel):
         return [self.input] if self.input else []
 
 
+def require_columns(dataset, columns, *, step: str, source: str, reads: str = "") -> None:
+    """Refuse a dataset lacking columns a step needs, naming the step, the input step and what the dataset has."""
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise UserError(f"{step}: dataset of step {source!r} lacks column(s) {', '.join(missing)} "
+                        f"(it has {', '.join(dataset.column_names)})" + (f"; {step} reads {reads}" if reads else ""))
+
+
 def step_module(name: str):
     """A registered step by name, or a user's own step module by dotted import path (`mypkg.steps.score`)."""
     if name in STEP_MODULES:

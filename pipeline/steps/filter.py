@@ -21,8 +21,7 @@ from collections import defaultdict
 
 from pydantic import Field, model_validator
 
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.steps import StepConfig, require_columns
 
 REMOVED_FILE = "removed.jsonl"
 # words and single punctuation/operator characters: "12 + 7" and "12 * 7" must not look alike
@@ -73,10 +72,7 @@ def run(cfg: Config, inputs, out):
     data = inputs[cfg.input].dataset()
     needed = ["id", "problem"] + (["pass_rate"] if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None
                                   else [])
-    missing = [c for c in needed if c not in data.column_names]
-    if missing:
-        raise UserError(f"filter: dataset of step {cfg.input!r} lacks column(s) {missing} "
-                        f"(it has {data.column_names})")
+    require_columns(data, needed, step="filter", source=cfg.input)
     columns = data.select_columns([c for c in ("id", "problem", "pass_rate", "finish_reason", "label")
                                    if c in data.column_names]).to_dict()
     ids = [str(i) for i in columns["id"]]

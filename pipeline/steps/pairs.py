@@ -16,8 +16,7 @@ from collections import defaultdict
 
 from pydantic import Field, model_validator
 
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.steps import StepConfig, require_columns
 from pipeline.steps.select import assistant_texts, token_counter
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
@@ -63,10 +62,7 @@ def run(cfg: Config, inputs, out):
     from datasets import Dataset, Features
 
     graded = inputs[cfg.input].dataset()
-    missing = [column for column in REQUIRED_COLUMNS if column not in graded.column_names]
-    if missing:
-        raise UserError(f"pairs: dataset of step {cfg.input!r} lacks column(s) {', '.join(missing)} "
-                        f"(it has {', '.join(graded.column_names)}); pairs reads the output of a verify step")
+    require_columns(graded, REQUIRED_COLUMNS, step="pairs", source=cfg.input, reads="the output of a verify step")
     optional = [c for c in ("think_prefix",) if c in graded.column_names]
     columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
     ids, labels, sample_idx = columns["id"], columns["label"], columns["sample_idx"]

@@ -31,6 +31,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.errors import UserError
+from pipeline.steps import require_columns
 from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, launch_distributed, load_tokenizer,
                                 peft_config, runs_distributed, train_and_save, training_arguments)
 
@@ -213,10 +214,8 @@ def redi_trainer():
 
 def preference_dataset(dataset, dataset_name: str):
     """The pairs as TRL conversational preference rows, checked: a prompt and one assistant message per side."""
-    missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise UserError(f"redi: dataset of step {dataset_name!r} lacks column(s) {', '.join(missing)} (it has "
-                        f"{', '.join(dataset.column_names)}); redi reads TRL preference data such as a pairs step writes")
+    require_columns(dataset, PAIR_COLUMNS, step="redi", source=dataset_name,
+                    reads="TRL preference data such as a pairs step writes")
     if len(dataset) == 0:
         raise UserError(f"redi: dataset of step {dataset_name!r} has no pairs to train on")
 

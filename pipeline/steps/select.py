@@ -20,8 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.steps import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
 
@@ -76,12 +75,7 @@ def run(cfg: Config, inputs, out):
     from datasets import Dataset, Features
 
     graded = inputs[cfg.input].dataset()
-    missing = [column for column in REQUIRED_COLUMNS if column not in graded.column_names]
-    if missing:
-        raise UserError(
-            f"select: dataset of step {cfg.input!r} lacks column(s) {', '.join(missing)} "
-            f"(it has {', '.join(graded.column_names)}); select reads the output of a verify step"
-        )
+    require_columns(graded, REQUIRED_COLUMNS, step="select", source=cfg.input, reads="the output of a verify step")
 
     optional = [c for c in ("think_prefix", "completion_tokens") if c in graded.column_names]
     columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()

@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.steps import StepConfig, require_columns
 
 # Tokens that serve as padding when a tokenizer has none of its own, or pads with eos.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
@@ -208,11 +208,8 @@ def model_card(cfg: Config, step_name: str) -> str:
 
 def prompt_completion_dataset(dataset, dataset_name: str):
     """TRL conversational prompt-completion rows from `messages` rows: the last (assistant) message is the completion."""
-    if "messages" not in dataset.column_names:
-        raise UserError(
-            f"sft: dataset of step {dataset_name!r} lacks column 'messages' (it has {', '.join(dataset.column_names)}); "
-            "sft reads TRL conversational data such as a select step writes"
-        )
+    require_columns(dataset, ["messages"], step="sft", source=dataset_name,
+                    reads="TRL conversational data such as a select step writes")
     if len(dataset) == 0:
         raise UserError(f"sft: dataset of step {dataset_name!r} has no rows to train on")
 

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.steps import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "answer", "completion")
 PROGRESS_FILE = "grades.jsonl"
@@ -54,10 +54,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from eval.grader import LABELS, Grade, iter_grades
 
     samples = inputs[cfg.input].dataset()
-    missing = [c for c in REQUIRED_COLUMNS if c not in samples.column_names]
-    if missing:
-        raise UserError(f"verify: dataset of step {cfg.input!r} has no column(s) {missing} "
-                        f"(columns: {samples.column_names})")
+    require_columns(samples, REQUIRED_COLUMNS, step="verify", source=cfg.input)
     if len(samples) == 0:
         raise UserError(f"verify: dataset of step {cfg.input!r} has no rows")
 
