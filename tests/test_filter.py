@@ -3,13 +3,12 @@
 import json
 
 import pytest
-from datasets import Dataset
 from pydantic import ValidationError
 
 from eval.benchmarks import load_benchmark
-from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import filter as filter_step
+from tests.step_runner import run_on_rows
 
 LONG = ("A bag holds red, green and blue marbles in the ratio 2 : 3 : 5, and there are 40 marbles in all. "
         "How many blue marbles are there?")
@@ -36,12 +35,9 @@ def rows():
 
 
 def run_filter(tmp_path, data, **config):
-    Dataset.from_list(data).save_to_disk(str(tmp_path / "graded" / "data"))
-    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
-    out = Output(name="filtered", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
-    artifact = filter_step.run(filter_step.Config(uses="filter", input="graded", **config), inputs, out)
+    artifact, kept = run_on_rows(filter_step, tmp_path, data, uses="filter", **config)
     removed = [json.loads(line) for line in (tmp_path / "out" / filter_step.REMOVED_FILE).read_text().splitlines()]
-    return artifact, artifact.dataset(), removed
+    return artifact, kept, removed
 
 
 def test_every_filter_removes_its_problem_and_says_why(tmp_path):

@@ -1,12 +1,11 @@
 """The pairs step: graded samples -> REDI preference pairs (TRL conversational preference format)."""
 
 import pytest
-from datasets import Dataset
 from pydantic import ValidationError
 
-from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import pairs
+from tests.step_runner import run_on_rows
 
 
 def row(problem_id, sample_idx, label, completion=None):
@@ -16,11 +15,7 @@ def row(problem_id, sample_idx, label, completion=None):
 
 
 def run_pairs(tmp_path, rows, **config):
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "graded" / "data"))
-    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
-    out = Output(name="pairs", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
-    artifact = pairs.run(pairs.Config(uses="pairs", input="graded", **config), inputs, out)
-    return artifact, artifact.dataset()
+    return run_on_rows(pairs, tmp_path, rows, uses="pairs", **config)
 
 
 ROWS = [

@@ -1,12 +1,11 @@
 """The select step: graded samples -> one verified trace per problem, in TRL conversational format."""
 
 import pytest
-from datasets import Dataset
 from pydantic import ValidationError
 
-from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import select
+from tests.step_runner import run_on_rows
 
 
 def prompt(problem):
@@ -27,11 +26,7 @@ def graded_row(problem_id, sample_idx, correct, problem="What is 2 + 3?"):
 
 
 def run_select(tmp_path, rows, **config):
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "graded" / "data"))
-    inputs = {"graded": Artifact("graded", "dataset", tmp_path / "graded")}
-    out = Output(name="sft_data", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=0)
-    artifact = select.run(select.Config(uses="select", input="graded", **config), inputs, out)
-    return artifact, artifact.dataset()
+    return run_on_rows(select, tmp_path, rows, uses="select", **config)
 
 
 def test_keeps_the_correct_sample_with_the_lowest_sample_idx(tmp_path):

@@ -33,7 +33,7 @@ from pydantic import Field
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
 from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, launch_distributed, load_tokenizer,
-                                peft_config, runs_distributed, train_and_save, training_arguments)
+                                peft_config, runs_distributed, schedule_line, train_and_save, training_arguments)
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 
@@ -143,8 +143,7 @@ def model_card(cfg: Config, step_name: str, lineage: dict) -> str:
     return (
         f"# {step_name}\n\n{kind} with REDI (reference-free, alpha={cfg.alpha}) by the distillery `redi` step "
         f"`{step_name}`.\n\n- base model: `{lineage['base_model']}`\n- started from: `{cfg.model}`\n"
-        f"- pairs: step `{cfg.input}`\n- {cfg.epochs} epochs" + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
-        + f", learning rate {cfg.learning_rate}, batch {cfg.batch_size} pairs x {cfg.gradient_accumulation_steps}\n"
+        f"- pairs: step `{cfg.input}`\n" + schedule_line(cfg, batch_unit=" pairs")
     )
 
 

@@ -196,13 +196,18 @@ def checked_sft_trainer():
     return CheckedSFTTrainer
 
 
+def schedule_line(cfg: TrainingConfig, batch_unit: str = "") -> str:
+    """The model card's line on how long and how fast a training step trained."""
+    return (f"- {cfg.epochs} epochs" + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
+            + f", learning rate {cfg.learning_rate}, batch {cfg.batch_size}{batch_unit} x "
+            f"{cfg.gradient_accumulation_steps}\n")
+
+
 def model_card(cfg: Config, step_name: str) -> str:
     kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
     return (
         f"# {step_name}\n\n{kind} trained by the distillery `sft` step `{step_name}`.\n\n"
-        f"- base model: `{cfg.model}`\n- training data: step `{cfg.input}`\n"
-        f"- {cfg.epochs} epochs" + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
-        + f", learning rate {cfg.learning_rate}, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}\n"
+        f"- base model: `{cfg.model}`\n- training data: step `{cfg.input}`\n" + schedule_line(cfg)
     )
 
 
