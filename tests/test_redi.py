@@ -94,6 +94,26 @@ def test_trainer_loss_is_the_formula_in_one_forward_without_a_reference(pairs, t
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_no_reference_copy_is_loaded_under_fsdp(pairs, tmp_path, monkeypatch):
+    """Under FSDP, DPOTrainer builds a reference model for its precompute even for full fine-tuning; REDI must not."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    create_accelerator = Trainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):  # FSDP needs GPUs; what TRL reads is this flag, set here as the Trainer does
+        create_accelerator(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: loads.append(args) or load(cls, *args, **kwargs)))
+    trainer, _, _ = redi.build_trainer(config(lora=None), {"pairs": pairs}, output(tmp_path))
+    assert trainer.is_fsdp_enabled and trainer.ref_model is None
+    assert len(loads) == 1  # the policy; no reference copy
+
+
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory):
     """A finished sft step (LoRA on tiny-random) trained on the chosen answers, as REDI's stage 1."""

@@ -11,7 +11,8 @@ Built on TRL's DPOTrainer, which gives the preference-data tokenization (chat te
 collator that stacks [chosen; rejected] so both are scored in one forward pass, the fused log-prob head, peft and
 DeepSpeed/FSDP handling. `RediTrainer` replaces its loss: the policy's log-probs only. For a full fine-tune TRL would
 load a reference copy of the model unless reference log-probs are "precomputed"; the step sets that flag and the
-trainer's precompute does nothing. Logged each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean
+trainer's precompute does nothing (under FSDP, where TRL would still load the copy for that precompute, the load is
+replaced by none). Logged each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean
 length-normalised log-probs) and `redi/margin` (their difference).
 
 Input: TRL preference data, `id`, `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), as
@@ -169,8 +170,15 @@ def redi_trainer():
         _tag_names = ["trl", "redi", "distillery"]
 
         def __init__(self, *args, alpha: float, **kwargs):
+            from unittest import mock
+
+            import trl.trainer.dpo_trainer as dpo_module
+
             self.alpha = alpha
-            super().__init__(*args, **kwargs)
+            # Under FSDP, DPOTrainer loads a full reference copy for its log-prob precompute even when, as here,
+            # there is nothing to precompute; REDI has no reference, so that load is replaced by "no model".
+            with mock.patch.object(dpo_module, "create_model_from_path", lambda *args, **kwargs: None):
+                super().__init__(*args, **kwargs)
 
         @property
         def is_peft(self) -> bool:
