@@ -11,18 +11,31 @@ Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
   rather than counted as a wrong answer.
 - `verify(gold, prediction)`, gold first (math-verify is not symmetric).
 
-math-verify's own timeouts use `signal.alarm`, which works only on a process's main thread. Here they are turned
-off and `grade_many` enforces the time limit from outside: each item runs in a worker process, and a worker that
-overruns is killed and replaced, its item labelled `timeout`. Labels drift between math-verify versions (this was
-written against math-verify 0.9.0); pin it with latex2sympy2_extended and antlr4-python3-runtime.
+Time limits. math-verify's own timeouts use `signal.alarm`, which works only on a process's main thread; here they
+are turned off and `grade_many` enforces the limit itself, in three layers:
+- Before parsing, answers that math-verify cannot grade in bounded time are labelled `timeout` at once
+  (`too_costly`): integer powers whose exact value has more than MAX_POWER_DIGITS digits (sympy evaluates
+  10^{10^{10}} exactly), brackets nested deeper than MAX_NESTING (the LaTeX parser's time grows exponentially
+  with depth: ~1 s at 10 levels, ~12 s at 14), and a boxed answer longer than MAX_ANSWER_CHARS. They get the
+  label `timeout`, not `incorrect`: the grader did not decide, and the same answer gets the same label whether
+  this check or the clock stops it. Nothing in the MATH-500 reference answers comes near these limits.
+- Each item runs in a worker process (its main thread) under a SIGALRM timer of `timeout_s`, which stops pure
+  Python work (the LaTeX parser, most of sympy) and labels the item `timeout`; the worker goes on to the next.
+- Work stuck in C (a big-integer operation) does not see the signal: the parent kills that worker
+  KILL_GRACE_S later and starts a new one (~1-2 s of start-up, which the pool does not wait for).
+
+Labels drift between math-verify versions (this was written against math-verify 0.9.0); pin it with
+latex2sympy2_extended and antlr4-python3-runtime.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -37,6 +50,10 @@ _BOXED = re.compile(r"\\(boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _LATEX_MATH = re.compile(r"\$|\\\(|\\\[")
 _WORKER_START_TIMEOUT_S = 120.0
+KILL_GRACE_S = 2.0  # past its timeout, how long a worker may take to notice SIGALRM before it is killed
+MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is runaway output or garbage
+MAX_NESTING = 10  # bracket depth; MATH-500 reference answers reach 3
+MAX_POWER_DIGITS = 100_000  # 10^{100000} grades in well under a second; 10^{10^{7}} takes minutes
 
 
 @dataclass(frozen=True)
@@ -58,17 +75,20 @@ def grade(completion: str | None, gold: str | None, *, gold_is_latex: bool | Non
     """
     from math_verify import verify
 
-    gold_parsed = _parse_gold(str(gold), gold_is_latex) if gold is not None else ()
-    if not gold_parsed:
-        return Grade("bad_gold", False, "")
-    cut_short = finish_reason == "length"
-    prediction = _parse_prediction(completion or "", cut_short)
-    if not prediction:
-        return Grade("truncated" if cut_short else "no_answer", False, "")
-    extracted = next((p for p in prediction if isinstance(p, str)), str(prediction[0]))
-    if verify(list(gold_parsed), prediction, timeout_seconds=None):
-        return Grade("correct", True, extracted)
-    return Grade("incorrect", False, extracted)
+    try:
+        gold_parsed = _parse_gold(str(gold), gold_is_latex) if gold is not None else ()
+        if not gold_parsed:
+            return Grade("bad_gold", False, "")
+        cut_short = finish_reason == "length"
+        prediction = _parse_prediction(completion or "", cut_short)
+        if not prediction:
+            return Grade("truncated" if cut_short else "no_answer", False, "")
+        extracted = next((p for p in prediction if isinstance(p, str)), str(prediction[0]))
+        if verify(list(gold_parsed), prediction, timeout_seconds=None):
+            return Grade("correct", True, extracted)
+        return Grade("incorrect", False, extracted)
+    except _OverTime:
+        return TIMEOUT
 
 
 @functools.lru_cache(maxsize=4096)  # n samples per problem share one gold
@@ -94,6 +114,8 @@ def _parse_prediction(completion: str, cut_short: bool) -> list:
     answer_text = completion.rsplit("</think>", 1)[-1]
     boxed = last_boxed(answer_text)
     if boxed is not None:
+        if too_costly(boxed[boxed.index("{") + 1:-1]):
+            raise _OverTime
         prediction = parse(boxed, [LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None)
         if prediction:
             return prediction
@@ -105,6 +127,8 @@ def _parse_prediction(completion: str, cut_short: bool) -> list:
     numbers = list(_NUMBER.finditer(answer_text))
     if numbers and not _LATEX_MATH.search(answer_text, numbers[-1].end()):
         return parse(numbers[-1].group(), [ExprExtractionConfig()], parsing_timeout=None)
+    if too_costly(answer_text, boxed=False):
+        raise _OverTime
     return parse(answer_text, [LatexExtractionConfig()], parsing_timeout=None)
 
 
@@ -121,6 +145,105 @@ def last_boxed(text: str) -> str | None:
         end = closing.get(match.end() - 1)
         if end is not None:
             return text[match.start():end + 1]
+    return None
+
+
+class _OverTime(BaseException):
+    """Grading ran out of time (a worker's SIGALRM) or would (`too_costly`). A BaseException, so that the broad
+    `except Exception` in math-verify and sympy cannot swallow it and carry on."""
+
+
+def too_costly(answer: str, *, boxed: bool = True) -> bool:
+    """Whether math-verify may not finish on this answer text in bounded time (see the module docstring).
+
+    `boxed`: the text is the content of a \\boxed{}; its length is capped too. (Unboxed fallback text is the
+    whole reply after </think>, which may be long; only its nesting and powers are checked.)
+    """
+    if boxed and len(answer) > MAX_ANSWER_CHARS:
+        return True
+    depth = 0
+    for char in answer:
+        if char in "{([":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif char in "})]" and depth:
+            depth -= 1
+    return any(_power_digits(answer, caret.start()) > MAX_POWER_DIGITS for caret in re.finditer(r"\^", answer))
+
+
+def _power_digits(text: str, caret: int) -> float:
+    """Digits of the integer power whose ^ is at text[caret] (0 when base or exponent is not a plain number)."""
+    base, exponent = _tower_log10(_base(text, caret)), _argument(text, caret + 1)
+    digits = _power_log10(base, _tower_log10(exponent[0])) if base is not None and exponent else None
+    return digits or 0.0
+
+
+def _tower_log10(text: str | None) -> float | None:
+    """log10 of a number written as an integer or a tower of integer powers ("10", "{2^{3^{4}}}"), or None."""
+    text = (text or "").strip()
+    if text.startswith("{"):
+        group = _argument(text, 0)
+        base, end = (_tower_log10(group[0]), group[1]) if group else (None, 0)
+    else:
+        number = re.match(r"0*(\d*)", text)
+        digits, end = number.group(1), number.end()
+        base = len(digits) - 1 + math.log10(int(digits[:15]) / 10 ** (min(len(digits), 15) - 1)) if digits else None
+        if end and not digits:
+            base = -math.inf  # zero
+    rest = text[end:].lstrip()
+    if base is None or not rest:
+        return base
+    exponent = _argument(rest, 1) if rest[0] == "^" else None
+    if exponent is None or rest[exponent[1]:].strip():
+        return None
+    return _power_log10(base, _tower_log10(exponent[0]))
+
+
+def _power_log10(base: float, exponent: float | None) -> float | None:
+    """log10 of b^e from log10 b and log10 e (an infinite result for a huge e; 0 for b <= 1)."""
+    if exponent is None:
+        return None
+    if base <= 0:
+        return 0.0
+    return base * 10 ** exponent if exponent < 300 else math.inf
+
+
+def _argument(text: str, start: int) -> tuple[str, int] | None:
+    """The TeX argument at text[start] (spaces skipped) -- a {group}'s content or one character -- and the
+    index after it; None if there is none. Groups longer than MAX_ANSWER_CHARS are not looked into."""
+    while start < len(text) and text[start].isspace():
+        start += 1
+    if start >= len(text):
+        return None
+    if text[start] != "{":
+        return text[start], start + 1
+    depth = 0
+    for position in range(start, min(len(text), start + MAX_ANSWER_CHARS)):
+        depth += {"{": 1, "}": -1}.get(text[position], 0)
+        if depth == 0:
+            return text[start + 1:position], position + 1
+    return None
+
+
+def _base(text: str, caret: int) -> str | None:
+    """What is raised to the power at text[caret]: the integer or {group} / (group) written just before it."""
+    end = caret
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    start = end
+    while start > 0 and text[start - 1].isdigit() and end - start < MAX_ANSWER_CHARS:
+        start -= 1
+    if start < end:
+        return text[start:end]
+    if not end or text[end - 1] not in "})":
+        return None
+    closing, opening = text[end - 1], {"}": "{", ")": "("}[text[end - 1]]
+    depth = 0
+    for position in range(end - 1, max(-1, end - 1 - MAX_ANSWER_CHARS), -1):
+        depth += {closing: 1, opening: -1}.get(text[position], 0)
+        if depth == 0:
+            return text[position + 1:end - 1]
     return None
 
 
@@ -147,30 +270,37 @@ def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], 
     if not pending:
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/vLLM threads exist
+    # workers start side by side and take items once ready; a replacement starts while the others keep grading
     pool = [_Worker(context) for _ in range(min(workers, len(pending)))]
     try:
         while pending or any(w.index is not None for w in pool):
             for worker in pool:
-                if worker.index is None and pending:
+                if worker.ready and worker.index is None and pending:
                     i = pending.popleft()
                     reason = finish_reasons[i] if finish_reasons is not None else None
                     worker.submit(i, (completions[i], golds[i], gold_is_latex, reason), timeout_s)
-            busy = [w for w in pool if w.index is not None]
-            next_deadline = min(w.deadline for w in busy)
-            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+            waiting = [w for w in pool if not w.ready or w.index is not None]
+            next_deadline = min(w.deadline for w in waiting)
+            ready = wait([w.conn for w in waiting], timeout=max(0.0, next_deadline - time.monotonic()))
             for k, worker in enumerate(pool):
-                if worker.index is None:
+                if worker not in waiting:
                     continue
                 index = worker.index
                 if worker.conn in ready:
                     try:
-                        yield index, worker.receive()
-                        continue
+                        result = worker.receive()
                     except EOFError:  # the worker died (killed, out of memory): its item could not be graded
                         pass
+                    else:
+                        if result is not None:
+                            yield index, result
+                        continue
                 elif time.monotonic() < worker.deadline:
                     continue
-                worker.kill()
+                if index is None:
+                    raise RuntimeError(f"a grading worker exited during start-up or did not start within "
+                                       f"{_WORKER_START_TIMEOUT_S:.0f} s")
+                worker.kill()  # stuck where SIGALRM does not reach (C code): its item is a timeout
                 pool[k] = _Worker(context)
                 yield index, TIMEOUT
     finally:
@@ -186,23 +316,20 @@ class _Worker:
         self.process = context.Process(target=_worker_loop, args=(child_conn,), daemon=True)
         self.process.start()
         child_conn.close()
+        self.ready = False  # until it says so: the first item must not pay for start-up (imports, sympy warm-up)
         self.index: int | None = None
-        self.deadline = 0.0
-        # the first item must not pay for start-up (imports, sympy warm-up) out of its time limit
-        try:
-            started = self.conn.poll(_WORKER_START_TIMEOUT_S) and self.conn.recv() == "ready"
-        except EOFError:
-            started = False
-        if not started:
-            self.kill()
-            raise RuntimeError(f"a grading worker failed to start within {_WORKER_START_TIMEOUT_S:.0f} s")
+        self.deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
 
     def submit(self, index: int, item: tuple, timeout_s: float) -> None:
-        self.index, self.deadline = index, time.monotonic() + timeout_s
-        self.conn.send(item)
+        self.index, self.deadline = index, time.monotonic() + timeout_s + KILL_GRACE_S
+        self.conn.send((item, timeout_s))
 
-    def receive(self) -> Grade:
+    def receive(self) -> Grade | None:
+        """The graded item's Grade, or None for the start-up message."""
         message = self.conn.recv()
+        if message == "ready":
+            self.ready = True
+            return None
         self.index = None
         if isinstance(message, BaseException):
             raise message
@@ -216,17 +343,29 @@ class _Worker:
 
 
 def _worker_loop(conn) -> None:
-    # timeouts are enforced by the parent, so math-verify's "timeout is disabled" warning is noise here
+    # timeouts are enforced here and by the parent, so math-verify's "timeout is disabled" warning is noise
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    signal.signal(signal.SIGALRM, _over_time)
     grade("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}")  # warm up sympy and the LaTeX parser
     conn.send("ready")
     while True:
         try:
-            completion, gold, gold_is_latex, finish_reason = conn.recv()
+            (completion, gold, gold_is_latex, finish_reason), timeout_s = conn.recv()
         except EOFError:
             return
         try:
-            result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
-            conn.send((result.label, result.correct, result.extracted))
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _OverTime:  # the timer fired after grade returned, before it was stopped
+            result = TIMEOUT
         except Exception as error:  # hand it to the parent, which knows which row it was
             conn.send(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
+            continue
+        conn.send((result.label, result.correct, result.extracted))
+
+
+def _over_time(signum, frame) -> None:
+    raise _OverTime

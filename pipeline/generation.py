@@ -267,3 +267,104 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def generate_openai(
+    base_url: str,
+    model: str,
+    prompts: list[list[dict]],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    max_tokens: int,
+    seed: int,
+    stop: list[str] | None = None,
+    api_key_env: str | None = "OPENAI_API_KEY",
+    max_concurrency: int = 8,
+    max_retries: int = 5,
+    request_timeout: float = 600.0,
+    chunk_size: int | None = None,
+    skip_chunks: Collection[int] = (),
+    on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
+) -> Generations:
+    """Sample `n` completions for each chat prompt from an OpenAI-compatible server (`vllm serve`, a hosted API)
+    through its chat completions endpoint; same chunk contract (`chunk_size`, `skip_chunks`, `on_chunk`) as
+    `generate`.
+
+    Each sample is its own request (n = 1), so `usage` gives each sample's token counts, and each carries a
+    seed from (seed, prompt index, sample index); servers treat seeds as best effort. At most
+    `max_concurrency` requests are in flight; the openai client retries connection errors, 408, 409, 429 and
+    5xx responses up to `max_retries` times with exponential back-off (honouring Retry-After). The API key is
+    read from the environment variable `api_key_env` (None: a server without authentication) and goes
+    nowhere but the request header. A chunk's seconds are the wall time since the previous chunk finished,
+    so they add up to the run's wall time although requests of several chunks overlap.
+    """
+    from pipeline.errors import UserError
+
+    if not prompts:
+        return Generations()
+    if api_key_env is not None and not os.environ.get(api_key_env):
+        raise UserError(f"sample: environment variable {api_key_env} (api_key_env) is not set; it must hold the "
+                        f"API key for {base_url}")
+    size = chunk_size or len(prompts)
+    skip = set(skip_chunks)
+    chunks = [c for c in range(-(-len(prompts) // size)) if c not in skip]
+    completions: list[list[Completion]] = [[] for _ in prompts]
+    if not chunks:
+        return Generations(completions)
+    import asyncio
+
+    import openai
+
+    logger.info("requesting %d x %d completions of %s from %s", len(prompts), n, model, base_url)
+    settings = dict(model=model, n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                    # top_k is not in the OpenAI API: sent only when set, for servers that take it (vLLM does)
+                    extra_body={"top_k": top_k} if top_k != -1 else None)
+
+    async def run_all() -> float:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=os.environ[api_key_env] if api_key_env else "none",
+                                    max_retries=max_retries, timeout=request_timeout)
+        in_flight = asyncio.Semaphore(max_concurrency)
+        started = last_finished = time.perf_counter()
+
+        async def one(prompt: int, sample: int) -> Completion:
+            async with in_flight:
+                response = await client.chat.completions.create(
+                    messages=prompts[prompt], seed=chunk_seed(seed, prompt * n + sample), **settings)
+            choice, usage = response.choices[0], response.usage
+            return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
+                              prompt_tokens=usage.prompt_tokens if usage else 0,
+                              completion_tokens=usage.completion_tokens if usage else 0)
+
+        async def one_chunk(chunk: int) -> None:
+            nonlocal last_finished
+            rows = range(chunk * size, min(len(prompts), (chunk + 1) * size))
+            samples = await asyncio.gather(*(one(p, k) for p in rows for k in range(n)))
+            per_prompt = [samples[i * n:(i + 1) * n] for i in range(len(rows))]
+            completions[rows.start:rows.stop] = per_prompt
+            now = time.perf_counter()
+            seconds, last_finished = now - last_finished, now
+            if on_chunk is not None:
+                on_chunk(chunk, per_prompt, seconds)
+
+        async with client:
+            # the semaphore hands out slots in request order, so chunks finish (and are saved) about in order
+            await asyncio.gather(*(one_chunk(chunk) for chunk in chunks))
+        return time.perf_counter() - started
+
+    try:
+        generate_seconds = asyncio.run(run_all())
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+        raise UserError(f"sample: the server at {base_url} refused the API key from ${api_key_env} "
+                        f"(HTTP {error.status_code})") from None
+    except openai.NotFoundError as error:
+        raise UserError(f"sample: the server at {base_url} has no model {model!r} or no chat completions "
+                        f"endpoint (HTTP 404: {error.message})") from None
+    except openai.BadRequestError as error:
+        raise UserError(f"sample: the server at {base_url} refused the request (HTTP 400): {error.message}") from None
+    except openai.APIConnectionError as error:  # also a request past request_timeout, after the retries
+        raise UserError(f"sample: could not reach an OpenAI-compatible server at {base_url} after "
+                        f"{max_retries} retries: {error}") from None
+    return Generations(completions, generate_seconds=generate_seconds)

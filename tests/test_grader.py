@@ -8,7 +8,7 @@ import time
 import pytest
 
 from eval.benchmarks import load_benchmark
-from eval.grader import grade, grade_many, last_boxed
+from eval.grader import MAX_NESTING, grade, grade_many, last_boxed, too_costly
 
 
 @pytest.mark.parametrize("completion, gold, label, extracted", [
@@ -97,6 +97,46 @@ def test_pathological_input_ends_in_bounded_time():
     assert all(g.label in ("timeout", "incorrect", "no_answer") for g in graded[1:3])
     assert graded[3].label == "correct"
     assert elapsed < 60, f"grading took {elapsed:.0f} s"
+
+
+@pytest.mark.parametrize("answer", [
+    "10^{10^{10^{10}}}", "9^{9^{9}}", "2^{3^{4^{5}}}", "10^{10^{10}}", "10^{10000000}", "{10}^{10^{7}}",
+    "(10)^{10^{10}}", "x^{10^{10^{10}}}", "1 + 10^{ {10}^{10} }", "9" * 1001, "{" * (MAX_NESTING + 1) + "1" + "}" * 11,
+])
+def test_too_costly_catches_what_sympy_cannot_finish(answer):
+    assert too_costly(answer)
+    started = time.monotonic()
+    assert grade(f"So \\boxed{{{answer}}}.", "5").label == "timeout"  # in-process, no pool: the check alone
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("answer, gold", [
+    ("2^{10}", "1024"), ("10^{3}", "1000"), ("2^{2^{2^{2}}}", "65536"), ("x^{2^{3}}", "x^8"), ("10^{100}", "10^{100}"),
+    ("x^{10^{10}}", "x^{10^{10}}"), ("\\frac{1}{1+\\frac{1}{1+\\frac{1}{2}}}", "\\frac{3}{5}"),
+    ("\\left(3, \\frac{\\pi}{2}\\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+])
+def test_small_powers_and_nesting_are_graded_as_usual(answer, gold):
+    assert not too_costly(answer)
+    assert grade(f"\\boxed{{{answer}}}", gold).label == "correct"
+
+
+def test_no_math500_reference_answer_is_too_costly():
+    _, rows = load_benchmark("math500")
+    for row in rows:
+        assert not too_costly(last_boxed(row["solution"])[len("\\boxed{"):-1]), row["id"]
+
+
+def test_slow_items_time_out_in_the_worker_and_a_stuck_worker_is_replaced_without_stalling():
+    slow = "\\boxed{" + "+".join(["x^{2}"] * 150) + "}"  # passes the pre-check, ~3 s of pure Python parsing
+    stuck = "\\boxed{10^{10^{8}+1}}"  # not a plain tower, so not pre-checked: a huge integer power
+    completions = [slow] * 3 + [stuck] + ["\\boxed{%d}" % i for i in range(20)]
+    started = time.monotonic()
+    graded = grade_many(completions, ["5"] * len(completions), workers=2, timeout_s=1)
+    elapsed = time.monotonic() - started
+    assert [g.label for g in graded[:4]] == ["timeout"] * 4
+    assert [g.correct for g in graded[4:]] == [i == 5 for i in range(20)]
+    # two workers: 4 timeouts of 1 s (+2 s grace if the signal is not seen) and start-up, never a stall
+    assert elapsed < 25, f"grading took {elapsed:.0f} s"
 
 
 def test_grade_many_rejects_mismatched_lengths():

@@ -107,3 +107,20 @@ def test_think_prefix_column_from_the_sample_step_is_used(tmp_path):
     inputs = {"samples": Artifact("samples", "dataset", tmp_path / "samples2")}
     _, graded = run_verify(tmp_path, inputs)
     assert graded["label"] == ["no_answer"]  # thinking never closed and no box
+
+
+def test_regrade_recipe_grades_a_completions_file_without_a_model(tmp_path):
+    """recipes/regrade.yaml: load -> verify on completions from elsewhere; nothing builds or loads a model."""
+    import os
+    import subprocess
+    import sys
+
+    model_cache = tmp_path / "model_cache"
+    model_cache.mkdir()
+    env = {**os.environ, "DISTILL_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "recipes/regrade.yaml", "-o",
+                    f"workdir={tmp_path / 'run'}"], env=env, check=True, capture_output=True)
+    graded = datasets.load_from_disk(str(tmp_path / "run" / "graded" / "data"))
+    assert graded["label"] == ["correct", "incorrect", "correct", "truncated", "correct", "no_answer"]
+    assert graded["pass_rate"] == [0.5] * 6
+    assert not any(model_cache.iterdir())

@@ -1,4 +1,5 @@
-"""`sample`: n completions per problem from a model, with vLLM, into the `samples` contract.
+"""`sample`: n completions per problem from a model, with vLLM or an OpenAI-compatible server, into the
+`samples` contract.
 
 Each problem row comes out n times, contiguous and in input order, with all its columns plus
 `sample_idx`, `prompt` (the chat messages sent), `completion`, `finish_reason`, `prompt_tokens`,
@@ -11,6 +12,13 @@ have no shard, and a sample is never written twice. Determinism: the engine is s
 seed and re-seeded from (seed, chunk index) before each chunk, so a chunk's samples do not depend on
 which chunks ran before it on the same engine: an interrupted-and-resumed run gives the same samples as
 an uninterrupted one (a different `chunk_size` gives different, equally valid, samples).
+
+`backend: openai` sends the same chat messages to any OpenAI-compatible server (`vllm serve`, a hosted API),
+one request per sample with at most `max_concurrency` in flight, and saves the same shards as chunks
+finish; the API key comes from the environment variable named by `api_key_env` and is written nowhere.
+A think prefix cannot be forced through the chat completions API, so that backend refuses `think_prefix`:
+a server whose chat template opens `<think>` itself (R1 distills under `vllm serve`) needs none, and the
+completion then holds the whole reasoning.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import time
 from collections import Counter
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
@@ -37,7 +45,22 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 class Config(StepConfig):
     input: str = Field(description="Name of the step whose problems dataset (id, problem, answer) is sampled.")
-    model: str = Field(description="Model to sample from: builtin:NAME, step:NAME, a local HF dir or a hub id.")
+    model: str = Field(description="Model to sample from: builtin:NAME, step:NAME, a local HF dir or a hub id; "
+                                   "with backend openai, the model name the server serves.")
+    backend: Literal["vllm", "openai"] = Field(
+        default="vllm", description="vllm: offline vLLM in a child process. openai: requests to the "
+                                    "OpenAI-compatible server at base_url (chat completions).")
+    base_url: str | None = Field(
+        default=None, description="backend openai: the server's API root, e.g. http://localhost:8000/v1.")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="backend openai: name of the environment variable holding the API "
+                                              "key (never the key itself); null for a server without one.")
+    max_concurrency: int = Field(default=8, ge=1, description="backend openai: most requests in flight at once.")
+    max_retries: int = Field(
+        default=5, ge=0, description="backend openai: retries of a request after a connection error, timeout, "
+                                     "429 or 5xx, with exponential back-off.")
+    request_timeout: float = Field(default=600.0, gt=0,
+                                   description="backend openai: seconds one request may take before a retry.")
     n: int = Field(default=4, ge=1, description="Completions per problem.")
     temperature: float = Field(default=0.7, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
@@ -77,7 +100,18 @@ class Config(StepConfig):
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
 
     def model_refs(self) -> list[str]:
-        return [self.model]
+        return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
+
+    @model_validator(mode="after")
+    def _openai_settings(self) -> "Config":
+        if self.backend == "openai":
+            if not self.base_url:
+                raise ValueError("backend openai needs base_url (e.g. http://localhost:8000/v1)")
+            if self.think_prefix:
+                raise ValueError("backend openai cannot force think_prefix: the chat completions API has no way to "
+                                 "pre-fill the reply; leave it unset (a server whose chat template opens <think> "
+                                 "needs none) or use backend vllm")
+        return self
 
     @field_validator("prompt_template")
     @classmethod
@@ -100,12 +134,11 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from tqdm.auto import tqdm
 
-    from pipeline.generation import Completion, generate
+    from pipeline.generation import Completion, generate, generate_openai
     from pipeline.models import resolve_model
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
-    model_dir = resolve_model(cfg.model, inputs)
     prompts = [chat_messages(cfg, row) for row in problems]
     ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
     chunk_ids = [ids[start:start + cfg.chunk_size] for start in range(0, len(ids), cfg.chunk_size)]
@@ -125,13 +158,19 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
             shards[chunk] = shard
             progress.update(1)
 
-        generations = generate(
-            model_dir, prompts, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_tokens=cfg.max_tokens, seed=out.seed, stop=cfg.stop, max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype, think_prefix=cfg.think_prefix, tensor_parallel_size=cfg.tensor_parallel_size,
-            data_parallel_size=cfg.data_parallel_size, distributed_executor_backend=cfg.distributed_executor_backend,
-            chunk_size=cfg.chunk_size, skip_chunks=set(shards), on_chunk=save,
-        )
+        sampling = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        max_tokens=cfg.max_tokens, seed=out.seed, stop=cfg.stop, chunk_size=cfg.chunk_size,
+                        skip_chunks=set(shards), on_chunk=save)
+        if cfg.backend == "openai":
+            generations = generate_openai(
+                cfg.base_url, cfg.model, prompts, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+                max_retries=cfg.max_retries, request_timeout=cfg.request_timeout, **sampling)
+        else:
+            generations = generate(
+                resolve_model(cfg.model, inputs), prompts, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+                think_prefix=cfg.think_prefix, tensor_parallel_size=cfg.tensor_parallel_size,
+                data_parallel_size=cfg.data_parallel_size,
+                distributed_executor_backend=cfg.distributed_executor_backend, **sampling)
     seconds = time.perf_counter() - started
 
     per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
@@ -160,6 +199,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         # each prompt once: the engine reads it once for all n samples
         prompt_tokens=sum(p[0]["prompt_tokens"] for p in per_problem if p),
         completion_tokens=completion_tokens,
+        # backend openai sends each prompt n times (one request per sample), and that is what usage bills
+        **({"prompt_tokens_sent": sum(new_columns["prompt_tokens"])} if cfg.backend == "openai" else {}),
         **{f"finish_{reason}": count for reason, count in sorted(finish_reasons.items())},
         tokens_per_s=round(completion_tokens / generate_seconds, 2) if generate_seconds > 0 else 0.0,
         chunks=len(chunk_ids),
