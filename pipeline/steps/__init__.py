@@ -24,6 +24,8 @@ STEP_MODULES = {
     "filter": "filter",
     "sft": "sft",
     "redi": "redi",
+    "opsd": "opsd",
+    "onpolicy": "onpolicy",
     "merge": "merge",
     "evaluate": "evaluate",
 }

@@ -1,0 +1,383 @@
+"""`opsd`: On-Policy Self-Distillation (OPSD, arXiv 2601.18734): one model taught by itself with a privileged context.
+
+The student sees the problem only and samples its own completion (one per prompt). The teacher is the same network
+with privileged text in its prompt (a reference solution or a verified trace). Both score the student's tokens, and
+the loss is the per-token divergence between their next-token distributions, averaged over each completion; the
+teacher forward runs without gradient, so only the student path is trained.
+
+Built on TRL's `trl.experimental.sdft.SDFTTrainer`, which samples the rollouts (HF generate; vLLM colocate or server
+with `use_vllm`, where TRL supports it), composes the teacher prompt from `prompt` + `privileged_context` with
+`teacher_template`, and holds the teacher:
+
+    teacher: frozen   the weights at the start (TRL's `base`). With LoRA it is the same model with the adapter
+                      disabled, so no second copy is held; a full fine-tune loads a frozen copy.
+    teacher: ema      an exponential moving average of the student (`ema_rate` per step)
+    teacher: live     the current student
+
+`beta` picks the divergence: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), in between the
+generalized JSD; over the full vocabulary, the student's top-k tokens, or the sampled token only (`support`).
+`OpsdTrainer` adds what TRL lacks: `divergence_cap` caps each vocabulary entry's term of the full-vocabulary
+divergence (the paper's final setting: forward KL, cap 0.05), and a leak check. Rollouts are never reused
+(one pass per batch), so TRL's importance-sampling correction for stale rollouts is off.
+
+Logged each logging step: `self_distillation/distillation_loss` (the divergence), `completions/mean_length`, and
+`opsd/leak_share`: the share of rollouts that copy `leak_ngram` or more consecutive tokens of their privileged text
+verbatim (the student should learn to reason, not recite the teacher's hint). The manifest gets the first and last
+divergence, the mean completion length and the mean leak share.
+
+Input (`input`), one of:
+- opsd data: `prompt` (chat messages or text) and `privileged_context`, used as they are;
+- graded samples (a `verify` step): per problem, the first correct completion is the privileged context and the
+  prompt it was sampled with is the student's; problems without a correct sample are left out;
+- problems, with `context_template` set (e.g. "{solution}"): the privileged text is rendered from the row's columns
+  and the student prompt from `prompt_template`.
+Rows whose teacher prompt leaves fewer than `max_tokens` tokens of `max_length` are dropped and counted, never cut.
+
+Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full model.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.errors import UserError
+from pipeline.steps import require_columns
+from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from pipeline.steps.sft import (TrainingConfig, launch_distributed, load_tokenizer, peft_config, runs_distributed,
+                                schedule_line, train_and_save, training_arguments)
+
+# The paper's teacher instruction around the reference; the student prompt (with its \boxed{} request) comes first.
+DEFAULT_TEACHER_TEMPLATE = (
+    "{prompt}\n\nHere is a reference solution to this problem:\n{privileged_context}\n\n"
+    "After understanding the reference solution, write your own step-by-step reasoning that reaches the same "
+    "final answer."
+)
+# SDFT's teacher kinds under the names this step uses.
+TEACHER_KINDS = {"frozen": "base", "ema": "ema", "live": "live"}
+SUPPORTS = {"full": "full_logits", "topk": "topk_logits", "sampled_token": "sampled_token"}
+
+
+class Config(TrainingConfig):
+    dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1, "max_tokens": 8}
+
+    input: str = Field(description="Name of the step whose data is trained on: opsd data (prompt, "
+                                   "privileged_context), graded samples (a verify step), or problems with "
+                                   "context_template set.")
+    teacher: Literal["frozen", "ema", "live"] = Field(
+        default="frozen",
+        description="Teacher weights. frozen: the model at the start (with LoRA: the adapter disabled); ema: a moving "
+                    "average of the student; live: the current student.")
+    ema_rate: float = Field(default=0.05, gt=0, le=1, description="teacher: ema: weight of the student in each "
+                                                                   "step's update of the teacher.")
+    beta: float = Field(default=0.0, ge=0.0, le=1.0,
+                        description="Divergence: 0 forward KL(teacher||student), 1 reverse KL(student||teacher), "
+                                    "in between the generalized JSD (paper code: 0.5; final paper: 0).")
+    support: Literal["full", "topk", "sampled_token"] = Field(
+        default="full",
+        description="Tokens the divergence runs over at each position: full vocabulary, the student's top-k "
+                    "(renormalised), or the sampled token only (reverse KL, beta: 1).")
+    topk: int = Field(default=100, ge=1, description="support: topk: how many of the student's top tokens.")
+    divergence_cap: float | None = Field(
+        default=None, gt=0,
+        description="Cap on each vocabulary entry's term of the full-vocabulary divergence (paper: 0.05 with "
+                    "forward KL); null: no cap. Needs support: full.")
+    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per rollout (the completion budget).")
+    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "
+                                                              "computed on logits divided by it too (TRL).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling; 1 keeps all tokens.")
+    top_k: int = Field(default=0, ge=0, description="Rollouts sample from the k most likely tokens; 0 keeps all.")
+    prompt_template: str = Field(
+        default=DEFAULT_PROMPT_TEMPLATE,
+        description="Student prompt (user message) for problems rows: {column} is replaced by that column "
+                    "(at least {problem}); other braces, such as \\boxed{}, are kept.")
+    context_template: str | None = Field(
+        default=None,
+        description="Privileged text from a problems row's columns, e.g. '{solution}'; set it to train on problems "
+                    "with a reference column instead of opsd data or graded samples.")
+    teacher_template: str = Field(
+        default=DEFAULT_TEACHER_TEMPLATE,
+        description="Teacher's user message: {prompt} (the student's user message) and {privileged_context}; "
+                    "write other braces doubled ({{ }}).")
+    leak_ngram: int = Field(default=20, ge=1,
+                            description="Leak check: a rollout that shares this many consecutive tokens with its "
+                                        "privileged text counts as copying it (logged as opsd/leak_share).")
+    use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1,
+                                               description="use_vllm colocate: GPU memory share of the engine.")
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _teacher_template_formats(cls, template: str) -> str:
+        try:
+            template.format(prompt="", privileged_context="")  # TRL fills it with str.format
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"teacher_template takes only {{prompt}} and {{privileged_context}} (double other "
+                             f"braces): {e!r}") from None
+        if "{prompt}" not in template or "{privileged_context}" not in template:
+            raise ValueError("teacher_template must contain {prompt} and {privileged_context}")
+        return template
+
+    @model_validator(mode="after")
+    def _options_fit(self):
+        if self.divergence_cap is not None and self.support != "full":
+            raise ValueError(f"divergence_cap caps full-vocabulary terms; it needs support: full (is {self.support})")
+        if self.support == "sampled_token" and self.beta != 1.0:
+            raise ValueError("support: sampled_token is reverse KL only; set beta: 1")
+        if self.max_tokens >= self.max_length:
+            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
+                             f"({self.max_length})")
+        return self
+
+
+def run(cfg: Config, inputs, out):
+    if runs_distributed(cfg):
+        return launch_distributed(cfg, inputs, out)
+    return out.model_written(**train(cfg, inputs, out))
+
+
+def train(cfg: Config, inputs, out) -> dict:
+    """Train in this process (every process of a distributed launch runs it); returns the manifest stats."""
+    trainer, data_stats = build_trainer(cfg, inputs, out)
+    stats = train_and_save(trainer, cfg, out, model_card(cfg, out.name), **data_stats)
+    return {**stats, **logged_stats(trainer.state.log_history)}
+
+
+def build_trainer(cfg: Config, inputs, out):
+    """An OpsdTrainer over the opsd rows, and the data stats (rows, dropped rows)."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl.experimental.sdft import SDFTConfig
+
+    from pipeline.models import resolve_model
+
+    set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
+    model_path = resolve_model(cfg.model, inputs)
+    if (Path(model_path) / "adapter_config.json").exists():
+        raise UserError(f"opsd: model {cfg.model!r} is a LoRA adapter; merge it first (a merge step) and give the "
+                        "merged model, so the frozen teacher is well defined")
+    tokenizer = load_tokenizer(cfg, model_path)
+    rows, data_stats = opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    args = SDFTConfig(
+        # Rollout batches are lists, which the Trainer cannot count tokens of; OpsdTrainer counts them.
+        **{**training_arguments(cfg, out), "include_num_input_tokens_seen": "no"},
+        max_prompt_length=cfg.max_length - cfg.max_tokens,
+        max_completion_length=cfg.max_tokens,
+        num_generations=1,  # OPSD: one rollout per prompt
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        teacher_model_kind=TEACHER_KINDS[cfg.teacher],
+        teacher_update_rate=cfg.ema_rate,
+        distillation_mode=SUPPORTS[cfg.support],
+        distillation_alpha=cfg.beta,
+        distillation_topk=cfg.topk,
+        distillation_is_clip=None,  # rollouts are trained on once, by the policy that sampled them
+        teacher_prompt_template=cfg.teacher_template,
+        use_vllm=cfg.use_vllm,
+        vllm_mode=cfg.vllm_mode,
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        vllm_max_model_length=cfg.max_length,
+    )
+    trainer = opsd_trainer()(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                             peft_config=peft_config(cfg.lora), divergence_cap=cfg.divergence_cap,
+                             leak_ngram=cfg.leak_ngram)
+    # The teacher prompt is the longest; TRL would cut it from the left (losing the problem), so drop instead.
+    trainer.train_dataset = drop_overlong_teacher_prompts(trainer, rows, cfg)
+    data_stats["dropped_truncated"] = len(rows) - len(trainer.train_dataset)
+    data_stats["rows"] = len(trainer.train_dataset)
+    return trainer, data_stats
+
+
+def opsd_dataset(dataset, cfg: Config, dataset_name: str):
+    """(`prompt` chat messages, `privileged_context`) rows from any of the three accepted inputs, and data stats."""
+    columns = dataset.column_names
+    if cfg.context_template is not None:
+        require_columns(dataset, ["problem"], step="opsd", source=dataset_name, reads="problems with context_template")
+
+        def from_problem(row):
+            return {"prompt": [{"role": "user", "content": render_prompt(cfg.prompt_template, row)}],
+                    "privileged_context": render_prompt(cfg.context_template, row)}
+
+        rows = dataset.map(from_problem, remove_columns=columns, keep_in_memory=True)
+        stats = {"context_from": "template"}
+    elif "privileged_context" in columns:
+        require_columns(dataset, ["prompt"], step="opsd", source=dataset_name, reads="opsd data")
+        rows = dataset.select_columns(["prompt", "privileged_context"]).map(
+            lambda row: {"prompt": row["prompt"] if isinstance(row["prompt"], list)
+                         else [{"role": "user", "content": row["prompt"]}]}, keep_in_memory=True)
+        stats = {"context_from": "column"}
+    elif "correct" in columns:
+        require_columns(dataset, ["id", "prompt", "completion", "sample_idx"], step="opsd", source=dataset_name,
+                        reads="graded samples such as a verify step writes")
+        rows, stats = first_verified_traces(dataset)
+    else:
+        raise UserError(f"opsd: dataset of step {dataset_name!r} has no privileged text: give opsd data (prompt, "
+                        "privileged_context), graded samples (a verify step), or set context_template (e.g. "
+                        f"'{{solution}}') to render it from problem columns (it has {', '.join(columns)})")
+    empty = [i for i, text in enumerate(rows["privileged_context"]) if not str(text or "").strip()]
+    if empty:
+        raise UserError(f"opsd: row {empty[0]} of dataset {dataset_name!r} has an empty privileged_context "
+                        f"({len(empty)} such rows)")
+    if len(rows) == 0:
+        raise UserError(f"opsd: dataset of step {dataset_name!r} gives no rows to train on")
+    return rows, stats
+
+
+def first_verified_traces(graded):
+    """Per problem, its lowest-sample_idx correct completion as the privileged context of the prompt it answered."""
+    from datasets import Dataset
+
+    columns = graded.select_columns(["id", "prompt", "completion", "correct", "sample_idx"]).to_dict()
+    chosen: dict[str, int] = {}
+    for i, (problem_id, correct) in enumerate(zip(columns["id"], columns["correct"])):
+        if correct and (problem_id not in chosen or columns["sample_idx"][i] < columns["sample_idx"][chosen[problem_id]]):
+            chosen[problem_id] = i
+    problems = len(set(columns["id"]))
+    rows = Dataset.from_dict({
+        "prompt": [columns["prompt"][i] for i in chosen.values()],
+        "privileged_context": [columns["completion"][i] for i in chosen.values()],
+    })
+    return rows, {"context_from": "verified", "problems_without_context": problems - len(chosen)}
+
+
+def drop_overlong_teacher_prompts(trainer, rows, cfg: Config):
+    limit = cfg.max_length - cfg.max_tokens
+    builder, tokenizer = trainer.teacher_context_builder, trainer.processing_class
+
+    def fits(row) -> bool:
+        teacher_prompt = builder.select_generation_prompts([row["prompt"]], [row["privileged_context"]])[0]
+        return len(tokenizer.apply_chat_template(teacher_prompt, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]) <= limit
+
+    kept = rows.filter(fits, keep_in_memory=True, desc="opsd: dropping rows over max_length")
+    if len(kept) == 0:
+        raise UserError(f"opsd: every teacher prompt of dataset {cfg.input!r} is longer than max_length - max_tokens "
+                        f"= {limit} tokens; raise max_length")
+    return kept
+
+
+def copies_ngram(completion: list[int], context: list[int], n: int) -> bool:
+    """Whether `completion` contains n consecutive tokens that also occur consecutively in `context`."""
+    if len(completion) < n or len(context) < n:
+        return False
+    context_grams = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
+    return any(tuple(completion[i:i + n]) in context_grams for i in range(len(completion) - n + 1))
+
+
+def per_token_divergence(student_logits, teacher_logits, beta: float, cap: float | None = None):
+    """Per position, the generalized JSD over the vocabulary, each entry's term capped at `cap` (if set).
+
+    beta 0: KL(teacher || student); beta 1: KL(student || teacher); in between: beta * KL(T || M) +
+    (1 - beta) * KL(S || M) with M = beta * T + (1 - beta) * S. Each KL(P || Q) is summed from the entries
+    p * (log p - log q) - p + q: the same total (both sum to 1), but every entry is >= 0, so a cap only bounds an
+    entry's pull; capping the plain p * log(p / q), which can be negative, would make the sum unbounded below.
+    Uncapped it equals TRL's `compute_divergence`.
+    """
+    import torch
+
+    def kl_terms(log_p, log_q):
+        p, q = log_p.exp(), log_q.exp()
+        return p * (log_p - log_q) - p + q
+
+    student = torch.log_softmax(student_logits, dim=-1)
+    teacher = torch.log_softmax(teacher_logits, dim=-1)
+    if beta == 0.0:
+        terms = kl_terms(teacher, student)
+    elif beta == 1.0:
+        terms = kl_terms(student, teacher)
+    else:
+        mixture = torch.logsumexp(torch.stack([student + torch.log1p(torch.tensor(-beta)),
+                                               teacher + torch.log(torch.tensor(beta))]), dim=0)
+        terms = beta * kl_terms(teacher, mixture) + (1 - beta) * kl_terms(student, mixture)
+    if cap is not None:
+        terms = terms.clamp(max=cap)
+    return terms.sum(-1)
+
+
+@functools.cache
+def opsd_trainer():
+    """The SDFTTrainer subclass below; built on first use, so importing this module never imports TRL."""
+    import torch
+    from trl.experimental.sdft import SDFTTrainer
+
+    class OpsdTrainer(SDFTTrainer):
+        """SDFTTrainer with a per-entry divergence cap, the leak-check metric, a count of trained tokens, and a saved
+        model without the EMA teacher's adapter."""
+
+        _tag_names = ["trl", "sdft", "opsd", "distillery"]
+
+        def __init__(self, *args, divergence_cap: float | None, leak_ngram: int, **kwargs):
+            self.divergence_cap = divergence_cap
+            self.leak_ngram = leak_ngram
+            super().__init__(*args, **kwargs)
+
+        def _prepare_training_batch(self, inputs):
+            batch = super()._prepare_training_batch(inputs)
+            contexts = self._tokenizer([str(example["privileged_context"]) for example in inputs],
+                                       add_special_tokens=False)["input_ids"]
+            leaks = torch.tensor(
+                [float(copies_ngram(completion, context, self.leak_ngram))
+                 for completion, context in zip(self._get_completion_ids_list(batch), contexts, strict=True)],
+                device=self.accelerator.device)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["opsd/leak_share"].append(self.accelerator.gather(leaks).mean().item())
+            if mode == "train":  # the student's tokens (prompt + rollout), as DistillationTrainer counts them
+                tokens = batch["prompt_mask"].sum() + batch["completion_mask"].sum()
+                self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return batch
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # TRL keeps an EMA teacher as a second LoRA adapter: training state for checkpoints, not the final model.
+            model = self.accelerator.unwrap_model(self.model)
+            if not _internal_call and "teacher" in getattr(model, "peft_config", {}):
+                model.delete_adapter("teacher")
+            super().save_model(output_dir, _internal_call)
+
+        def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
+            if self.divergence_cap is None:
+                return super()._compute_self_distillation_loss(model, inputs, distillation_logits)
+            mask = distillation_logits.loss_mask
+            per_token = per_token_divergence(distillation_logits.student_logits, distillation_logits.teacher_logits,
+                                             self.args.distillation_alpha, self.divergence_cap)
+            # As TRL: mean over each completion's tokens, then over completions; the log is the token mean.
+            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            token_mean = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+            mode = "train" if model.training else "eval"
+            self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
+            return loss
+
+    return OpsdTrainer
+
+
+def logged_stats(log_history: list[dict]) -> dict:
+    """Manifest stats from the training log: first and last divergence, mean completion length and leak share."""
+    def logged(key):
+        return [entry[key] for entry in log_history if entry.get(key) is not None]
+
+    def mean(values):
+        return round(sum(values) / len(values), 4) if values else None
+
+    divergence = logged("self_distillation/distillation_loss")
+    return dict(divergence_first=divergence[0] if divergence else None,
+                divergence_last=divergence[-1] if divergence else None,
+                completion_length_mean=mean(logged("completions/mean_length")),
+                leak_share=mean(logged("opsd/leak_share")))
+
+
+def model_card(cfg: Config, step_name: str) -> str:
+    kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
+    return (
+        f"# {step_name}\n\n{kind} trained by on-policy self-distillation (OPSD) in the distillery `opsd` step "
+        f"`{step_name}`.\n\n- base model: `{cfg.model}`\n- training data: step `{cfg.input}`\n"
+        f"- teacher: {cfg.teacher}, beta {cfg.beta}, support {cfg.support}, cap {cfg.divergence_cap}\n"
+        f"- rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}\n"
+        + schedule_line(cfg, batch_unit=" prompts")
+    )
