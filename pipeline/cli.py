@@ -80,9 +80,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipeline.bench import bench_train
+    from pipeline.bench import run_benchmarks
 
-    bench_train(args.model, args.steps, args.rows, args.batch_size, args.out, console)
+    run_benchmarks(args.targets, args, console)
     return 0
 
 
@@ -117,14 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="file to write (default: <step><extension> in the current directory)")
     export.set_defaults(func=cmd_export)
 
-    bench = commands.add_parser("bench", help="measure training cost side by side (target: train)")
-    bench.add_argument("target", choices=["train"],
-                       help="train: REDI vs DPO-with-reference peak memory; SFT tokens/s padded vs packed/padding-free")
-    bench.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model reference to train")
-    bench.add_argument("--steps", type=int, default=4, help="optimizer steps per case")
-    bench.add_argument("--rows", type=int, default=32, help="length-skewed rows (pairs / conversations)")
-    bench.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    bench.add_argument("--out", help="also write the results as JSON to this file")
+    bench = commands.add_parser("bench", help="measure sampling, grading, training and caching side by side")
+    from pipeline.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     env = commands.add_parser("env", help="print library versions and device")

@@ -4,7 +4,7 @@ Each `generate` call runs its vLLM engine in a fresh spawned process and returns
 objects. vLLM starts engine processes of its own and does not reliably give back memory when an
 `LLM` is deleted, so a child process that exits is the one teardown that always works: an evaluate
 step can generate with three models in a row without their weights or KV caches piling up.
-Inside that process vLLM runs with the defaults in `_engine_env_defaults` (in-process engine core,
+Inside that process vLLM runs with the defaults in `engine_env_defaults` (in-process engine core,
 2 GiB CPU KV cache, all cores, quiet logs); setting any of those variables yourself overrides it.
 """
 
@@ -181,7 +181,7 @@ def _generate_in_this_process(
     think_prefix, tensor_parallel_size, data_parallel_size, distributed_executor_backend, chunks, chunk_size, reseed,
 ) -> None:
     """The body of `generate`, run inside the spawned child process."""
-    for name, value in _engine_env_defaults().items():
+    for name, value in engine_env_defaults().items():
         os.environ.setdefault(name, value)
     # vLLM's import trips torch deprecation warnings that say nothing to a pipeline user.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -232,7 +232,7 @@ def _completions(output) -> list[Completion]:
     ]
 
 
-def _engine_env_defaults() -> dict[str, str]:
+def engine_env_defaults() -> dict[str, str]:
     """Environment for the engine process; a variable the user has set wins."""
     return {
         # Run vLLM's engine core inside this (already dedicated) process instead of yet another one:
@@ -245,7 +245,7 @@ def _engine_env_defaults() -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": "2",
         # vLLM drops to one torch thread unless OMP_NUM_THREADS is set; with the engine in this
         # process nothing else competes for the cores (SmolLM2 on 2 cores: 145 -> 213 tokens/s).
-        "OMP_NUM_THREADS": str(_usable_cores()),
+        "OMP_NUM_THREADS": str(usable_cores()),
         # vLLM logs each engine detail, and a dtype warning per weight; errors still surface as exceptions.
         "VLLM_LOGGING_LEVEL": "ERROR",
     }
@@ -257,7 +257,7 @@ def _render(tokenizer, messages: list[dict], think_prefix: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
