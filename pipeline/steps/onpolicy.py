@@ -18,22 +18,19 @@ Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full m
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.errors import UserError
-from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.steps.sft import (TrainingConfig, launch_distributed, load_tokenizer, peft_config, runs_distributed,
-                                schedule_line, train_and_save, training_arguments)
+from pipeline.steps.opsd import RolloutConfig
+from pipeline.steps.sample import render_prompt
+from pipeline.steps.sft import (launch_distributed, load_tokenizer, peft_config, runs_distributed, schedule_line,
+                                train_and_save, training_arguments)
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
 
 
-class Config(TrainingConfig):
-    dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1, "max_tokens": 8}
-
+class Config(RolloutConfig):
     input: str = Field(description="Name of the step whose prompts are trained on: rows with `prompt` (chat "
                                    "messages or text) or problems (`problem`).")
     teacher: str = Field(description="Teacher model (builtin:NAME, step:NAME, a local dir or a hub id); it must have "
@@ -41,27 +38,6 @@ class Config(TrainingConfig):
     beta: float = Field(default=1.0, ge=0.0, le=1.0,
                         description="Divergence: 0 forward KL(teacher||student), 1 reverse KL(student||teacher), "
                                     "in between the generalized JSD (0.5: JSD).")
-    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per student rollout.")
-    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "
-                                                              "computed on logits divided by it too (TRL).")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling; 1 keeps all tokens.")
-    top_k: int = Field(default=0, ge=0, description="Rollouts sample from the k most likely tokens; 0 keeps all.")
-    prompt_template: str = Field(
-        default=DEFAULT_PROMPT_TEMPLATE,
-        description="User message for problems rows: {column} is replaced by that column (at least {problem}); "
-                    "other braces, such as \\boxed{}, are kept.")
-    use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
-    vllm_mode: Literal["colocate", "server"] = Field(
-        default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
-    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1,
-                                               description="use_vllm colocate: GPU memory share of the engine.")
-
-    @model_validator(mode="after")
-    def _budget_fits(self):
-        if self.max_tokens >= self.max_length:
-            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
-                             f"({self.max_length})")
-        return self
 
     def model_refs(self) -> list[str]:
         return [self.model, self.teacher]

@@ -61,9 +61,35 @@ TEACHER_KINDS = {"frozen": "base", "ema": "ema", "live": "live"}
 SUPPORTS = {"full": "full_logits", "topk": "topk_logits", "sampled_token": "sampled_token"}
 
 
-class Config(TrainingConfig):
+class RolloutConfig(TrainingConfig):
+    """Settings of the on-policy steps (opsd, onpolicy): the student's rollouts and where they are sampled."""
+
     dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1, "max_tokens": 8}
 
+    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per rollout (the completion budget).")
+    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "
+                                                              "computed on logits divided by it too (TRL).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling; 1 keeps all tokens.")
+    top_k: int = Field(default=0, ge=0, description="Rollouts sample from the k most likely tokens; 0 keeps all.")
+    prompt_template: str = Field(
+        default=DEFAULT_PROMPT_TEMPLATE,
+        description="Student prompt (user message) for problems rows: {column} is replaced by that column "
+                    "(at least {problem}); other braces, such as \\boxed{}, are kept.")
+    use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1,
+                                               description="use_vllm colocate: GPU memory share of the engine.")
+
+    @model_validator(mode="after")
+    def _budget_fits(self):
+        if self.max_tokens >= self.max_length:
+            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
+                             f"({self.max_length})")
+        return self
+
+
+class Config(RolloutConfig):
     input: str = Field(description="Name of the step whose data is trained on: opsd data (prompt, "
                                    "privileged_context), graded samples (a verify step), or problems with "
                                    "context_template set.")
@@ -85,15 +111,6 @@ class Config(TrainingConfig):
         default=None, gt=0,
         description="Cap on each vocabulary entry's term of the full-vocabulary divergence (paper: 0.05 with "
                     "forward KL); null: no cap. Needs support: full.")
-    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per rollout (the completion budget).")
-    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "
-                                                              "computed on logits divided by it too (TRL).")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling; 1 keeps all tokens.")
-    top_k: int = Field(default=0, ge=0, description="Rollouts sample from the k most likely tokens; 0 keeps all.")
-    prompt_template: str = Field(
-        default=DEFAULT_PROMPT_TEMPLATE,
-        description="Student prompt (user message) for problems rows: {column} is replaced by that column "
-                    "(at least {problem}); other braces, such as \\boxed{}, are kept.")
     context_template: str | None = Field(
         default=None,
         description="Privileged text from a problems row's columns, e.g. '{solution}'; set it to train on problems "
@@ -105,12 +122,6 @@ class Config(TrainingConfig):
     leak_ngram: int = Field(default=20, ge=1,
                             description="Leak check: a rollout that shares this many consecutive tokens with its "
                                         "privileged text counts as copying it (logged as opsd/leak_share).")
-    use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
-    vllm_mode: Literal["colocate", "server"] = Field(
-        default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
-    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1,
-                                               description="use_vllm colocate: GPU memory share of the engine.")
-
     @field_validator("teacher_template")
     @classmethod
     def _teacher_template_formats(cls, template: str) -> str:
@@ -129,9 +140,6 @@ class Config(TrainingConfig):
             raise ValueError(f"divergence_cap caps full-vocabulary terms; it needs support: full (is {self.support})")
         if self.support == "sampled_token" and self.beta != 1.0:
             raise ValueError("support: sampled_token is reverse KL only; set beta: 1")
-        if self.max_tokens >= self.max_length:
-            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
-                             f"({self.max_length})")
         return self
 
 
