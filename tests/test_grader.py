@@ -127,15 +127,17 @@ def test_no_math500_reference_answer_is_too_costly():
 
 
 def test_slow_items_time_out_in_the_worker_and_a_stuck_worker_is_replaced_without_stalling():
-    slow = "\\boxed{" + "+".join(["x^{2}"] * 150) + "}"  # passes the pre-check, ~3 s of pure Python parsing
+    # pass the pre-check, ~0.8-2 s each of pure Python parsing (distinct, so no cache makes a repeat fast);
+    # the timeout is well below that and far above the ~10 ms a plain answer takes
+    slow = ["\\boxed{" + "+".join([f"{v}^{{2}}"] * 150) + "}" for v in "xyz"]
     stuck = "\\boxed{10^{10^{8}+1}}"  # not a plain tower, so not pre-checked: a huge integer power
-    completions = [slow] * 3 + [stuck] + ["\\boxed{%d}" % i for i in range(20)]
+    completions = slow + [stuck] + ["\\boxed{%d}" % i for i in range(20)]
     started = time.monotonic()
-    graded = grade_many(completions, ["5"] * len(completions), workers=2, timeout_s=1)
+    graded = grade_many(completions, ["5"] * len(completions), workers=2, timeout_s=0.25)
     elapsed = time.monotonic() - started
     assert [g.label for g in graded[:4]] == ["timeout"] * 4
     assert [g.correct for g in graded[4:]] == [i == 5 for i in range(20)]
-    # two workers: 4 timeouts of 1 s (+2 s grace if the signal is not seen) and start-up, never a stall
+    # two workers: 4 timeouts of 0.25 s (+2 s grace if the signal is not seen) and start-up, never a stall
     assert elapsed < 25, f"grading took {elapsed:.0f} s"
 
 
