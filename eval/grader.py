@@ -22,7 +22,7 @@ are turned off and `grade_many` enforces the limit itself, in three layers:
 - Each item runs in a worker process (its main thread) under a SIGALRM timer of `timeout_s`, which stops pure
   Python work (the LaTeX parser, most of sympy) and labels the item `timeout`; the worker goes on to the next.
 - Work stuck in C (a big-integer operation) does not see the signal: the parent kills that worker
-  KILL_GRACE_S later and starts a new one (~1-2 s of start-up, which the pool does not wait for).
+  KILL_GRACE_S later and forks a new one from the warm grading server (eval.grading_server), ready in milliseconds.
 
 Labels drift between math-verify versions (this was written against math-verify 0.9.0); pin it with
 latex2sympy2_extended and antlr4-python3-runtime.
@@ -51,6 +51,8 @@ _NUMBER = re.compile(r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _LATEX_MATH = re.compile(r"\$|\\\(|\\\[")
 _WORKER_START_TIMEOUT_S = 120.0
 KILL_GRACE_S = 2.0  # past its timeout, how long a worker may take to notice SIGALRM before it is killed
+MAX_BATCH = 128  # items per message to a worker
+COLLECT_S = 0.005  # while every worker has plenty queued, how long the parent sleeps between reading results
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is runaway output or garbage
 MAX_NESTING = 10  # bracket depth; MATH-500 reference answers reach 3
 MAX_POWER_DIGITS = 100_000  # 10^{100000} grades in well under a second; 10^{10^{7}} takes minutes
@@ -261,55 +263,87 @@ def grade_many(completions: Sequence[str | None], golds: Sequence[str | None], *
 def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], *, workers: int, timeout_s: float,
                 finish_reasons: Sequence[str | None] | None = None, gold_is_latex: bool | None = None,
                 skip: set[int] | frozenset[int] = frozenset()) -> Iterator[tuple[int, Grade]]:
-    """Yield (index, Grade) as items finish, in no fixed order; indices in `skip` are not graded."""
+    """Yield (index, Grade) as items finish, in no fixed order; indices in `skip` are not graded.
+
+    Items go to workers in batches of consecutive items, grouped by gold: a worker parses each gold once (its
+    cache) instead of every worker parsing every gold. A worker's next batch is queued before it finishes the
+    current one, so it never waits for the parent, and the parent reads results every COLLECT_S rather than once
+    per item, so it takes little of the workers' CPU. Batches shrink towards the end: no worker is left with a
+    long tail.
+    """
     if len(golds) != len(completions) or (finish_reasons is not None and len(finish_reasons) != len(completions)):
         raise ValueError("completions, golds and finish_reasons must have the same length")
     if workers < 1 or timeout_s <= 0:
         raise ValueError(f"need workers >= 1 and timeout_s > 0, got {workers} and {timeout_s}")
-    pending = deque(i for i in range(len(completions)) if i not in skip)
-    if not pending:
+    todo = [i for i in range(len(completions)) if i not in skip]
+    if not todo:
         return
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/vLLM threads exist
+    gold_order: dict = {}
+    for i in todo:
+        gold_order.setdefault(golds[i], len(gold_order))
+    pending = deque(sorted(todo, key=lambda i: gold_order[golds[i]]))  # stable: each gold's items keep their order
+
+    def item(i: int) -> tuple:
+        return i, (completions[i], golds[i], gold_is_latex, finish_reasons[i] if finish_reasons is not None else None)
+
+    context = _pool_context()
     # workers start side by side and take items once ready; a replacement starts while the others keep grading
     pool = [_Worker(context) for _ in range(min(workers, len(pending)))]
     try:
-        while pending or any(w.index is not None for w in pool):
+        while pending or any(w.batch for w in pool):
             for worker in pool:
-                if worker.ready and worker.index is None and pending:
-                    i = pending.popleft()
-                    reason = finish_reasons[i] if finish_reasons is not None else None
-                    worker.submit(i, (completions[i], golds[i], gold_is_latex, reason), timeout_s)
-            waiting = [w for w in pool if not w.ready or w.index is not None]
+                # the next batch waits in the pipe before the current one is done: a worker never waits for us
+                if worker.ready and len(worker.batch) <= MAX_BATCH // 2 and pending:
+                    size = max(1, min(MAX_BATCH, len(pending) // (2 * len(pool))))
+                    worker.submit([item(pending.popleft()) for _ in range(size)], timeout_s)
+            if all(len(w.batch) > MAX_BATCH // 2 for w in pool):
+                time.sleep(COLLECT_S)  # let results gather: one wake-up per several items, not one per item
+            waiting = [w for w in pool if not w.ready or w.batch]
             next_deadline = min(w.deadline for w in waiting)
             ready = wait([w.conn for w in waiting], timeout=max(0.0, next_deadline - time.monotonic()))
             for k, worker in enumerate(pool):
                 if worker not in waiting:
                     continue
-                index = worker.index
                 if worker.conn in ready:
                     try:
-                        result = worker.receive()
+                        while True:
+                            graded = worker.receive()
+                            if graded is not None:
+                                yield graded
+                            if not worker.batch or not worker.conn.poll():
+                                break
                     except EOFError:  # the worker died (killed, out of memory): its item could not be graded
                         pass
                     else:
-                        if result is not None:
-                            yield index, result
                         continue
                 elif time.monotonic() < worker.deadline:
                     continue
-                if index is None:
+                if not worker.batch:
                     raise RuntimeError(f"a grading worker exited during start-up or did not start within "
                                        f"{_WORKER_START_TIMEOUT_S:.0f} s")
-                worker.kill()  # stuck where SIGALRM does not reach (C code): its item is a timeout
+                worker.kill()  # stuck where SIGALRM does not reach (C code): its current item is a timeout
                 pool[k] = _Worker(context)
-                yield index, TIMEOUT
+                stuck = worker.batch.popleft()
+                pending.extendleft(reversed(worker.batch))  # the rest of its items go to the next free worker
+                yield stuck, TIMEOUT
     finally:
         for worker in pool:
             worker.kill()
 
 
+def _pool_context():
+    # Workers (and replacements for killed ones) fork from a server process that imported math-verify and warmed
+    # it up once (eval.grading_server), so one starts warm in milliseconds instead of each paying ~1 s; the server
+    # is a fresh process, safe where a plain fork of this one (torch/vLLM threads) is not. If other code started
+    # the server first, without this preload, each worker imports and warms up on its own.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "eval.grading_server"])
+    return context
+
+
 class _Worker:
-    """One grading process with a pipe; it holds at most one item at a time."""
+    """One grading process with a pipe; it holds up to two batches (one being graded, one queued) and answers
+    item by item, in order."""
 
     def __init__(self, context):
         self.conn, child_conn = context.Pipe()
@@ -317,23 +351,28 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.ready = False  # until it says so: the first item must not pay for start-up (imports, sympy warm-up)
-        self.index: int | None = None
+        self.batch: deque[int] = deque()  # indices sent and not yet answered, in the order it grades them
         self.deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
+        self.timeout_s = 0.0
 
-    def submit(self, index: int, item: tuple, timeout_s: float) -> None:
-        self.index, self.deadline = index, time.monotonic() + timeout_s + KILL_GRACE_S
-        self.conn.send((item, timeout_s))
+    def submit(self, items: list[tuple[int, tuple]], timeout_s: float) -> None:
+        if not self.batch:  # otherwise the clock of the item it is grading runs on
+            self.deadline = time.monotonic() + timeout_s + KILL_GRACE_S
+        self.batch.extend(i for i, _ in items)
+        self.timeout_s = timeout_s
+        self.conn.send((items, timeout_s))
 
-    def receive(self) -> Grade | None:
-        """The graded item's Grade, or None for the start-up message."""
+    def receive(self) -> tuple[int, Grade] | None:
+        """(index, Grade) of the next item of its batch, or None for the start-up message."""
         message = self.conn.recv()
         if message == "ready":
             self.ready = True
             return None
-        self.index = None
+        index = self.batch.popleft()
+        self.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S  # the clock restarts for the next item
         if isinstance(message, BaseException):
             raise message
-        return Grade(*message)
+        return index, Grade(*message)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -350,21 +389,22 @@ def _worker_loop(conn) -> None:
     conn.send("ready")
     while True:
         try:
-            (completion, gold, gold_is_latex, finish_reason), timeout_s = conn.recv()
+            items, timeout_s = conn.recv()
         except EOFError:
             return
-        try:
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        for _, (completion, gold, gold_is_latex, finish_reason) in items:
             try:
-                result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _OverTime:  # the timer fired after grade returned, before it was stopped
-            result = TIMEOUT
-        except Exception as error:  # hand it to the parent, which knows which row it was
-            conn.send(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
-            continue
-        conn.send((result.label, result.correct, result.extracted))
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                try:
+                    result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _OverTime:  # the timer fired after grade returned, before it was stopped
+                result = TIMEOUT
+            except Exception as error:  # hand it to the parent, which knows which row it was
+                conn.send(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
+                continue
+            conn.send((result.label, result.correct, result.extracted))
 
 
 def _over_time(signum, frame) -> None:

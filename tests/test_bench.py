@@ -5,7 +5,7 @@ import statistics
 
 from pipeline.bench import HEADLINES
 from pipeline.bench.train import PROMPT_ROOM, skewed_rows
-from pipeline.bench.verify import mixed_items
+from pipeline.bench.verify import teacher_like_samples
 from pipeline.cli import main
 
 TINY_RECIPE = """\
@@ -21,7 +21,7 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     out = tmp_path / "bench.json"
-    assert main(["bench", "verify", "cache", "decode", "--samples", "120", "--recipe", str(recipe),
+    assert main(["bench", "verify", "cache", "decode", "--samples", "120", "--rounds", "2", "--recipe", str(recipe),
                  "--matmul-size", "128", "--prompts", "4", "--n", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
 
@@ -34,35 +34,36 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
     assert set(results["met"]) == {"verify_speedup", "verify_pathological_slowdown", "cached_rerun_s"}
 
     verify = results["verify"]
-    assert [(c["set"], c["workers"]) for c in verify["cases"]] == [
-        ("clean", 1), ("clean", 2), ("pathological", 1), ("pathological", 2)]
-    clean_1, clean_2, pathological_1, pathological_2 = verify["cases"]
-    assert all(sum(c["labels"].values()) == 120 for c in verify["cases"])
-    # about half the clean items are a solution with its own gold; the grader must find them, with 1 worker as with 2
-    assert 0.35 * 120 <= clean_1["labels"]["correct"] == clean_2["labels"]["correct"] <= 0.6 * 120
-    assert "timeout" not in clean_2["labels"]
+    labels = verify["labels"]
+    assert set(labels) == {"clean_1", "clean_2", "pathological_1", "pathological_2"}
+    assert all(sum(counts.values()) == 120 for counts in labels.values())
+    # 30 problems x (solution, wrong final answer, cut at the token limit, no answer); 1 worker grades as 2 do
+    assert labels["clean_1"] == labels["clean_2"] and "timeout" not in labels["clean_2"]
+    assert 30 <= labels["clean_2"]["correct"] <= 36 and labels["clean_2"]["no_answer"] >= 30
+    assert labels["clean_2"]["incorrect"] >= 28 and labels["clean_2"]["truncated"] >= 24
     # 6 of the 120 replaced: power towers are cut off (timeout), the rest graded as before
-    assert verify["pathological"] == 6 and pathological_2["labels"]["timeout"] >= 3
-    assert clean_2["labels"]["correct"] - 6 <= pathological_1["labels"]["correct"] == pathological_2["labels"][
-        "correct"] <= clean_2["labels"]["correct"]
-    assert results["verify_speedup"] == round(clean_2["samples_per_s"] / clean_1["samples_per_s"], 3)
+    assert verify["pathological"] == 6 and labels["pathological_2"]["timeout"] >= 3
+    assert labels["pathological_1"] == labels["pathological_2"]
+    assert len(verify["rounds"]) == 2 and verify["ceiling"] > 0
+    assert results["verify_speedup"] == round(statistics.median(r["speedup"] for r in verify["rounds"]), 3) > 0
     assert results["verify_pathological_slowdown"] == round(
-        verify["pathological_2_workers_s"] / verify["clean_2_workers_s"], 3) > 0
-    assert verify["pathological_2_workers_s"] == pathological_2["seconds"]
-
-    assert 0 < results["cached_rerun_s"] == results["cache"]["rerun_s"] < results["cache"]["first_run_s"]
-
+        statistics.median(r["pathological_slowdown"] for r in verify["rounds"]), 3) > 0
     decode = results["decode"]
     assert 100e6 < decode["params"] < 200e6 and decode["hidden"] == 576 and decode["batch"] == 8
     assert decode["matmul_gflops_peak"] >= decode["matmul_gflops_decode_shape"] > 0 and decode["copy_gbps"] > 0
     assert abs(decode["compute_bound_tokens_per_s"] - decode["matmul_gflops_peak"] * 1e9 / (2 * decode["params"])) < 1
 
 
-def test_pathological_set_is_the_clean_set_with_5_percent_replaced():
-    (clean, golds), (mixed, same_golds) = mixed_items(400)
-    assert golds == same_golds and len(clean) == len(mixed) == 400
-    assert sum(a != b for a, b in zip(clean, mixed)) == 20
-    assert any("\\boxed" in c for c in clean) and any("So the answer is" in c for c in clean)
+def test_verify_samples_are_teacher_like_and_the_pathological_set_replaces_5_percent():
+    clean, mixed = teacher_like_samples(400)
+    assert mixed["golds"] == clean["golds"] and len(clean["completions"]) == len(mixed["completions"]) == 400
+    assert sum(a != b for a, b in zip(clean["completions"], mixed["completions"])) == 20
+    # four samples per problem, consecutive, sharing a gold; no completion graded twice
+    assert all(len(set(clean["golds"][i:i + 4])) == 1 for i in range(0, 400, 4))
+    assert len(set(clean["completions"][0::4])) == 100
+    assert clean["finish_reasons"][:4] == ["stop", "stop", "length", "stop"]
+    assert any("\\boxed" in c for c in clean["completions"])
+    assert any("So the answer is" in c for c in clean["completions"])
 
 
 def test_training_rows_have_long_tailed_lengths():

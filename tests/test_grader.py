@@ -3,6 +3,8 @@ gold against its own reference solution. (eval.metrics is tested in test_metrics
 
 import random
 import string
+import subprocess
+import sys
 import time
 
 import pytest
@@ -139,6 +141,28 @@ def test_slow_items_time_out_in_the_worker_and_a_stuck_worker_is_replaced_withou
     assert [g.correct for g in graded[4:]] == [i == 5 for i in range(20)]
     # two workers: 4 timeouts of 0.25 s (+2 s grace if the signal is not seen) and start-up, never a stall
     assert elapsed < 25, f"grading took {elapsed:.0f} s"
+
+
+def test_a_killed_worker_loses_none_of_the_items_queued_behind_the_stuck_one():
+    # one worker holds its current batch and the next one queued; the item stuck in C sits between them
+    stuck = "\\boxed{10^{10^{8}+1}}"
+    completions = ["\\boxed{%d}" % (i % 7) for i in range(90)] + [stuck] + ["\\boxed{%d}" % (i % 7) for i in range(90)]
+    graded = grade_many(completions, ["5"] * len(completions), workers=1, timeout_s=0.25)
+    assert graded[90].label == "timeout"
+    others = graded[:90] + graded[91:]
+    assert [g.correct for g in others] == [i % 7 == 5 for i in range(90)] * 2
+    assert {g.label for g in others} == {"correct", "incorrect"}
+
+
+def test_the_grading_server_warms_up_on_answers_it_grades_correctly():
+    from eval.grading_server import ANSWER_SHAPES  # importing it runs the warm-up
+
+    # the shapes are graded against themselves at import: each must be a real answer, or the warm-up warms nothing
+    for answer in ANSWER_SHAPES:
+        assert grade(f"So the answer is \\boxed{{{answer}}}.", answer).label == "correct", answer
+    # what a cold worker would import on its first items is loaded in the server before any worker forks
+    code = "import sys, eval.grading_server; print('sympy.physics.units' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
 
 
 def test_grade_many_rejects_mismatched_lengths():

@@ -1,25 +1,34 @@
-"""`distill bench verify`: graded samples/s of the grading pool (eval.grader's `grade_many`, the verify step's path,
-with the step's default timeout) with 1 and 2 workers, on the same items clean and with 5% pathological completions.
+"""`distill bench verify`: how much faster the grading pool (eval.grader's `grade_many`, the verify step's path, with
+the step's default timeout) grades with 2 workers than with 1, on the same samples, clean and with 5% pathological.
 
-Clean items: MATH-500 reference solutions against their own gold and against another problem's gold, GSM8K
-solutions ending in "So the answer is N", and answers with no number. The pathological set is the same items with
-5% of the completions replaced by ones math-verify cannot grade in bounded time (or that try hard to make it so):
-power towers, 50k characters of garbage, unbalanced or deeply nested braces, huge literals.
+The samples look like a teacher's output: per problem (MATH-500 and GSM8K in equal numbers, in random order), four
+consecutive samples sharing its gold answer, as the sample step writes them: the reference solution (correct), the
+same solution with a different final answer (incorrect), its first half cut at the token limit (truncated) and a
+reply with no answer. No completion is graded twice or against two golds. The pathological set is the same samples
+with 5% of the completions replaced by ones math-verify cannot grade in bounded time (or that try hard to make it
+so): power towers, 50k characters of garbage, unbalanced or deeply nested braces, huge literals.
 
-Rates are over the wall time including starting the workers, as the verify step pays it; start-up (grading one item
-per worker) and the rate after it are reported too. `verify_speedup` = clean, 2 workers / 1;
-`verify_pathological_slowdown` = seconds with 5% pathological / seconds clean, 2 workers (issue #3: 5% pathological
-samples must not double the time).
+This machine's own speed varies from second to second (a shared host), so the cases run in rounds, 1 and 2 workers
+back to back, and the headlines are medians over rounds of per-round ratios. Each round also measures the machine's
+ceiling: how much faster two processes run a pure-Python loop than one process runs both halves.
+`verify_speedup` = clean, 1-worker seconds / 2-worker seconds; `verify_pathological_slowdown` = 2 workers, seconds
+with 5% pathological / seconds clean (issue #3: 5% pathological samples must not double the time).
+
+Times include starting the pool's workers, forked from the grading server; the server itself starts once per
+process (`server_start_s`, paid once by a verify step) before the rounds.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
 import string
 import time
 from collections import Counter
 
 PATHOLOGICAL_FRACTION = 0.05
+SAMPLES_PER_PROBLEM = 4
+CEILING_LOOP = 10_000_000  # iterations of the pure-Python loop, ~1 s in one process
 
 
 def pathological_completions(rng: random.Random) -> list[str]:
@@ -38,77 +47,125 @@ def pathological_completions(rng: random.Random) -> list[str]:
     ]
 
 
-def mixed_items(samples: int, seed: int = 0) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
-    """((completions, golds) clean, (completions, golds) with PATHOLOGICAL_FRACTION of the completions replaced)."""
+def teacher_like_samples(samples: int, seed: int = 0) -> tuple[dict, dict]:
+    """Two sets of {"completions", "golds", "finish_reasons"}: clean, and with PATHOLOGICAL_FRACTION of the
+    completions replaced."""
     from eval.benchmarks import load_benchmark
+    from eval.grader import last_boxed
+    from pipeline.errors import UserError
 
-    rng = random.Random(seed)
     _, math500 = load_benchmark("math500")
-    _, gsm8k = load_benchmark("gsm8k", limit=len(math500))  # as many GSM8K as MATH-500 rows: half cheap, half LaTeX
-    pool: list[tuple[str, str]] = []
-    for i, row in enumerate(math500):
-        pool.append((row["solution"], row["answer"]))
-        pool.append((row["solution"], math500[(i + 1) % len(math500)]["answer"]))
-    for row in gsm8k:
-        pool.append((f"{row['solution']}\nSo the answer is {row['answer']}.", row["answer"]))
-        pool.append(("I am not sure how to solve this.", row["answer"]))
-    clean = [rng.choice(pool) for _ in range(samples)]
-    completions, golds = [c for c, _ in clean], [g for _, g in clean]
+    _, gsm8k = load_benchmark("gsm8k", limit=len(math500))
+    available = [("math", r) for r in math500] + [("gsm8k", r) for r in gsm8k]
+    if not 0 < samples <= SAMPLES_PER_PROBLEM * len(available):
+        raise UserError(f"bench verify: --samples must be 1 to {SAMPLES_PER_PROBLEM * len(available)} "
+                        f"({SAMPLES_PER_PROBLEM} per MATH-500/GSM8K problem), got {samples}")
+    rng = random.Random(seed)
+    rows = rng.sample(available, -(-samples // SAMPLES_PER_PROBLEM))
+    completions, golds, finish_reasons = [], [], []
+    for source, row in rows:
+        if source == "math":
+            solution = row["solution"]
+            boxed = last_boxed(solution)
+            wrong = solution.replace(boxed, "\\boxed{" + boxed[len("\\boxed{"):-1] + " + 1}")
+        else:
+            answer = int(row["answer"].replace(",", ""))
+            solution = f"{row['solution']}\nSo the answer is {answer}."
+            wrong = f"{row['solution']}\nSo the answer is {answer + 1}."
+        completions += [solution, wrong, solution[:len(solution) // 2], "I am not sure how to solve this."]
+        golds += [row["answer"]] * SAMPLES_PER_PROBLEM
+        finish_reasons += ["stop", "stop", "length", "stop"]
+    clean = {"completions": completions[:samples], "golds": golds[:samples], "finish_reasons": finish_reasons[:samples]}
     bad = pathological_completions(rng)
-    mixed = list(completions)
+    mixed = {key: list(values) for key, values in clean.items()}
     for k, i in enumerate(rng.sample(range(samples), round(PATHOLOGICAL_FRACTION * samples))):
-        mixed[i] = bad[k % len(bad)]
-    return (completions, golds), (mixed, golds)
+        mixed["completions"][i], mixed["finish_reasons"][i] = bad[k % len(bad)], "stop"
+    return clean, mixed
 
 
-def grade_rate(name: str, completions: list[str], golds: list[str], workers: int, timeout_s: float) -> dict:
+def timed_grading(data: dict, workers: int, timeout_s: float) -> tuple[float, Counter]:
     from eval.grader import grade_many
 
-    def timed_grades(count: int) -> tuple[float, list]:
-        started = time.perf_counter()
-        grades = grade_many(completions[:count], golds[:count], workers=workers, timeout_s=timeout_s)
-        return time.perf_counter() - started, grades
+    started = time.perf_counter()
+    grades = grade_many(data["completions"], data["golds"], finish_reasons=data["finish_reasons"], workers=workers,
+                        timeout_s=timeout_s)
+    return time.perf_counter() - started, Counter(g.label for g in grades)
 
-    startup, _ = timed_grades(workers)
-    seconds, grades = timed_grades(len(completions))
-    return {"set": name, "workers": workers, "seconds": round(seconds, 2),
-            "samples_per_s": round(len(grades) / seconds, 1), "startup_s": round(startup, 2),
-            # start-up is timed on its own pool; on a loaded machine it can exceed the whole run's time
-            "after_startup_samples_per_s": round((len(grades) - workers) / (seconds - startup), 1)
-            if seconds > startup else None,
-            "labels": dict(Counter(g.label for g in grades).most_common())}
+
+def _loop(iterations: int) -> float:
+    started = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    return time.perf_counter() - started
+
+
+def parallel_ceiling(pool) -> float:
+    """How much faster two processes run two halves of a pure-Python loop than one process runs both."""
+    one = pool.apply(_loop, (CEILING_LOOP,))
+    started = time.perf_counter()
+    pool.map(_loop, [CEILING_LOOP // 2] * 2, chunksize=1)
+    return one / (time.perf_counter() - started)
 
 
 def run(opts, console) -> tuple[dict, dict]:
+    import multiprocessing
+
     from rich.table import Table
 
+    from eval.grader import grade_many
+    from pipeline.errors import UserError
     from pipeline.steps.verify import Config
 
+    if opts.rounds < 1:
+        raise UserError(f"bench verify: --rounds must be at least 1, got {opts.rounds}")
     timeout_s = Config.model_fields["timeout_s"].default
-    sets = dict(zip(("clean", "pathological"), mixed_items(opts.samples)))
-    cases = [grade_rate(name, *data, workers=workers, timeout_s=timeout_s)
-             for name, data in sets.items() for workers in (1, 2)]
-    for one, two in zip(cases[::2], cases[1::2]):
-        if one["labels"].get("correct") != two["labels"].get("correct"):
-            raise RuntimeError(f"bench verify: 1 and 2 workers disagree on the {one['set']} set ({one['labels']} vs "
-                               f"{two['labels']})")
-    clean_1, clean_2, _, pathological_2 = cases
-    headlines = {"verify_speedup": round(clean_2["samples_per_s"] / clean_1["samples_per_s"], 3),
-                 "verify_pathological_slowdown": round(pathological_2["seconds"] / clean_2["seconds"], 3)}
+    sets = dict(zip(("clean", "pathological"), teacher_like_samples(opts.samples)))
+    started = time.perf_counter()
+    grade_many(["\\boxed{1}"], ["1"], workers=1, timeout_s=timeout_s)
+    server_start_s = time.perf_counter() - started
 
+    rounds: list[dict] = []
+    labels: dict[tuple[str, int], Counter] = {}
+    with multiprocessing.get_context("spawn").Pool(2) as ceiling_pool:
+        ceiling_pool.map(_loop, [1, 1])  # started before the clock runs
+        for round_number in range(opts.rounds):
+            seconds = {}
+            for name, data in sets.items():
+                for workers in (1, 2) if round_number % 2 == 0 else (2, 1):  # drift does not favour either
+                    seconds[name, workers], labels_now = timed_grading(data, workers, timeout_s)
+                    if labels.setdefault((name, workers), labels_now) != labels_now:
+                        raise RuntimeError(f"bench verify: the {name} set graded differently in two rounds "
+                                           f"({labels[name, workers]} vs {labels_now})")
+            rounds.append({"seconds": {f"{name}_{workers}": round(s, 3) for (name, workers), s in seconds.items()},
+                           "speedup": round(seconds["clean", 1] / seconds["clean", 2], 3),
+                           "pathological_speedup": round(seconds["pathological", 1] / seconds["pathological", 2], 3),
+                           "pathological_slowdown": round(seconds["pathological", 2] / seconds["clean", 2], 3),
+                           "ceiling": round(parallel_ceiling(ceiling_pool), 3)})
+    for name in sets:
+        if labels[name, 1] != labels[name, 2]:
+            raise RuntimeError(f"bench verify: 1 and 2 workers disagree on the {name} set ({labels[name, 1]} vs "
+                               f"{labels[name, 2]})")
+
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in rounds), 3)
+
+    headlines = {"verify_speedup": median("speedup"), "verify_pathological_slowdown": median("pathological_slowdown")}
     pathological = round(PATHOLOGICAL_FRACTION * opts.samples)
-    table = Table(title=f"distill bench verify — {opts.samples} MATH-500/GSM8K completions, clean and with "
-                        f"{pathological} pathological, timeout {timeout_s:g} s")
-    # every label's count is in the JSON
-    for column in ("set", "workers", "seconds", "samples/s", "start-up s", "samples/s after start-up", "correct",
-                   "timeout"):
+    table = Table(title=f"distill bench verify — {opts.samples} MATH-500/GSM8K samples, clean and with "
+                        f"{pathological} pathological, timeout {timeout_s:g} s, {opts.rounds} rounds (medians)")
+    for column in ("set", "1 worker s", "2 workers s", "speedup", "machine ceiling", "correct", "timeout"):
         table.add_column(column, justify="left" if column == "set" else "right")
-    for case in cases:
-        after = case["after_startup_samples_per_s"]
-        table.add_row(case["set"], str(case["workers"]), f"{case['seconds']:.2f}", f"{case['samples_per_s']:.0f}",
-                      f"{case['startup_s']:.2f}", "-" if after is None else f"{after:.0f}",
-                      str(case["labels"].get("correct", 0)), str(case["labels"].get("timeout", 0)))
+    for name in sets:
+        one = statistics.median(r["seconds"][f"{name}_1"] for r in rounds)
+        two = statistics.median(r["seconds"][f"{name}_2"] for r in rounds)
+        speedup = median("speedup" if name == "clean" else "pathological_speedup")
+        table.add_row(name, f"{one:.2f}", f"{two:.2f}", f"{speedup:.2f}", f"{median('ceiling'):.2f}",
+                      str(labels[name, 1]["correct"]), str(labels[name, 1]["timeout"]))
     console.print(table)
-    raw = {"samples": opts.samples, "pathological": pathological, "timeout_s": timeout_s, "cases": cases,
-           "clean_2_workers_s": clean_2["seconds"], "pathological_2_workers_s": pathological_2["seconds"]}
+    raw = {"samples": opts.samples, "pathological": pathological, "timeout_s": timeout_s,
+           "server_start_s": round(server_start_s, 2), "ceiling": median("ceiling"),
+           "speedup_over_ceiling": round(headlines["verify_speedup"] / median("ceiling"), 3),
+           "labels": {f"{name}_{workers}": dict(counts.most_common()) for (name, workers), counts in labels.items()},
+           "rounds": rounds}
     return raw, headlines
