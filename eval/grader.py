@@ -52,7 +52,7 @@ _LATEX_MATH = re.compile(r"\$|\\\(|\\\[")
 _WORKER_START_TIMEOUT_S = 120.0
 KILL_GRACE_S = 2.0  # past its timeout, how long a worker may take to notice SIGALRM before it is killed
 MAX_BATCH = 128  # items per message to a worker
-COLLECT_S = 0.005  # while every worker has plenty queued, how long the parent sleeps between reading results
+SEND_EVERY_S = 0.02  # a worker sends its results this often (and at the end of each batch), not once per item
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is runaway output or garbage
 MAX_NESTING = 10  # bracket depth; MATH-500 reference answers reach 3
 MAX_POWER_DIGITS = 100_000  # 10^{100000} grades in well under a second; 10^{10^{7}} takes minutes
@@ -267,9 +267,9 @@ def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], 
 
     Items go to workers in batches of consecutive items, grouped by gold: a worker parses each gold once (its
     cache) instead of every worker parsing every gold. A worker's next batch is queued before it finishes the
-    current one, so it never waits for the parent, and the parent reads results every COLLECT_S rather than once
-    per item, so it takes little of the workers' CPU. Batches shrink towards the end: no worker is left with a
-    long tail.
+    current one, so it never waits for the parent, and it sends results every SEND_EVERY_S rather than once per
+    item, so the parent takes little of the workers' CPU. Batches shrink towards the end: no worker is left with
+    a long tail.
     """
     if len(golds) != len(completions) or (finish_reasons is not None and len(finish_reasons) != len(completions)):
         raise ValueError("completions, golds and finish_reasons must have the same length")
@@ -296,8 +296,6 @@ def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], 
                 if worker.ready and len(worker.batch) <= MAX_BATCH // 2 and pending:
                     size = max(1, min(MAX_BATCH, len(pending) // (2 * len(pool))))
                     worker.submit([item(pending.popleft()) for _ in range(size)], timeout_s)
-            if all(len(w.batch) > MAX_BATCH // 2 for w in pool):
-                time.sleep(COLLECT_S)  # let results gather: one wake-up per several items, not one per item
             waiting = [w for w in pool if not w.ready or w.batch]
             next_deadline = min(w.deadline for w in waiting)
             ready = wait([w.conn for w in waiting], timeout=max(0.0, next_deadline - time.monotonic()))
@@ -306,12 +304,7 @@ def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], 
                     continue
                 if worker.conn in ready:
                     try:
-                        while True:
-                            graded = worker.receive()
-                            if graded is not None:
-                                yield graded
-                            if not worker.batch or not worker.conn.poll():
-                                break
+                        yield from worker.receive()
                     except EOFError:  # the worker died (killed, out of memory): its item could not be graded
                         pass
                     else:
@@ -323,8 +316,11 @@ def iter_grades(completions: Sequence[str | None], golds: Sequence[str | None], 
                                        f"{_WORKER_START_TIMEOUT_S:.0f} s")
                 worker.kill()  # stuck where SIGALRM does not reach (C code): its current item is a timeout
                 pool[k] = _Worker(context)
-                stuck = worker.batch.popleft()
-                pending.extendleft(reversed(worker.batch))  # the rest of its items go to the next free worker
+                stuck = worker.current.value
+                if stuck not in worker.batch:  # it died between items: blame the next, so no item can loop forever
+                    stuck = worker.batch[0]
+                # the rest, graded before it but not yet sent or not yet started, go to the next free worker
+                pending.extendleft(reversed([i for i in worker.batch if i != stuck]))
                 yield stuck, TIMEOUT
     finally:
         for worker in pool:
@@ -343,11 +339,12 @@ def _pool_context():
 
 class _Worker:
     """One grading process with a pipe; it holds up to two batches (one being graded, one queued) and answers
-    item by item, in order."""
+    in order, several items a message; `current` (shared memory) holds the index of the item it is grading."""
 
     def __init__(self, context):
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_worker_loop, args=(child_conn,), daemon=True)
+        self.current = context.RawValue("q", -1)
+        self.process = context.Process(target=_worker_loop, args=(child_conn, self.current), daemon=True)
         self.process.start()
         child_conn.close()
         self.ready = False  # until it says so: the first item must not pay for start-up (imports, sympy warm-up)
@@ -357,22 +354,26 @@ class _Worker:
 
     def submit(self, items: list[tuple[int, tuple]], timeout_s: float) -> None:
         if not self.batch:  # otherwise the clock of the item it is grading runs on
-            self.deadline = time.monotonic() + timeout_s + KILL_GRACE_S
+            self.deadline = time.monotonic() + timeout_s + KILL_GRACE_S + SEND_EVERY_S
         self.batch.extend(i for i, _ in items)
         self.timeout_s = timeout_s
         self.conn.send((items, timeout_s))
 
-    def receive(self) -> tuple[int, Grade] | None:
-        """(index, Grade) of the next item of its batch, or None for the start-up message."""
+    def receive(self) -> list[tuple[int, Grade]]:
+        """(index, Grade) of the items graded since its last message ([] for the start-up message)."""
         message = self.conn.recv()
         if message == "ready":
             self.ready = True
-            return None
-        index = self.batch.popleft()
-        self.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S  # the clock restarts for the next item
-        if isinstance(message, BaseException):
-            raise message
-        return index, Grade(*message)
+            return []
+        # no message for longer than one item may take (timeout, grace, the wait to send) means it is stuck
+        self.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S + SEND_EVERY_S
+        graded = []
+        for result in message:
+            index = self.batch.popleft()
+            if isinstance(result, BaseException):
+                raise result
+            graded.append((index, Grade(*result)))
+        return graded
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -381,7 +382,7 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_loop(conn) -> None:
+def _worker_loop(conn, current) -> None:
     # timeouts are enforced here and by the parent, so math-verify's "timeout is disabled" warning is noise
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     signal.signal(signal.SIGALRM, _over_time)
@@ -392,19 +393,24 @@ def _worker_loop(conn) -> None:
             items, timeout_s = conn.recv()
         except EOFError:
             return
-        for _, (completion, gold, gold_is_latex, finish_reason) in items:
+        graded: list = []
+        sent_at = time.monotonic()
+        for n, (index, (completion, gold, gold_is_latex, finish_reason)) in enumerate(items):
+            current.value = index  # a memory write, no system call: the parent reads it if it has to kill us
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
                 try:
                     result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                graded.append((result.label, result.correct, result.extracted))
             except _OverTime:  # the timer fired after grade returned, before it was stopped
-                result = TIMEOUT
+                graded.append((TIMEOUT.label, TIMEOUT.correct, TIMEOUT.extracted))
             except Exception as error:  # hand it to the parent, which knows which row it was
-                conn.send(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
-                continue
-            conn.send((result.label, result.correct, result.extracted))
+                graded.append(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
+            if n == len(items) - 1 or time.monotonic() - sent_at >= SEND_EVERY_S:
+                conn.send(graded)
+                graded, sent_at = [], time.monotonic()
 
 
 def _over_time(signum, frame) -> None:

@@ -165,6 +165,12 @@ def test_the_grading_server_warms_up_on_answers_it_grades_correctly():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
 
 
+def test_an_error_inside_a_worker_reaches_the_caller_naming_the_item():
+    # an unhashable gold_is_latex makes the gold cache raise TypeError inside the worker
+    with pytest.raises(RuntimeError, match=r"grading failed on '\\\\boxed\{1\}' vs gold '1'.*TypeError"):
+        grade_many(["\\boxed{1}"] * 5, ["1"] * 5, workers=2, timeout_s=5, gold_is_latex=[])
+
+
 def test_grade_many_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         grade_many(["\\boxed{1}"], ["1", "2"], workers=1, timeout_s=5)
