@@ -69,3 +69,17 @@ def test_missing_label_column_is_named(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "label"} for r in ROWS]
     with pytest.raises(UserError, match=r"'graded'.*label"):
         run_pairs(tmp_path, rows)
+
+
+def test_a_dry_run_with_no_pair_writes_each_problems_first_two_samples_as_stand_ins(tmp_path):
+    rows = [row("c", 1, "no_answer"), row("c", 0, "incorrect"), row("e", 0, "incorrect")]  # e has one sample
+    artifact, data = run_pairs(tmp_path, rows, dry_run=True)
+    assert data["id"] == ["c"]
+    assert data[0]["chosen"] == [{"role": "assistant", "content": "incorrect 0 of c"}]
+    assert data[0]["rejected"] == [{"role": "assistant", "content": "no_answer 1 of c"}]
+    assert artifact.stats["dry_run_stand_ins"] == 1
+    _, real_run = run_pairs(tmp_path / "real", rows)
+    assert len(real_run) == 0  # never outside a dry run
+    # a dry run that finds a real pair keeps to it
+    _, data = run_pairs(tmp_path / "found", ROWS, dry_run=True)
+    assert data["id"] == ["a"]

@@ -95,3 +95,15 @@ def test_max_tokens_counts_the_students_tokens_and_think_prefix_is_kept(tmp_path
     assert len(none_fit) == 0
     with pytest.raises(ValidationError, match="tokenizer"):
         select.Config(uses="select", input="graded", max_tokens=10)
+
+
+def test_a_dry_run_with_no_correct_sample_writes_stand_ins_so_training_still_runs(tmp_path):
+    rows = [graded_row("a", 1, False), graded_row("a", 0, False), graded_row("b", 0, False, problem="What is 4 * 4?")]
+    artifact, selected = run_on_rows(select, tmp_path, rows, uses="select", dry_run=True)
+    assert selected["id"] == ["a", "b"]
+    assert selected["messages"][0][-1]["content"] == "completion 0 of a"  # each problem's first sample
+    assert artifact.stats["dry_run_stand_ins"] == 2
+    # a dry run with a correct sample keeps to the policy
+    rows.append(graded_row("b", 1, True, problem="What is 4 * 4?"))
+    artifact, selected = run_on_rows(select, tmp_path / "again", rows, uses="select", dry_run=True)
+    assert selected["id"] == ["b"] and "dry_run_stand_ins" not in artifact.stats

@@ -4,7 +4,8 @@ For each problem with at least one correct and one rejected sample: chosen = its
 rejected = its first rejected one (lowest sample_idx, REDI's choice); with `max_pairs_per_problem: k`,
 the i-th correct goes with the i-th rejected for i < k. Rejected means label `incorrect` by default:
 a truncated, unanswered or timed-out sample is not evidence of a wrong answer (`rejected_labels` widens it).
-Samples over the length limits are left out before pairing.
+Samples over the length limits are left out before pairing. In a `--dry-run`, if no problem makes a pair, each
+problem's first two samples stand in as chosen and rejected (whatever their labels) so that REDI after it still runs.
 
 Output: `id`, `prompt` (the chat messages sampled from), `chosen` and `rejected` ([assistant message],
 starting with the sample's think prefix if it had one).
@@ -17,7 +18,7 @@ from collections import defaultdict
 from pydantic import Field, model_validator
 
 from pipeline.steps import StepConfig, require_columns
-from pipeline.steps.select import assistant_texts, token_counter
+from pipeline.steps.select import assistant_texts, rows_by_problem, token_counter, warn_dry_run_stand_ins
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
 REJECTABLE_LABELS = ("incorrect", "no_answer", "truncated", "timeout")
@@ -94,6 +95,12 @@ def run(cfg: Config, inputs, out):
     for problem_id in problems_in:
         matched = list(zip(chosen_rows[problem_id], rejected_rows[problem_id]))
         pairs += [(problem_id, chosen, rejected) for chosen, rejected in matched[:cfg.max_pairs_per_problem]]
+    dry_run_stand_ins = not pairs and out.dry_run
+    if dry_run_stand_ins:  # each problem's first two samples as chosen and rejected (see select)
+        pairs = [(problem_id, rows[0], rows[1])
+                 for problem_id, rows in rows_by_problem(ids, sample_idx).items() if len(rows) > 1]
+        warn_dry_run_stand_ins("pairs", "no problem has both a correct and a rejected sample", len(pairs))
+
     def message(row: int) -> list[dict]:
         return [{"role": "assistant", "content": texts[row]}]
 
@@ -113,4 +120,5 @@ def run(cfg: Config, inputs, out):
         problems_without_correct=sum(not chosen_rows[p] for p in problems_in),
         problems_without_rejected=sum(not rejected_rows[p] for p in problems_in),
         samples_too_long=sum(too_long),
+        **({"dry_run_stand_ins": len(pairs)} if dry_run_stand_ins else {}),
     )

@@ -10,7 +10,8 @@ was generated from + the assistant's completion. Policies, per problem, over its
 `max_tokens` drops traces longer than that many tokens of the student's tokenizer before the policy
 picks. If the samples were generated after a think prefix (a `think_prefix` column, written by the
 sample step), the assistant message starts with it: the student learns to write what the teacher was
-conditioned on. Problems without an eligible correct sample are left out.
+conditioned on. Problems without an eligible correct sample are left out. In a `--dry-run`, if no problem has
+one, each problem's first sample stands in (whatever its label) so that the training steps after it still run.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def run(cfg: Config, inputs, out):
         elif cfg.keep == "shortest_k":
             rows = sorted(rows, key=lambda r: (lengths[r], len(texts[r]), sample_idx[r]))[:cfg.k]
         kept_rows += rows
+    dry_run_stand_ins = not kept_rows and out.dry_run
+    if dry_run_stand_ins:
+        kept_rows = [rows[0] for rows in rows_by_problem(ids, sample_idx).values()]
+        warn_dry_run_stand_ins("select", "no problem has a correct sample", len(kept_rows))
     selected = {
         "id": [ids[row] for row in kept_rows],
         "messages": [list(columns["prompt"][row]) + [{"role": "assistant", "content": texts[row]}]
@@ -116,4 +121,22 @@ def run(cfg: Config, inputs, out):
         problems_in=len(problems_in),
         problems_kept=len(set(selected["id"])),
         **({"dropped_too_long": too_long} if cfg.max_tokens is not None else {}),
+        **({"dry_run_stand_ins": len(kept_rows)} if dry_run_stand_ins else {}),
     )
+
+
+def rows_by_problem(ids: list, sample_idx: list[int]) -> dict:
+    """Problem id -> its rows in sample_idx order; problems in input order."""
+    rows: dict = {problem_id: [] for problem_id in ids}
+    for row in sorted(range(len(ids)), key=lambda r: sample_idx[r]):
+        rows[ids[row]].append(row)
+    return rows
+
+
+def warn_dry_run_stand_ins(step: str, why: str, rows: int) -> None:
+    # A dry run's samples (2 per problem, 16 tokens) seldom hold a correct answer. So that the steps after this one
+    # still run on something, it writes stand-ins whatever their labels; a dry run's data is never for use.
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]{step}: {why} in this dry run; writing {rows} stand-in row(s) whatever "
+                               f"their labels, so that the steps after it run (never in a real run)")
