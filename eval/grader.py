@@ -372,7 +372,7 @@ class _Worker:
             index = self.batch.popleft()
             if isinstance(result, BaseException):
                 raise result
-            graded.append((index, Grade(*result)))
+            graded.append((index, result))
         return graded
 
     def kill(self) -> None:
@@ -403,11 +403,11 @@ def _worker_loop(conn, current) -> None:
                     result = grade(completion, gold, gold_is_latex=gold_is_latex, finish_reason=finish_reason)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                graded.append((result.label, result.correct, result.extracted))
             except _OverTime:  # the timer fired after grade returned, before it was stopped
-                graded.append((TIMEOUT.label, TIMEOUT.correct, TIMEOUT.extracted))
+                result = TIMEOUT
             except Exception as error:  # hand it to the parent, which knows which row it was
-                graded.append(RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}"))
+                result = RuntimeError(f"grading failed on {completion!r:.200} vs gold {gold!r}: {error!r}")
+            graded.append(result)
             if n == len(items) - 1 or time.monotonic() - sent_at >= SEND_EVERY_S:
                 conn.send(graded)
                 graded, sent_at = [], time.monotonic()
