@@ -23,8 +23,8 @@ from pydantic import Field
 from pipeline.errors import UserError
 from pipeline.steps.opsd import RolloutConfig
 from pipeline.steps.sample import render_prompt
-from pipeline.steps.sft import (launch_distributed, load_tokenizer, peft_config, runs_distributed, schedule_line,
-                                train_and_save, training_arguments)
+from pipeline.steps.sft import (load_tokenizer, peft_config, schedule_line, train_and_save, train_here_or_launch,
+                                training_arguments)
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
@@ -44,9 +44,7 @@ class Config(RolloutConfig):
 
 
 def run(cfg: Config, inputs, out):
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
-    return out.model_written(**train(cfg, inputs, out))
+    return train_here_or_launch(cfg, inputs, out)
 
 
 def train(cfg: Config, inputs, out) -> dict:

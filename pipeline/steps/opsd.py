@@ -47,8 +47,8 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.steps.sft import (TrainingConfig, launch_distributed, load_tokenizer, peft_config, runs_distributed,
-                                schedule_line, train_and_save, training_arguments)
+from pipeline.steps.sft import (TrainingConfig, load_tokenizer, peft_config, schedule_line, train_and_save,
+                                train_here_or_launch, training_arguments)
 
 # The paper's teacher instruction around the reference; the student prompt (with its \boxed{} request) comes first.
 DEFAULT_TEACHER_TEMPLATE = (
@@ -144,9 +144,7 @@ class Config(RolloutConfig):
 
 
 def run(cfg: Config, inputs, out):
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
-    return out.model_written(**train(cfg, inputs, out))
+    return train_here_or_launch(cfg, inputs, out)
 
 
 def train(cfg: Config, inputs, out) -> dict:

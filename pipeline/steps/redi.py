@@ -33,8 +33,8 @@ from pydantic import Field
 
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
-from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, launch_distributed, load_tokenizer,
-                                peft_config, runs_distributed, schedule_line, train_and_save, training_arguments)
+from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, load_tokenizer, peft_config, schedule_line,
+                                train_and_save, train_here_or_launch, training_arguments)
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 
@@ -67,9 +67,7 @@ def redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, al
 
 
 def run(cfg: Config, inputs, out):
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
-    return out.model_written(**train(cfg, inputs, out))
+    return train_here_or_launch(cfg, inputs, out)
 
 
 def train(cfg: Config, inputs, out) -> dict:

@@ -129,9 +129,7 @@ class Config(TrainingConfig):
 
 
 def run(cfg: Config, inputs, out):
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
-    return out.model_written(**train(cfg, inputs, out))
+    return train_here_or_launch(cfg, inputs, out)
 
 
 def train(cfg: Config, inputs, out) -> dict:
@@ -371,6 +369,16 @@ def peft_config(lora: LoraSettings | None):
 
 
 # ---- several GPUs: the step re-runs itself under `accelerate launch` --------------------------------------------
+
+
+def train_here_or_launch(cfg: TrainingConfig, inputs, out):
+    """A training step's `run`: its `train` in this process, or in `accelerate launch` processes when the step
+    asks for several (or names an accelerate config)."""
+    if runs_distributed(cfg):
+        return launch_distributed(cfg, inputs, out)
+    from pipeline.steps import step_module
+
+    return out.model_written(**step_module(cfg.uses).train(cfg, inputs, out))
 
 
 def runs_distributed(cfg: TrainingConfig) -> bool:
