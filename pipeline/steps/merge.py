@@ -32,6 +32,8 @@ CHECK_PROMPTS = (
 
 class Config(StepConfig):
     produces: ClassVar = "model"
+    path_fields: ClassVar = ()
+    libraries: ClassVar = ("torch", "transformers", "peft")
 
     input: str = Field(description="Name of the training step (e.g. an sft step with LoRA) whose model is merged.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

@@ -65,6 +65,7 @@ class RolloutConfig(TrainingConfig):
     """Settings of the on-policy steps (opsd, onpolicy): the student's rollouts and where they are sampled."""
 
     dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1, "max_tokens": 8}
+    libraries: ClassVar = TrainingConfig.libraries + ("vllm",)  # rollouts with use_vllm
 
     max_tokens: int = Field(default=256, ge=1, description="Most new tokens per rollout (the completion budget).")
     temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "

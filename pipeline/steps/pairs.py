@@ -14,6 +14,7 @@ starting with the sample's think prefix if it had one).
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -54,6 +55,8 @@ class Config(StepConfig):
         if (self.max_tokens is not None or self.max_prompt_tokens is not None) and self.tokenizer is None:
             raise ValueError("max_tokens and max_prompt_tokens count tokens of a model's tokenizer: set tokenizer")
         return self
+
+    path_fields: ClassVar = ()
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []

@@ -17,7 +17,7 @@ one, each problem's first sample stands in (whatever its label) so that the trai
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -51,6 +51,8 @@ class Config(StepConfig):
         if self.max_tokens is not None and self.tokenizer is None:
             raise ValueError("max_tokens counts tokens of a model's tokenizer: set tokenizer (e.g. the student)")
         return self
+
+    path_fields: ClassVar = ()
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []

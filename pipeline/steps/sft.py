@@ -56,6 +56,8 @@ class TrainingConfig(StepConfig):
 
     produces: ClassVar = "model"
     dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1}
+    path_fields: ClassVar = ("chat_template", "accelerate_config")
+    libraries: ClassVar = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed")
 
     model: str = Field(description="Model to fine-tune: builtin:NAME, a local dir, a hub id, or step:NAME.")
     lora: LoraSettings | None = Field(
@@ -112,6 +114,21 @@ class TrainingConfig(StepConfig):
 
     def model_refs(self) -> list[str]:
         return [self.model]
+
+    def input_paths(self) -> list[str]:
+        # An accelerate config may point at a DeepSpeed JSON (read from the working directory, as accelerate does).
+        paths = [p for p in super().input_paths() if p]
+        if self.accelerate_config:
+            import yaml
+
+            try:
+                settings = yaml.safe_load(Path(self.accelerate_config).read_text()) or {}
+            except (OSError, yaml.YAMLError) as error:
+                raise UserError(f"accelerate_config {self.accelerate_config}: cannot read it ({error})") from None
+            deepspeed = settings.get("deepspeed_config") if isinstance(settings, dict) else None
+            if isinstance(deepspeed, dict) and deepspeed.get("deepspeed_config_file"):
+                paths.append(str(deepspeed["deepspeed_config_file"]))
+        return paths
 
 
 class Config(TrainingConfig):

@@ -48,6 +48,8 @@ class Config(StepConfig):
                                    "comparison) and write the disagreements to audit.jsonl in the step dir.")
 
     produces: ClassVar[str] = "dataset"
+    path_fields: ClassVar = ()
+    libraries: ClassVar = ("math-verify", "latex2sympy2_extended")
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
