@@ -234,9 +234,9 @@ def _made_by_distill(workdir: Path) -> bool:
         return False
 
 
-def _create_workdir(workdir: Path) -> bool:
-    """Make the workdir (and its mark); True if this call created it."""
-    created = not workdir.exists()
+def _create_workdir(workdir: Path) -> Path | None:
+    """Make the workdir (and its mark); the outermost directory this call created, if any."""
+    created = next((p for p in reversed([workdir, *workdir.parents]) if not p.exists()), None)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         mark = workdir / WORKDIR_MARK
@@ -293,8 +293,8 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
                 outcomes[step.name] = StepOutcome(step.name, "ran", artifact, seconds)
                 console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
     except UserError:
-        if created and not outcomes:
-            shutil.rmtree(workdir, ignore_errors=True)  # a refused run leaves nothing behind
+        if created is not None and not outcomes:
+            shutil.rmtree(created, ignore_errors=True)  # a refused run leaves nothing behind
         raise
     return outcomes
 
