@@ -1,11 +1,11 @@
-"""Generate the demo arithmetic problems: data/train/arith_train.jsonl and data/benchmarks/arith_test.jsonl.
+"""Generate the demo arithmetic problems: data/train/arith_train.jsonl and eval/data/arith_test.jsonl (package data).
 
 Two-number problems "What is A op B?" with op in +, -, * and operands 2..30: small enough that
 SmolLM2-135M solves some of them on CPU, so a quickstart can show distillation moving accuracy.
 Every (A, op, B) triple is drawn at most once, so the train and test files share no problem.
 
     python data/make_arithmetic.py            # rewrites the two committed files
-    python data/make_arithmetic.py --out-dir /tmp/x   # writes train/ and benchmarks/ under /tmp/x
+    python data/make_arithmetic.py --out-dir /tmp/x   # writes train/arith_train.jsonl and benchmarks/arith_test.jsonl under /tmp/x
 """
 
 from __future__ import annotations
@@ -52,12 +52,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=2000, help="number of training problems")
     parser.add_argument("--test", type=int, default=200, help="number of test problems")
-    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="folder that gets train/ and benchmarks/")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="folder that gets train/ and benchmarks/ (default: the committed files)")
     args = parser.parse_args()
     train, test = make_splits(args.seed, args.train, args.test)
-    write_jsonl(args.out_dir / "train" / "arith_train.jsonl", train)
-    write_jsonl(args.out_dir / "benchmarks" / "arith_test.jsonl", test)
-    print(f"wrote {len(train)} train and {len(test)} test problems under {args.out_dir}")
+    train_path = (args.out_dir or DATA_DIR) / "train" / "arith_train.jsonl"
+    # the test set ships inside the package (eval/data), so an installed `distill` finds it
+    test_path = args.out_dir / "benchmarks" / "arith_test.jsonl" if args.out_dir else \
+        DATA_DIR.parent / "eval" / "data" / "arith_test.jsonl"
+    write_jsonl(train_path, train)
+    write_jsonl(test_path, test)
+    print(f"wrote {len(train)} problems to {train_path} and {len(test)} to {test_path}")
 
 
 if __name__ == "__main__":

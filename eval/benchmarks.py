@@ -1,4 +1,4 @@
-"""Benchmark registry: a name -> its problems file in data/benchmarks/, how its golds parse, and its default n.
+"""Benchmark registry: a name -> its problems file in eval/data/, how its golds parse, and its default n.
 
 A benchmark spec is a registered name (`math500`), any JSONL/JSON/parquet file of problems (`id`, `problem`,
 `answer`), or either with a `:N` suffix for its first N problems (`aime24:5`, `my/file.jsonl:10`).
@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-# The repo's data/ folder, found from this file so that it does not depend on the working directory.
-BENCHMARK_DIR = Path(__file__).resolve().parent.parent / "data" / "benchmarks"
+# Package data (setup.cfg [options.package_data]), found from this file so that it does not depend on the working
+# directory and ships in the wheel. Provenance and checksums: data/SOURCES.md in the repo.
+BENCHMARK_DIR = Path(__file__).resolve().parent / "data"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def load_benchmark(spec: str, limit: int | None = None) -> tuple[Benchmark, list
 
     `limit` and a `:N` suffix both cut to the first problems; with both, the smaller wins.
     """
-    from pipeline.steps.load import check_problems, read_table
+    from pipeline.tables import check_problems, read_table
 
     benchmark = get_benchmark(spec)
     _, suffix_limit = split_spec(spec)

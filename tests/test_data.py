@@ -1,6 +1,9 @@
-"""The committed data: arithmetic files equal their generator's output, and every benchmark gold grades."""
+"""The committed data: arithmetic files equal their generator's output, SOURCES.md checksums hold, and every
+benchmark gold grades."""
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,9 @@ from eval.benchmarks import BENCHMARKS, load_benchmark
 from eval.grader import grade
 from pipeline.errors import UserError
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+BENCHMARK_DATA = REPO / "eval" / "data"  # package data: the benchmarks ship in the wheel
 
 
 def read_jsonl(path):
@@ -20,9 +25,12 @@ def read_jsonl(path):
 
 def test_arithmetic_files_are_the_generators_output_and_disjoint(tmp_path):
     subprocess.run([sys.executable, str(DATA / "make_arithmetic.py"), "--out-dir", str(tmp_path)], check=True)
-    for relative in ("train/arith_train.jsonl", "benchmarks/arith_test.jsonl"):
-        assert (DATA / relative).read_bytes() == (tmp_path / relative).read_bytes(), f"rerun data/make_arithmetic.py"
-    train, test = read_jsonl(DATA / "train/arith_train.jsonl"), read_jsonl(DATA / "benchmarks/arith_test.jsonl")
+    # --out-dir DIR writes DIR/train/arith_train.jsonl and DIR/benchmarks/arith_test.jsonl
+    committed = {"train/arith_train.jsonl": DATA / "train/arith_train.jsonl",
+                 "benchmarks/arith_test.jsonl": BENCHMARK_DATA / "arith_test.jsonl"}
+    for relative, path in committed.items():
+        assert path.read_bytes() == (tmp_path / relative).read_bytes(), f"rerun data/make_arithmetic.py"
+    train, test = read_jsonl(committed["train/arith_train.jsonl"]), read_jsonl(committed["benchmarks/arith_test.jsonl"])
     assert (len(train), len(test)) == (2000, 200)
     triple = lambda row: tuple(row["problem"].removeprefix("What is ").removesuffix("?").split())
     assert not {triple(r) for r in train} & {triple(r) for r in test}
@@ -30,6 +38,19 @@ def test_arithmetic_files_are_the_generators_output_and_disjoint(tmp_path):
         a, op, b = triple(row)
         assert 2 <= int(a) <= 30 and 2 <= int(b) <= 30
         assert row["answer"] == str(eval(f"{a} {op} {b}"))  # noqa: S307 - two small ints and an operator
+
+
+def test_sources_md_lists_every_data_file_with_its_checksum_and_rows():
+    table = re.findall(r"^\| ((?:eval/data|data/train)/\S+\.jsonl) \| (\d+) \| ([0-9a-f]{64}) \|",
+                       (DATA / "SOURCES.md").read_text(), flags=re.M)
+    listed = {path for path, _, _ in table}
+    on_disk = {str(p.relative_to(REPO)) for p in [*BENCHMARK_DATA.glob("*.jsonl"), *(DATA / "train").glob("*.jsonl")]}
+    assert listed == on_disk
+    assert {str(b.path.relative_to(REPO)) for b in BENCHMARKS.values()} <= listed
+    for path, rows, sha256 in table:
+        data = (REPO / path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha256, path
+        assert data.count(b"\n") == int(rows), path
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))

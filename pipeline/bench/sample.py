@@ -29,7 +29,7 @@ def ours(opts, model_dir: str, workdir: Path) -> tuple[dict, list[list[dict]]]:
     """Our sample step's numbers, and the chat prompts it sent."""
     from pipeline.artifacts import Artifact, Output
     from pipeline.steps import sample
-    from pipeline.steps.load import read_table
+    from pipeline.tables import read_table
 
     problems = read_table(PROBLEMS).select(range(opts.prompts))
     problems.save_to_disk(str(workdir / "problems" / "data"))
@@ -64,7 +64,7 @@ def hf_generate(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.steps.sft import bf16_supported
+    from pipeline.training import bf16_supported
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()

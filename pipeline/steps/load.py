@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
+from pipeline.tables import check_problems, read_table
 
 REQUIRED_COLUMNS = ("id", "problem", "answer")
 
@@ -33,6 +34,13 @@ class Config(StepConfig):
         description="Refuse repeated ids. Turn off to load several completions per problem for re-grading.")
 
     dry_run_overrides: ClassVar[dict] = {"limit": 4}
+    path_fields: ClassVar = ("path",)
+    libraries: ClassVar = ("datasets",)
+    # 2: pipeline.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
+    code_version: ClassVar[str] = "2"
+
+    def check_inputs(self) -> None:
+        problems(self)  # a file that cannot load fails the run before anything is written
 
     @field_validator("path")
     @classmethod
@@ -42,43 +50,12 @@ class Config(StepConfig):
         return path
 
 
-def read_table(path: str):
-    """A datasets.Dataset from a file or an Arrow dir, chosen by what is on disk."""
-    import datasets
-
-    p = Path(path)
-    if p.is_dir():
-        return datasets.load_from_disk(str(p))
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return datasets.Dataset.from_json(str(p))
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(p))
-    if suffix == ".arrow":
-        return datasets.Dataset.from_file(str(p))
-    raise UserError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .arrow or a dataset dir)")
-
-
-def check_problems(ds, source: str, require: list[str], unique_ids: bool = True):
-    """Refuse missing columns, empty values and duplicate ids, naming the file, column and row id."""
-    missing = [c for c in require if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{source}: missing column(s) {missing}; columns are {ds.column_names} "
-                        "(rename with `columns: {{old: new}}`)")
-    seen: set[str] = set()
-    for index, row in enumerate(ds.select_columns(require)):
-        row_id = row.get("id", index)
-        for column in require:
-            value = row[column]
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise UserError(f"{source}: row {index} (id {row_id!r}): empty {column!r}")
-        if unique_ids and "id" in require:
-            if row_id in seen:
-                raise UserError(f"{source}: row {index}: duplicate id {row_id!r}")
-            seen.add(row_id)
-
-
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
+    return out.write_dataset(problems(cfg), source=cfg.path)
+
+
+def problems(cfg: Config):
+    """The file's rows as the step writes them: renamed, cut to `limit`, ids and answers as strings, checked."""
     import datasets
 
     ds = read_table(cfg.path)
@@ -97,4 +74,4 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
             ds = ds.map(lambda row, c=column: {c: None if row[c] is None else str(row[c])},
                         features=datasets.Features({**ds.features, column: datasets.Value("string")}))
     check_problems(ds, cfg.path, cfg.require, cfg.unique_ids)
-    return out.write_dataset(ds, source=cfg.path)
+    return ds

@@ -1,0 +1,434 @@
+"""Read a table of problems (JSONL, JSON, parquet, Arrow file or a saved dataset dir) and check the problems contract.
+
+Used by the `load` step and by the benchmark registry (eval/benchmarks.py). Bad input raises `UserError` with a
+message that names the file and, where there is one, the line and row id — never a `datasets` traceback:
+
+- JSONL (and .json that is not one array): a first pass in Python checks every line for strict UTF-8 and for
+  being one object (`{...}`), then pyarrow's JSON reader builds the table; a line it refuses (and any line whose
+  type changes) sends the file down a slow path that reads it line by line with `json.loads`, so a broken line,
+  a line that is not an object or bytes that are not UTF-8 are reported with their line number. Blank lines are
+  skipped; columns are the union of every row's keys; strings stay strings (pyarrow would turn ISO dates into
+  timestamps). The Dataset is in memory, not a file in the datasets cache.
+- A top-level column of plain values that arrow cannot store as one type (strings mixed with numbers, an integer
+  beyond 64 bits) becomes a column of strings, losslessly (`2` -> `"2"`; ids and answers are strings in every
+  contract anyway). Other mixes (an object in one row, a string in another) get datasets' `Json` feature, as
+  `datasets.Dataset.from_json` gives them; a value that even that cannot store is reported with its line.
+- .json holding one array of objects: each item must be an object (reported by item index).
+- parquet, .arrow and dataset dirs are read by `datasets`; a file or dir it cannot read is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+_SUFFIX_HELP = "use .jsonl, .json, .parquet, .arrow or a dir written by datasets.save_to_disk"
+
+
+def read_table(path: str | os.PathLike):
+    """A datasets.Dataset from a file or a saved dataset dir, chosen by what is on disk."""
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise UserError(f"{name}: file not found (relative paths are read from {Path.cwd()})")
+    if p.is_dir():
+        return _read_dataset_dir(p, name)
+    suffix = p.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UserError(f"{name}: unsupported file type {suffix!r} ({_SUFFIX_HELP})")
+    if not p.is_file():
+        raise UserError(f"{name}: not a regular file")
+    try:
+        if suffix in (".jsonl", ".json"):
+            return _read_json(p, name)
+        return _read_arrow_file(p, name, suffix)
+    except UserError:
+        raise
+    except OSError as e:  # unreadable: permissions, I/O errors
+        raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
+def check_problems(ds, source: str, require: list[str], unique_ids: bool = True):
+    """Refuse missing columns, empty values and duplicate ids, naming the file, line, row and id."""
+    missing = [c for c in require if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{source}: missing column(s) {missing}; columns are {ds.column_names} "
+                        "(rename with `columns: {old: new}`)")
+    columns = ds.select_columns(require).to_dict()  # column lists: far faster than iterating rows
+    ids = columns.get("id")
+    for index in range(len(ds)):
+        row_id = ids[index] if ids is not None else index
+        for column in require:
+            value = columns[column][index]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise UserError(f"{source}: {_where(source, index)} (id {row_id!r}): empty {column!r}")
+    if unique_ids and ids is not None and len(set(ids)) < len(ids):
+        seen: set = set()
+        for index, row_id in enumerate(ids):
+            if row_id in seen:
+                raise UserError(f"{source}: {_where(source, index)}: duplicate id {row_id!r}")
+            seen.add(row_id)
+
+
+# --- JSON and JSONL ------------------------------------------------------------------------------------------------
+
+
+def _read_json(p: Path, name: str):
+    if p.suffix.lower() == ".json" and _first_char(p) == "[":
+        return _dataset_from_rows(_read_json_array(p, name), None, name)
+    # Fast path: a cheap pass in Python checks what pyarrow's reader lets through (bytes that are not UTF-8, a
+    # line that is not an object, which can even crash it), then pyarrow parses the file. Anything it refuses
+    # (a broken line, a column whose type changes) takes the slow path, which names the line or reads the rows.
+    count, longest = _prescan(p, name)
+    table = None
+    try:
+        import pyarrow.json as paj
+
+        options = paj.ReadOptions(block_size=max(1 << 20, 2 * longest + 2))
+        table = paj.read_json(str(p), read_options=options)
+        if table.num_rows != count:  # e.g. two objects on one line
+            table = None
+        elif _has_timestamps(table.schema):  # JSON has no timestamps: keep ISO-date strings as written
+            schema = _strings_for_timestamps(table.schema)
+            table = paj.read_json(str(p), read_options=options, parse_options=paj.ParseOptions(explicit_schema=schema))
+    except Exception:  # noqa: BLE001 - the slow path below reports what is wrong, with its line
+        table = None
+    if table is None:
+        rows, lines = _read_json_lines(p, name)
+        ds = _dataset_from_rows(rows, lines, name)
+    else:
+        ds = _dataset_from_table(table)
+    if p.suffix.lower() == ".json" and len(ds) == 1:  # {"data": [{...}, ...]}: one row holding the real rows
+        nested = [c for c, f in ds.features.items() if _is_list_of_objects(f)]
+        if nested:
+            raise UserError(f"{name}: one JSON object whose {nested[0]!r} is a list of objects; a .json file must "
+                            f"hold a list of objects (or one object per line): save that list on its own")
+    return ds
+
+
+def _is_list_of_objects(feature) -> bool:
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    return isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(inner, dict)
+
+
+def _prescan(p: Path, name: str) -> tuple[int, int]:
+    """(non-blank lines, longest line); UserError at the first line that is not UTF-8 or not a JSON object."""
+    count = longest = 0
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                _parse_line(p, name, number, raw)  # raises, naming the byte and column
+            if line[:1] != b"{" or line[-1:] != b"}":
+                _parse_line(p, name, number, raw)  # raises: not JSON or not an object (else it is one; go on)
+            count += 1
+            longest = max(longest, len(raw))
+    if not count:
+        raise UserError(f"{name}: empty file (no rows)")
+    return count, longest
+
+
+def _parse_line(p: Path, name: str, number: int, raw: bytes):
+    """One JSON-lines row as a dict, None for a blank line; UserError naming the line otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: line {number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); save the file as UTF-8") from None
+    if number == 1:
+        text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name}: line {number}: not valid JSON ({_json_error(e)})" + _json_hint(p)) from None
+    if not isinstance(row, dict):
+        raise UserError(f"{name}: line {number}: a JSON {_kind(row)}, not an object "
+                        "(each line must be one object with the row's columns)")
+    return row
+
+
+def _read_json_lines(p: Path, name: str) -> tuple[list[dict], list[int]]:
+    """(rows, line number of each row), or UserError at the first line that is not a JSON object."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            row = _parse_line(p, name, number, raw)
+            if row is not None:
+                rows.append(row)
+                lines.append(number)
+    if not rows:
+        raise UserError(f"{name}: empty file (no rows)")
+    return rows, lines
+
+
+def _read_json_array(p: Path, name: str) -> list[dict]:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{name}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name}: line {e.lineno}: not valid JSON ({_json_error(e)})") from None
+    if not isinstance(rows, list):  # cannot happen for text starting with "[", kept for safety
+        raise UserError(f"{name}: a JSON file must hold a list of objects")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{name}: item {index} of the list is a JSON {_kind(row)}, not an object "
+                            "(a JSON file must hold a list of objects)")
+    if not rows:
+        raise UserError(f"{name}: empty list (no rows)")
+    return rows
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
+def _first_char(p: Path) -> str:
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    return head.decode("utf-8", errors="replace").removeprefix("\ufeff").lstrip()[:1]
+
+
+def _json_hint(p: Path) -> str:
+    if p.suffix.lower() == ".json":
+        return "; a .json file must hold one list of objects, or one object per line"
+    return ""
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _has_timestamps(schema) -> bool:
+    import pyarrow as pa
+
+    def has(t) -> bool:
+        if pa.types.is_timestamp(t):
+            return True
+        if pa.types.is_struct(t):
+            return any(has(t.field(i).type) for i in range(t.num_fields))
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return has(t.value_type)
+        return False
+
+    return any(has(field.type) for field in schema)
+
+
+def _strings_for_timestamps(schema):
+    import pyarrow as pa
+
+    def swap(t):
+        if pa.types.is_timestamp(t):
+            return pa.string()
+        if pa.types.is_struct(t):
+            return pa.struct([t.field(i).with_type(swap(t.field(i).type)) for i in range(t.num_fields)])
+        if pa.types.is_list(t):
+            return pa.list_(t.value_field.with_type(swap(t.value_type)))
+        if pa.types.is_large_list(t):
+            return pa.large_list(t.value_field.with_type(swap(t.value_type)))
+        return t
+
+    return pa.schema([field.with_type(swap(field.type)) for field in schema])
+
+
+def _dataset_from_table(table):
+    import datasets
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable
+
+    # Without a fingerprint, datasets hashes the whole table to make one: seconds and a copy's worth of memory.
+    return datasets.Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
+
+
+_ARROW_ERRORS: tuple = ()
+
+
+def _arrow_errors() -> tuple:
+    global _ARROW_ERRORS
+    if not _ARROW_ERRORS:
+        import pyarrow as pa
+
+        _ARROW_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+    return _ARROW_ERRORS
+
+
+def _dataset_from_rows(rows: list[dict], lines: list[int] | None, name: str):
+    """Rows (dicts) as a Dataset whose columns are the union of their keys, in order of first appearance."""
+    import datasets
+    import pyarrow as pa
+
+    errors = _arrow_errors()
+    columns: dict[str, None] = {}
+    for row in rows:
+        if len(row) != len(columns) or any(key not in columns for key in row):
+            columns.update(dict.fromkeys(row))
+    mapping = {column: [row.get(column) for row in rows] for column in columns}
+    try:
+        return _dataset_from_table(pa.Table.from_pydict(mapping))
+    except errors:
+        pass
+    # Some column arrow cannot store as one type. Plain values (strings mixed with numbers, ints beyond int64)
+    # become strings, losslessly; other mixes (an object here, a string there) get datasets' Json feature, as
+    # datasets.Dataset.from_json gives them; a value that even that refuses is reported with its line.
+    needs_json = False
+    for column, values in mapping.items():
+        try:
+            pa.array(values)
+            continue
+        except errors:
+            pass
+        if all(v is None or isinstance(v, (str, int, float)) for v in values):
+            strings = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+            try:
+                pa.array(strings, type=pa.string())
+                mapping[column] = strings
+                continue
+            except errors:
+                pass
+        else:
+            try:
+                datasets.Dataset.from_dict({column: values}, on_mixed_types="use_json")
+                needs_json = True
+                continue
+            except errors:
+                pass
+        raise UserError(_first_bad_value(name, column, values, rows, lines))
+    try:
+        if needs_json:
+            return datasets.Dataset.from_dict(mapping, on_mixed_types="use_json")
+        return _dataset_from_table(pa.Table.from_pydict(mapping))
+    except Exception as e:  # noqa: BLE001 - reported, not a traceback
+        raise UserError(f"{name}: cannot build a table from its rows: {_reason(e)}") from None
+
+
+def _first_bad_value(name, column, values, rows, lines) -> str:
+    """The first row whose `column` value cannot be stored with the values before it (bisection on prefixes)."""
+    import datasets
+
+    errors = _arrow_errors()
+    low, high, cause = 1, len(values), None  # the prefix of `high` values fails; find the shortest that does
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            datasets.Dataset.from_dict({column: values[:middle]}, on_mixed_types="use_json")
+            low = middle + 1
+        except errors:
+            high = middle
+    try:
+        datasets.Dataset.from_dict({column: values[:high]}, on_mixed_types="use_json")
+    except errors as e:
+        cause = e
+    index = high - 1
+    where = f"line {lines[index]}" if lines is not None else f"item {index}"
+    row_id = rows[index].get("id")
+    id_part = f" (id {row_id!r})" if row_id is not None else ""
+    value = json.dumps(values[index])
+    value = value if len(value) <= 60 else value[:57] + "..."
+    reason = f" ({_reason(cause)})" if cause is not None else ""
+    return f"{name}: {where}{id_part}: column {column!r}: cannot store {value}{reason}"
+
+
+def _where(source: str, index: int) -> str:
+    """`line N, row I` for a JSON-lines file (found again only on this error path), else `row I`."""
+    p = Path(source)
+    if p.suffix.lower() in (".jsonl", ".json") and p.is_file():
+        try:
+            if p.suffix.lower() == ".jsonl" or _first_char(p) != "[":
+                with open(p, "rb") as f:
+                    seen = -1
+                    for number, raw in enumerate(f, 1):
+                        if raw.strip():
+                            seen += 1
+                            if seen == index:
+                                return f"line {number}, row {index}"
+        except OSError:
+            pass
+    return f"row {index}"
+
+
+# --- parquet, arrow, dataset dirs --------------------------------------------------------------------------------
+
+
+def _read_arrow_file(p: Path, name: str, suffix: str):
+    import datasets
+
+    try:
+        if suffix == ".parquet":
+            # pyarrow directly: datasets' parquet builder logs its own traceback before raising.
+            import pyarrow.parquet as pq
+
+            ds = _dataset_from_table(pq.read_table(str(p)))
+        else:
+            ds = datasets.Dataset.from_file(str(p))  # memory-mapped
+    except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many kinds; reported, not a traceback
+        kind = "parquet" if suffix == ".parquet" else "Arrow (datasets cache / IPC stream)"
+        raise UserError(f"{name}: not a readable {kind} file: {_reason(e)}") from None
+    if len(ds) == 0 and not ds.column_names:
+        raise UserError(f"{name}: empty table (no rows)")
+    return ds
+
+
+def _read_dataset_dir(p: Path, name: str):
+    import datasets
+
+    saved = (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+    if not saved and p.suffix.lower() in SUFFIXES:
+        raise UserError(f"{name}: is a directory, not a {p.suffix} file")
+    if not saved:
+        hint = ""
+        if (p / "data" / "state.json").is_file():
+            hint = f"; a step's dataset is in {p / 'data'}"
+        raise UserError(f"{name}: is a directory but not a dataset saved by datasets.save_to_disk "
+                        f"(no state.json){hint}; {_SUFFIX_HELP}")
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001 - reported, not a traceback
+        raise UserError(f"{name}: cannot read this saved dataset: {_reason(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if len(splits) != 1:
+            raise UserError(f"{name}: a DatasetDict with splits {splits}; point at one split's dir, "
+                            f"e.g. {p / splits[0]}" if splits else f"{name}: a DatasetDict with no splits")
+        ds = ds[splits[0]]
+    return ds
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause's message, on one line (datasets wraps the real error in DatasetGenerationError)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
