@@ -8,9 +8,9 @@ answer non-empty, answer turned into a string.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
@@ -39,8 +39,11 @@ class Config(StepConfig):
     # 2: pipeline.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
     code_version: ClassVar[str] = "2"
 
+    # the rows check_inputs read, so that run does not read the file a second time
+    _checked_rows: Any = PrivateAttr(default=None)
+
     def check_inputs(self) -> None:
-        problems(self)  # a file that cannot load fails the run before anything is written
+        self._checked_rows = problems(self)  # a file that cannot load fails the run before anything is written
 
     @field_validator("path")
     @classmethod
@@ -51,7 +54,8 @@ class Config(StepConfig):
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    return out.write_dataset(problems(cfg), source=cfg.path)
+    rows = cfg._checked_rows if cfg._checked_rows is not None else problems(cfg)
+    return out.write_dataset(rows, source=cfg.path)
 
 
 def problems(cfg: Config):
