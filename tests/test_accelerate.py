@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
+from pipeline import training
 from pipeline.artifacts import Artifact, Output
 from pipeline.steps import redi, sft
 
@@ -23,8 +24,9 @@ def parsed_launch(config_file, num_processes=1):
 
     cfg = sft.Config(uses="sft", input="d", model="builtin:tiny-random", accelerate_config=str(config_file),
                      num_processes=num_processes)
-    command = sft.launch_command(cfg, Path("payload.json"))
-    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-3:] == ["-m", "pipeline.steps.sft",
+    command = training.launch_command(cfg, Path("payload.json"))
+    # Every training step launches the shared entry point; the payload names the step type whose `train` it runs.
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-3:] == ["-m", "pipeline.training",
                                                                                       "payload.json"]
     return _validate_launch_command(launch_command_parser().parse_args(command[3:]))
 
@@ -80,12 +82,13 @@ def test_a_training_step_runs_under_accelerate_launch(tmp_path):
                               "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")
     cfg = redi.Config(uses="redi", input="pairs", model="builtin:tiny-random", lora={"r": 4}, max_steps=2,
                       batch_size=2, logging_steps=1, max_length=64, accelerate_config=str(single_process))
-    assert sft.runs_distributed(cfg)
+    assert training.runs_distributed(cfg)
     out = Output(name="redi", kind="model", dir=tmp_path / "redi", scratch=tmp_path / "scratch", seed=0)
     out.dir.mkdir()
     out.scratch.mkdir()
 
     artifact = redi.run(cfg, {"pairs": Artifact("pairs", "dataset", tmp_path / "pairs")}, out)
     assert artifact.stats["steps"] == 2 and artifact.stats["rows"] == 4 and artifact.stats["processes"] == 1
-    assert (out.model_dir / "adapter_model.safetensors").exists() and (out.model_dir / "README.md").exists()
+    assert (out.model_dir / "adapter_model.safetensors").exists()
+    assert "with REDI" in (out.model_dir / "README.md").read_text()  # redi's own `train` ran under the launch
     assert json.loads((out.scratch / "launch.json").read_text())["uses"] == "redi"

@@ -6,6 +6,7 @@ from datasets import Dataset
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import sft
+from pipeline.training import model_card
 
 EOS = "<|im_end|>"  # SmolLM2's end of turn, the eos of builtin:tiny-random
 
@@ -157,3 +158,14 @@ def test_chat_template_override_and_gradient_checkpointing(sft_data, tmp_path):
 
     with pytest.raises(ValueError, match="file not found"):
         config(chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_model_card_names_the_model_the_step_and_the_schedule():
+    card = model_card(config(max_steps=5), "tuned",
+                      facts=["base model: `builtin:tiny-random`", "training data: step `d`"])
+    assert card == ("# tuned\n\nLoRA adapter (r=8) trained by the distillery `sft` step `tuned`.\n\n"
+                    "- base model: `builtin:tiny-random`\n- training data: step `d`\n"
+                    "- 1.0 epochs, max 5 steps, learning rate 0.005, batch 4 x 1\n")
+    full = model_card(config(lora=None), "tuned", facts=[], trained="trained by REDI in", batch_unit=" pairs")
+    assert full.startswith("# tuned\n\nFully fine-tuned model trained by REDI in the distillery `sft` step `tuned`.")
+    assert full.endswith("batch 4 pairs x 1\n")

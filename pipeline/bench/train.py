@@ -118,7 +118,7 @@ def dpo_trainer(cfg, inputs, out):
 
     from pipeline.models import resolve_model
     from pipeline.steps.redi import preference_dataset
-    from pipeline.steps.sft import drop_overlong, load_tokenizer, training_arguments
+    from pipeline.training import drop_overlong, load_tokenizer, training_arguments
 
     model_path = resolve_model(cfg.model, inputs)
     tokenizer = load_tokenizer(cfg, model_path)

@@ -21,10 +21,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.errors import UserError
-from pipeline.steps.opsd import RolloutConfig
+from pipeline.steps.opsd import RolloutConfig, rollouts_fact
 from pipeline.steps.sample import render_prompt
-from pipeline.steps.sft import (load_tokenizer, peft_config, schedule_line, train_and_save, train_here_or_launch,
-                                training_arguments)
+from pipeline.training import (load_tokenizer, model_card, peft_config, train_and_save, train_here_or_launch,
+                               training_arguments)
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
@@ -49,7 +49,10 @@ def run(cfg: Config, inputs, out):
 
 def train(cfg: Config, inputs, out) -> dict:
     trainer, data_stats = build_trainer(cfg, inputs, out)
-    stats = train_and_save(trainer, cfg, out, model_card(cfg, out.name), **data_stats)
+    card = model_card(cfg, out.name, trained="trained by on-policy distillation in", batch_unit=" prompts",
+                      facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher}` (beta {cfg.beta})",
+                             f"prompts: step `{cfg.input}`", rollouts_fact(cfg)])
+    stats = train_and_save(trainer, cfg, out, card, **data_stats)
     divergence = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
                if "completions/mean_length" in entry]
@@ -141,13 +144,3 @@ def prompt_dataset(dataset, cfg: Config, tokenizer):
         raise UserError(f"onpolicy: every prompt of dataset {cfg.input!r} is longer than max_length - max_tokens = "
                         f"{limit} tokens; raise max_length")
     return kept
-
-
-def model_card(cfg: Config, step_name: str) -> str:
-    kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
-    return (
-        f"# {step_name}\n\n{kind} trained by on-policy distillation in the distillery `onpolicy` step "
-        f"`{step_name}`.\n\n- student: `{cfg.model}`\n- teacher: `{cfg.teacher}` (beta {cfg.beta})\n"
-        f"- prompts: step `{cfg.input}`\n- rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}\n"
-        + schedule_line(cfg, batch_unit=" prompts")
-    )

@@ -47,8 +47,8 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.steps.sft import (TrainingConfig, load_tokenizer, peft_config, schedule_line, train_and_save,
-                                train_here_or_launch, training_arguments)
+from pipeline.training import (TrainingConfig, load_tokenizer, model_card, peft_config, train_and_save,
+                               train_here_or_launch, training_arguments)
 
 # The paper's teacher instruction around the reference; the student prompt (with its \boxed{} request) comes first.
 DEFAULT_TEACHER_TEMPLATE = (
@@ -88,6 +88,11 @@ class RolloutConfig(TrainingConfig):
             raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
                              f"({self.max_length})")
         return self
+
+
+def rollouts_fact(cfg: RolloutConfig) -> str:
+    """The model card's line on how an on-policy step sampled its rollouts."""
+    return f"rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}"
 
 
 class Config(RolloutConfig):
@@ -151,7 +156,11 @@ def run(cfg: Config, inputs, out):
 def train(cfg: Config, inputs, out) -> dict:
     """Train in this process (every process of a distributed launch runs it); returns the manifest stats."""
     trainer, data_stats = build_trainer(cfg, inputs, out)
-    stats = train_and_save(trainer, cfg, out, model_card(cfg, out.name), **data_stats)
+    teacher = f"teacher: {cfg.teacher}, beta {cfg.beta}, support {cfg.support}, cap {cfg.divergence_cap}"
+    card = model_card(cfg, out.name, trained="trained by on-policy self-distillation (OPSD) in", batch_unit=" prompts",
+                      facts=[f"base model: `{cfg.model}`", f"training data: step `{cfg.input}`", teacher,
+                             rollouts_fact(cfg)])
+    stats = train_and_save(trainer, cfg, out, card, **data_stats)
     return {**stats, **logged_stats(trainer.state.log_history)}
 
 
@@ -377,14 +386,3 @@ def logged_stats(log_history: list[dict]) -> dict:
                 divergence_last=divergence[-1] if divergence else None,
                 completion_length_mean=mean(logged("completions/mean_length")),
                 leak_share=mean(logged("opsd/leak_share")))
-
-
-def model_card(cfg: Config, step_name: str) -> str:
-    kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
-    return (
-        f"# {step_name}\n\n{kind} trained by on-policy self-distillation (OPSD) in the distillery `opsd` step "
-        f"`{step_name}`.\n\n- base model: `{cfg.model}`\n- training data: step `{cfg.input}`\n"
-        f"- teacher: {cfg.teacher}, beta {cfg.beta}, support {cfg.support}, cap {cfg.divergence_cap}\n"
-        f"- rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}\n"
-        + schedule_line(cfg, batch_unit=" prompts")
-    )

@@ -33,8 +33,8 @@ from pydantic import Field
 
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
-from pipeline.steps.sft import (LoraSettings, TrainingConfig, drop_overlong, load_tokenizer, peft_config, schedule_line,
-                                train_and_save, train_here_or_launch, training_arguments)
+from pipeline.training import (LoraSettings, TrainingConfig, drop_overlong, load_tokenizer, model_card, peft_config,
+                               train_and_save, train_here_or_launch, training_arguments)
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 
@@ -72,7 +72,14 @@ def run(cfg: Config, inputs, out):
 
 def train(cfg: Config, inputs, out) -> dict:
     trainer, data_stats, lineage = build_trainer(cfg, inputs, out)
-    stats = train_and_save(trainer, cfg, out, model_card(cfg, out.name, lineage), alpha=cfg.alpha, **data_stats)
+    if lineage.get("adapter_from"):
+        kind = f"The LoRA adapter of `{lineage['adapter_from']}`, trained further"
+    else:
+        kind = f"A LoRA adapter (r={cfg.lora.r})" if cfg.lora else "A fully fine-tuned model"
+    card = model_card(cfg, out.name, kind=kind, trained=f"with REDI (reference-free, alpha={cfg.alpha}) by",
+                      facts=[f"base model: `{lineage['base_model']}`", f"started from: `{cfg.model}`",
+                             f"pairs: step `{cfg.input}`"], batch_unit=" pairs")
+    stats = train_and_save(trainer, cfg, out, card, alpha=cfg.alpha, **data_stats)
     # The adapter's own base, so `merge` and the lineage name the original model, not the sft step.
     return {**stats, "adapter": trainer.is_peft, "base_model": lineage["base_model"],
             "adapter_from": lineage.get("adapter_from")}
@@ -132,18 +139,6 @@ def build_trainer(cfg: Config, inputs, out):
         raise UserError(f"redi: {missing_eos} pair(s) of dataset {cfg.input!r} have a completion without the eos token "
                         f"{tokenizer.eos_token!r}; check that the chat template ends an assistant turn with eos")
     return trainer, {"rows": len(train_data), "dropped_truncated": len(pairs) - len(train_data)}, lineage
-
-
-def model_card(cfg: Config, step_name: str, lineage: dict) -> str:
-    if lineage.get("adapter_from"):
-        kind = f"The LoRA adapter of `{lineage['adapter_from']}`, trained further"
-    else:
-        kind = f"A LoRA adapter (r={cfg.lora.r})" if cfg.lora else "A fully fine-tuned model"
-    return (
-        f"# {step_name}\n\n{kind} with REDI (reference-free, alpha={cfg.alpha}) by the distillery `redi` step "
-        f"`{step_name}`.\n\n- base model: `{lineage['base_model']}`\n- started from: `{cfg.model}`\n"
-        f"- pairs: step `{cfg.input}`\n" + schedule_line(cfg, batch_unit=" pairs")
-    )
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> None:

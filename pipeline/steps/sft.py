@@ -10,8 +10,8 @@ than `max_length` are dropped before tokenization and counted (`dropped_truncate
 distinct from eos; a batch without a single trained token stops the run instead of adding a silent zero loss.
 Checkpoints go to the step's scratch dir; a killed step resumes from the last one.
 
-This module also holds what every training step shares (`TrainingConfig`, the Trainer arguments, resume and save,
-and the `accelerate launch` path for several GPUs); `redi` builds on it.
+What every training step shares (`TrainingConfig`, the Trainer arguments, resume and save, the model card, and the
+`accelerate launch` path for several GPUs) is in `pipeline.training`.
 
 Output: with LoRA, the adapter (peft dir) + tokenizer, stats `adapter: true` and `base_model`; a `merge` step
 turns it into a standalone model. With `lora: null`, the full fine-tuned model.
@@ -20,115 +20,13 @@ turns it into a standalone model. With `lora: null`, the full fine-tuned model.
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import sys
-import time
-from pathlib import Path
-from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from pipeline.errors import UserError
-from pipeline.steps import StepConfig, require_columns
-
-# Tokens that serve as padding when a tokenizer has none of its own, or pads with eos.
-PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
-# Written by the main process of an `accelerate launch`ed step: the stats the parent puts in the manifest.
-LAUNCH_RESULT = "launch_result.json"
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(default=16, ge=1, description="LoRA rank.")
-    alpha: int | None = Field(default=None, ge=1, description="LoRA alpha (scaling = alpha / r); default 2 * r.")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    target_modules: str | list[str] = Field(
-        default="all-linear",
-        description="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of "
-        "module names such as [q_proj, v_proj].",
-    )
-
-
-class TrainingConfig(StepConfig):
-    """Settings every training step (sft, redi) has: the model, LoRA, the schedule, checkpoints, precision, launch."""
-
-    produces: ClassVar = "model"
-    dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1}
-    path_fields: ClassVar = ("chat_template", "accelerate_config")
-    libraries: ClassVar = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed")
-
-    model: str = Field(description="Model to fine-tune: builtin:NAME, a local dir, a hub id, or step:NAME.")
-    lora: LoraSettings | None = Field(
-        default_factory=LoraSettings,
-        description="LoRA settings; the step saves only the adapter. null: full fine-tuning, saves the whole model.",
-    )
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to train; overrides epochs.")
-    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(default=8, ge=1, description="Sequences per device per forward pass.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Forward passes per optimizer step.")
-    max_length: int = Field(
-        default=1024, ge=8, description="Longest prompt + completion in tokens; longer rows are dropped, not cut."
-    )
-    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
-    lr_scheduler_type: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
-    ] = Field(default="linear", description="Learning-rate schedule after warmup (transformers' names).")
-    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
-    logging_steps: int = Field(default=10, ge=1, description="Log the training loss every this many steps.")
-    save_steps: int = Field(default=100, ge=1, description="Checkpoint every this many steps (for resume).")
-    report_to: str | list[str] = Field(
-        default="none", description="Trackers for the Trainer logs: none, tensorboard, wandb, ... (transformers)."
-    )
-    gradient_checkpointing: bool = Field(
-        default=False,
-        description="Recompute activations in the backward pass: far less memory on long sequences, about a third slower.",
-    )
-    bf16: bool | None = Field(
-        default=None,
-        description="bfloat16 mixed precision (weights stay float32). null: on where the hardware has it (a CUDA GPU with "
-        "bf16, a CPU with AVX-512 BF16 or AMX), else float32.",
-    )
-    chat_template: str | None = Field(
-        default=None,
-        description="Train with this chat template instead of the model's own: a Jinja file, or a model dir whose "
-        "tokenizer's template is taken. It is saved with the trained model, so sampling and evaluation use it too.",
-    )
-    num_processes: int = Field(
-        default=1, ge=1, description="Processes (one per GPU) to train on; above 1 the step runs under `accelerate launch`."
-    )
-    accelerate_config: str | None = Field(
-        default=None,
-        description="An accelerate config file, e.g. recipes/accelerate/zero3.yaml (DDP, DeepSpeed ZeRO-2/3, FSDP); "
-        "when set, the step runs under `accelerate launch --config_file` it.",
-    )
-
-    @field_validator("chat_template", "accelerate_config")
-    @classmethod
-    def _exists(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"file not found: {path} (relative paths are read from {Path.cwd()})")
-        return path
-
-    def model_refs(self) -> list[str]:
-        return [self.model]
-
-    def input_paths(self) -> list[str]:
-        # An accelerate config may point at a DeepSpeed JSON (read from the working directory, as accelerate does).
-        paths = [p for p in super().input_paths() if p]
-        if self.accelerate_config:
-            import yaml
-
-            try:
-                settings = yaml.safe_load(Path(self.accelerate_config).read_text()) or {}
-            except (OSError, yaml.YAMLError) as error:
-                raise UserError(f"accelerate_config {self.accelerate_config}: cannot read it ({error})") from None
-            deepspeed = settings.get("deepspeed_config") if isinstance(settings, dict) else None
-            if isinstance(deepspeed, dict) and deepspeed.get("deepspeed_config_file"):
-                paths.append(str(deepspeed["deepspeed_config_file"]))
-        return paths
+from pipeline.steps import require_columns
+from pipeline.training import (TrainingConfig, drop_overlong, load_tokenizer, model_card, peft_config, train_and_save,
+                               train_here_or_launch, training_arguments)
 
 
 class Config(TrainingConfig):
@@ -152,7 +50,8 @@ def run(cfg: Config, inputs, out):
 def train(cfg: Config, inputs, out) -> dict:
     """Train in this process (every process of a distributed launch runs it); returns the manifest stats."""
     trainer, data_stats = build_trainer(cfg, inputs, out)
-    return train_and_save(trainer, cfg, out, model_card(cfg, out.name), **data_stats)
+    card = model_card(cfg, out.name, facts=[f"base model: `{cfg.model}`", f"training data: step `{cfg.input}`"])
+    return train_and_save(trainer, cfg, out, card, **data_stats)
 
 
 def build_trainer(cfg: Config, inputs, out):
@@ -212,21 +111,6 @@ def checked_sft_trainer():
     return CheckedSFTTrainer
 
 
-def schedule_line(cfg: TrainingConfig, batch_unit: str = "") -> str:
-    """The model card's line on how long and how fast a training step trained."""
-    return (f"- {cfg.epochs} epochs" + (f", max {cfg.max_steps} steps" if cfg.max_steps else "")
-            + f", learning rate {cfg.learning_rate}, batch {cfg.batch_size}{batch_unit} x "
-            f"{cfg.gradient_accumulation_steps}\n")
-
-
-def model_card(cfg: Config, step_name: str) -> str:
-    kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
-    return (
-        f"# {step_name}\n\n{kind} trained by the distillery `sft` step `{step_name}`.\n\n"
-        f"- base model: `{cfg.model}`\n- training data: step `{cfg.input}`\n" + schedule_line(cfg)
-    )
-
-
 def prompt_completion_dataset(dataset, dataset_name: str):
     """TRL conversational prompt-completion rows from `messages` rows: the last (assistant) message is the completion."""
     require_columns(dataset, ["messages"], step="sft", source=dataset_name,
@@ -245,213 +129,3 @@ def prompt_completion_dataset(dataset, dataset_name: str):
 
     # In memory: otherwise this map and TRL's would write cache files into the input step's finished data dir.
     return dataset.map(split, with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True)
-
-
-# ---- shared by the training steps -------------------------------------------------------------------------------
-
-
-def bf16_supported() -> bool:
-    """bfloat16 compute in hardware: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX (about 2x fp32 here)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def training_arguments(cfg: TrainingConfig, out) -> dict:
-    """transformers TrainingArguments every training step passes to its TRL config."""
-    import torch
-
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_supported()
-    return dict(
-        output_dir=str(out.scratch / "checkpoints"),
-        seed=out.seed,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=cfg.report_to,
-        bf16=bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 without CUDA unless told it is CPU
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-def load_tokenizer(cfg: TrainingConfig, model_path: str):
-    """The model's tokenizer with the chat template to train with, an eos, and a pad token that is not eos."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if cfg.chat_template:
-        template = Path(cfg.chat_template)
-        tokenizer.chat_template = (
-            AutoTokenizer.from_pretrained(str(template)).chat_template if template.is_dir() else template.read_text()
-        )
-    if not tokenizer.chat_template:
-        raise UserError(f"{cfg.uses}: model {cfg.model!r} has no chat template; name one with `chat_template`")
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{cfg.uses}: the tokenizer of model {cfg.model!r} has no eos token, so it cannot learn to stop")
-    use_distinct_pad_token(tokenizer)
-    return tokenizer
-
-
-def drop_overlong(dataset, tokenizer, cfg: TrainingConfig, completion_columns: tuple[str, ...], dataset_name: str):
-    """Rows whose prompt + each completion fit in max_length tokens; a cut completion would lose its eos."""
-
-    def fits(row) -> bool:
-        return all(
-            len(tokenizer.apply_chat_template(row["prompt"] + row[column], tokenize=True, return_dict=True)["input_ids"])
-            <= cfg.max_length
-            for column in completion_columns
-        )
-
-    kept = dataset.filter(fits, keep_in_memory=True, desc=f"{cfg.uses}: dropping rows over max_length")
-    if len(kept) == 0:
-        raise UserError(
-            f"{cfg.uses}: every row of dataset {dataset_name!r} is longer than max_length={cfg.max_length} tokens "
-            "(prompt + completion); raise max_length"
-        )
-    return kept
-
-
-def train_and_save(trainer, cfg: TrainingConfig, out, card: str, **stats) -> dict:
-    """Train (resuming from the last checkpoint in scratch), save model + tokenizer + card, return manifest stats."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints = Path(trainer.args.output_dir)
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    started = time.time()
-    trainer.train(resume_from_checkpoint=last_checkpoint)
-    seconds = time.time() - started
-
-    trainer.save_model(str(out.model_dir))  # every rank takes part (ZeRO-3 gathers); the main process writes
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(out.model_dir))
-        (out.model_dir / "README.md").write_text(card)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens_this_run = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
-    return dict(
-        adapter=cfg.lora is not None,
-        base_model=cfg.model,
-        **stats,
-        steps=trainer.state.global_step,
-        resumed_from_step=int(last_checkpoint.rsplit("-", 1)[1]) if last_checkpoint else 0,
-        train_loss_first=losses[0] if losses else None,
-        train_loss_last=losses[-1] if losses else None,
-        tokens_seen=trainer.state.num_input_tokens_seen,
-        train_seconds=round(seconds, 2),
-        tokens_per_second=round(tokens_this_run / seconds, 1) if seconds else None,
-        bf16=trainer.args.bf16,
-        processes=trainer.args.world_size,
-    )
-
-
-def use_distinct_pad_token(tokenizer) -> None:
-    """Pad with a token other than eos, so no padding rule can ever mask the eos a completion ends with."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    vocab = tokenizer.get_vocab()
-    for candidate in (tokenizer.unk_token, *PAD_CANDIDATES):
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
-            tokenizer.pad_token = candidate
-            return
-    # No spare token: TRL pads labels with -100 independently of the pad token, and build_trainer's
-    # eos-in-labels check still guarantees every trained row ends with eos.
-    tokenizer.pad_token = tokenizer.eos_token
-
-
-def peft_config(lora: LoraSettings | None):
-    if lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha or 2 * lora.r,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
-# ---- several GPUs: the step re-runs itself under `accelerate launch` --------------------------------------------
-
-
-def train_here_or_launch(cfg: TrainingConfig, inputs, out):
-    """A training step's `run`: its `train` in this process, or in `accelerate launch` processes when the step
-    asks for several (or names an accelerate config)."""
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
-    from pipeline.steps import step_module
-
-    return out.model_written(**step_module(cfg.uses).train(cfg, inputs, out))
-
-
-def runs_distributed(cfg: TrainingConfig) -> bool:
-    return cfg.num_processes > 1 or cfg.accelerate_config is not None
-
-
-def launch_command(cfg: TrainingConfig, payload: Path) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if cfg.accelerate_config:
-        command += ["--config_file", str(Path(cfg.accelerate_config).resolve())]
-    if cfg.num_processes > 1 or not cfg.accelerate_config:
-        command += ["--num_processes", str(cfg.num_processes)]
-    return command + ["-m", "pipeline.steps.sft", str(payload)]
-
-
-def launch_distributed(cfg: TrainingConfig, inputs, out):
-    """Run this step's `train` in `accelerate launch` processes, with the same output and scratch dirs.
-
-    Every process trains; only the main one writes the model and the stats file read back here.
-    """
-    payload = out.scratch / "launch.json"
-    payload.write_text(json.dumps({
-        "uses": cfg.uses,
-        "config": cfg.model_dump(mode="json"),
-        "inputs": {name: {"name": a.name, "kind": a.kind, "path": str(a.path), "key": a.key, "stats": a.stats}
-                   for name, a in inputs.items()},
-        "out": {"name": out.name, "kind": out.kind, "dir": str(out.dir), "scratch": str(out.scratch),
-                "seed": out.seed, "dry_run": out.dry_run},
-    }))
-    result = out.scratch / LAUNCH_RESULT
-    result.unlink(missing_ok=True)
-    command = launch_command(cfg, payload)
-    process = subprocess.run(command)
-    if process.returncode != 0 or not result.exists():
-        raise RuntimeError(f"{cfg.uses}: `{' '.join(command)}` failed (exit code {process.returncode}); "
-                           "its output is above")
-    return out.model_written(**json.loads(result.read_text()))
-
-
-def launched_main(payload_path: str) -> None:
-    """Entry point of each `accelerate launch`ed process: run one training step's `train`."""
-    from accelerate import PartialState
-
-    from pipeline.artifacts import Artifact, Output
-    from pipeline.steps import step_module
-
-    payload = json.loads(Path(payload_path).read_text())
-    module = step_module(payload["uses"])
-    cfg = module.Config(**payload["config"])
-    inputs = {name: Artifact(**{**fields, "path": Path(fields["path"])}) for name, fields in payload["inputs"].items()}
-    out_fields = payload["out"]
-    out = Output(**{**out_fields, "dir": Path(out_fields["dir"]), "scratch": Path(out_fields["scratch"])})
-    stats = module.train(cfg, inputs, out)
-    if PartialState().is_main_process:
-        (out.scratch / LAUNCH_RESULT).write_text(json.dumps(stats))
-
-
-if __name__ == "__main__":
-    launched_main(sys.argv[1])
