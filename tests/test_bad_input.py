@@ -100,3 +100,14 @@ def test_bad_input_exits_2_names_the_thing_and_leaves_no_trace(case, tmp_path, m
 
 def test_the_corpus_covers_at_least_twenty_kinds():
     assert len(CASES) >= 20
+
+
+def test_eval_refuses_an_out_dir_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    before = snapshot(tmp_path)
+    assert main(["eval", "builtin:tiny-random", "--benchmarks", "arith_test:1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds notes.txt, which no evaluation wrote" in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before

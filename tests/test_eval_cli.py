@@ -36,11 +36,12 @@ def test_eval_command_writes_outputs_and_repeats_itself(tmp_path):
     assert "| builtin:tiny-random |" in (first / "report.md").read_text()
     assert not (first / ".scratch").exists()
 
-    # same command, same seed: same completions, same numbers
-    assert main(QUICK_TINY + ["--out", str(second)]) == 0
+    # same command and seed, chunks of 2 problems instead of one of 5: same completions, same numbers
+    assert main(QUICK_TINY + ["--chunk-size", "2", "--out", str(second)]) == 0
     again, again_samples = read(second)
     assert again["models"] == results["models"]
     assert again_samples["completion"] == samples["completion"]
+    assert (meta["sampling"]["chunk_size"], again["meta"]["sampling"]["chunk_size"]) == (64, 2)
 
     # re-grading the saved completions gives the run's numbers
     assert main(["eval", "--rescore", str(first)]) == 0

@@ -74,22 +74,37 @@ def test_think_prefix_from_the_chat_template(tokenizer):
     tokenizer.chat_template = smollm_template
 
 
-def fake_generate(calls):
+def arithmetic_answers(model, messages, n, think_prefix):
     """Model dir `good` answers every arithmetic problem right; `half` only in its first sample; AIME all wrong."""
+    match = re.match(r"What is (\d+ [-+*] \d+)\?", messages[0]["content"])
+    value = eval(match.group(1)) if match else 0  # noqa: S307 - our own arithmetic prompts
+    right = f"\\boxed{{{value}}}"
+    if think_prefix:
+        right = f"{value}, I think.</think>The answer is {right}."
+    good = Path(model).parent.name == "good"
+    texts = [right if (good or i == 0) and match else f"\\boxed{{{i % 2}}}" for i in range(n)]
+    return [Completion(text, "stop" if i < 3 else "length", 10, 5 + i) for i, text in enumerate(texts)]
 
-    def generate(model, prompts, *, n, temperature, top_p, max_tokens, seed, think_prefix, **_):
-        calls.append({"model": model, "prompts": prompts, "n": n, "seed": seed, "think_prefix": think_prefix})
-        out = []
-        for messages in prompts:
-            match = re.match(r"What is (\d+ [-+*] \d+)\?", messages[0]["content"])
-            value = eval(match.group(1)) if match else 0  # noqa: S307 - our own arithmetic prompts
-            right = f"\\boxed{{{value}}}"
-            if think_prefix:
-                right = f"{value}, I think.</think>The answer is {right}."
-            good = Path(model).parent.name == "good"
-            texts = [right if (good or i == 0) and match else f"\\boxed{{{i % 2}}}" for i in range(n)]
-            out.append([Completion(text, "stop" if i < 3 else "length", 10, 5 + i) for i, text in enumerate(texts)])
-        return Generations(out, load_seconds=1.0, generate_seconds=2.0)
+
+def fake_generate(calls, answers=arithmetic_answers, fail_after_chunks=None):
+    """A stand-in for pipeline.generation.generate with its chunk contract; records each call and the chunks it
+    generated, and raises (as a killed run would stop) once `fail_after_chunks` chunks were handed over."""
+
+    def generate(model, prompts, *, n, seed, think_prefix, ids, chunks, skip_chunks=(), on_chunk=None, **_):
+        todo = [c for c in range(len(chunks)) if c not in set(skip_chunks)]
+        call = {"model": model, "prompts": prompts, "n": n, "ids": ids, "seed": seed, "think_prefix": think_prefix,
+                "chunks": chunks, "generated": []}
+        calls.append(call)
+        out = [[] for _ in prompts]
+        for chunk in todo:
+            if fail_after_chunks is not None and len(call["generated"]) == fail_after_chunks:
+                raise RuntimeError("the vLLM process died")
+            rows = chunks[chunk]
+            for p in rows:
+                out[p] = answers(model, prompts[p], n[p], think_prefix)
+            call["generated"].append(chunk)
+            on_chunk(chunk, out[rows.start:rows.stop], 2.0)
+        return Generations(out, load_seconds=1.0 if todo else 0.0, generate_seconds=2.0 * len(todo))
 
     return generate
 
@@ -140,9 +155,11 @@ def test_scores_files_and_resume(tmp_path, fake_models):
     assert meta["n"] == {"arith_test:3": 4, "aime24:2": 4} and meta["sampling"]["max_tokens"] == 32768
     assert meta["prompt_template_name"] == "r1" and meta["models"]["step:good"]["think_prefix"] == "<think>\n"
 
-    # one engine per model (both benchmarks share n), seeded, prompts from the template
+    # one engine per model for both benchmarks, seeded, prompts from the template, chunks cut per benchmark
     assert [Path(c["model"]).parent.name for c in calls] == ["half", "good"]
-    assert all(c["seed"] == 7 and c["n"] == 4 and len(c["prompts"]) == 5 for c in calls)
+    assert all(c["seed"] == 7 and c["n"] == [4] * 5 and len(c["prompts"]) == 5 for c in calls)
+    assert calls[0]["chunks"] == [range(0, 3), range(3, 5)] and calls[0]["generated"] == [0, 1]
+    assert calls[0]["ids"] == ["arith-test-0000", "arith-test-0001", "arith-test-0002", *calls[0]["ids"][3:]]
     assert calls[0]["prompts"][0] == [{"role": "user", "content": "What is 16 * 19?\n\n"
                                        "Please reason step by step, and put your final answer within \\boxed{}."}]
 
@@ -159,7 +176,32 @@ def test_scores_files_and_resume(tmp_path, fake_models):
     calls.clear()
     (tmp_path / "report" / "results.json").unlink()
     _, again = run_evaluate(tmp_path, cfg)
-    assert calls == [] and again["models"] == results["models"]
+    assert [c["generated"] for c in calls] == [[], []] and again["models"] == results["models"]
+
+
+def test_a_run_killed_mid_benchmark_resumes_losing_at_most_one_chunk(tmp_path, monkeypatch, fake_models):
+    calls = fake_models
+    cfg = make_config(models=["step:half", "step:good"], benchmarks=["arith_test:5", "gsm8k:3"], n=2, chunk_size=2)
+    # chunks: arith_test 0-1, 2-3, 4; gsm8k 0-1, 2 -- per model
+    monkeypatch.setattr(pipeline.generation, "generate", fake_generate(calls, fail_after_chunks=3))
+    with pytest.raises(RuntimeError, match="died"):
+        run_evaluate(tmp_path, cfg)
+    shard_dir = tmp_path / "scratch" / evaluate.SHARD_DIR
+    saved = {path.name: path.stat().st_mtime_ns for path in shard_dir.glob("*.json")}
+    assert len(saved) == 3 and calls[0]["generated"] == [0, 1, 2]  # died after the last arith_test chunk
+
+    calls.clear()
+    monkeypatch.setattr(pipeline.generation, "generate", fake_generate(calls))
+    _, resumed = run_evaluate(tmp_path, cfg)
+    assert [c["generated"] for c in calls] == [[3, 4], [0, 1, 2, 3, 4]]  # nothing generated twice
+    assert all(shard_dir.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in saved.items())
+    resumed_samples = datasets.load_from_disk(str(tmp_path / "report" / "samples"))
+
+    calls.clear()
+    _, uninterrupted = run_evaluate(tmp_path / "fresh", cfg)
+    assert resumed["models"] == uninterrupted["models"]
+    fresh_samples = datasets.load_from_disk(str(tmp_path / "fresh" / "report" / "samples"))
+    assert resumed_samples.to_list() == fresh_samples.to_list()
 
 
 def test_rescore_gives_the_run_numbers(tmp_path, fake_models):
@@ -177,10 +219,10 @@ def test_rescore_gives_the_run_numbers(tmp_path, fake_models):
 
 
 def test_think_prefix_makes_unclosed_thinking_score_nothing(tmp_path, fake_models, monkeypatch):
-    def generate(model, prompts, *, n, **_):
-        return Generations([[Completion("the product is 304", "stop", 10, 5)] * n for _ in prompts])
+    def answers(model, messages, n, think_prefix):
+        return [Completion("the product is 304", "stop", 10, 5)] * n
 
-    monkeypatch.setattr(pipeline.generation, "generate", generate)
+    monkeypatch.setattr(pipeline.generation, "generate", fake_generate([], answers))
     plain = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="")
     assert run_evaluate(tmp_path / "a", plain)[1]["models"]["step:good"]["arith_test:1"]["pass@1"] == 1.0
     thinking = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="<think>\n")

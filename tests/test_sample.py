@@ -5,7 +5,7 @@ from datasets import Dataset
 
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
-from pipeline.generation import generate
+from pipeline.generation import chunk_ranges, generate
 from pipeline.models import resolve_model
 from pipeline.steps import sample
 
@@ -90,6 +90,7 @@ def test_sample_step_writes_the_samples_contract(tmp_path):
     assert stats.get("finish_stop", 0) + stats.get("finish_length", 0) == 6
     assert stats["tokens_per_s"] > 0
     assert stats["prompt_tokens"] == sum(samples["prompt_tokens"][::2])
+    assert stats["prompt_tokens_sent"] == sum(samples["prompt_tokens"])  # one request per sample
     assert (stats["chunks"], stats["chunks_resumed"]) == (1, 0)
     assert set(samples["think_prefix"]) == {""}
 
@@ -114,9 +115,16 @@ def test_prompt_template_fills_columns_and_keeps_other_braces():
         sample.Config(uses="sample", input="p", model="builtin:tiny-random", prompt_template="no placeholder")
 
 
-def test_chunks_reseeded_so_skipping_finished_chunks_gives_the_same_samples(tiny_model):
+def test_chunk_ranges_never_span_groups():
+    assert chunk_ranges([5], 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert chunk_ranges([3, 0, 4], 2) == [range(0, 2), range(2, 3), range(3, 5), range(5, 7)]
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_ranges([3], 0)
+
+
+def test_skipping_finished_chunks_gives_the_same_samples(tiny_model):
     prompts = [[{"role": "user", "content": f"What is {i} + {3 * i}?"}] for i in range(5)]
-    settings = dict(n=2, temperature=1.0, max_tokens=10, seed=5, chunk_size=2)
+    settings = dict(n=2, temperature=1.0, max_tokens=10, seed=5, chunks=chunk_ranges([5], 2))
     reported = {}
     full = generate(tiny_model, prompts, on_chunk=lambda c, comps, s: reported.setdefault(c, comps), **settings)
     resumed = generate(tiny_model, prompts, skip_chunks={0}, **settings)  # chunk 0 "finished before a kill"

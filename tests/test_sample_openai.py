@@ -11,6 +11,7 @@ import datasets
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.generation import sample_seed
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.steps import sample
@@ -121,6 +122,9 @@ def test_openai_backend_writes_the_samples_contract_and_never_the_key(tmp_path, 
     assert samples["prompt"][0][-1]["content"].startswith("What is 0 + 3?\n\nPlease reason step by step")
     assert samples["completion"][0].startswith("seed ") and "What is 0 + 3 is" in samples["completion"][0]
     assert len(set(samples["completion"])) == 15  # each sample its own request and seed
+    # the seed of sample k of a problem comes from (recipe seed, problem id, k), as with the vllm backend
+    assert all(completion.startswith(f"seed {sample_seed(7, problem_id, k)}:") for completion, problem_id, k
+               in zip(samples["completion"], samples["id"], samples["sample_idx"]))
     assert set(samples["model"]) == {"served-model"}
     # "seed N: What is 0 + 3 is \boxed{0}" is 9 words: cut to 8 by max_tokens
     assert set(samples["finish_reason"]) == {"length"} and set(samples["completion_tokens"]) == {8}

@@ -15,8 +15,17 @@ Writes into the output dir:
                     sha256 / think prefix, benchmark files and sha256, library versions}}
                    LABEL and BENCHMARK are written as the user named them, in the order given.
     report.md, accuracy.png, lengths.png   (eval/report.py)
-Each model's generations are kept in a scratch dir as they finish, so a run killed during the third model does
-not sample the first two again. `distill eval --rescore DIR` re-grades samples/ and rewrites the rest.
+Resume: each model generates on one engine, in chunks of `chunk_size` problems cut per benchmark (no chunk
+spans two benchmarks), and each finished chunk is saved in a scratch dir, so a killed run loses at most the
+chunk it was generating. `distill eval --rescore DIR` re-grades samples/ and rewrites the rest.
+
+Determinism: sample k of a problem is drawn with its own seed from (seed, problem id, k), and a benchmark's
+chunks hold the same problems whatever other benchmarks (and their limits) share the run, each chunk computed
+on its own (no prefix cache carried from one chunk to the next). So a benchmark's samples do not depend on the other
+benchmarks, on the order of benchmarks or models, or on a kill and resume. They do depend on the model, the
+prompt, the sampling settings and the seed; and, through rounding, with bfloat16 weights (vLLM's default on CPU)
+on what shares a problem's chunk: another `chunk_size`, n or limit on the same benchmark can change some samples
+(see pipeline/generation.py).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 QUICK_MAX_N = 4
 THINK_OPEN = "<think>\n"
 SAMPLES_DIR = "samples"
+SHARD_DIR = "chunks"  # in scratch: one file per finished chunk
 RESULTS_JSON = "results.json"
 
 
@@ -83,6 +93,9 @@ class Config(StepConfig):
         "when it handles </think> (R1-style), nothing otherwise. A sample that opened thinking and never closed "
         "</think> only scores with a \\boxed{} answer."))
     limit: int | None = Field(default=None, ge=1, description="Keep only the first N problems of every benchmark.")
+    chunk_size: int = Field(default=64, ge=1, description=(
+        "Problems per chunk, cut per benchmark: each finished chunk is saved, so a killed run re-generates at "
+        "most one. With bfloat16 weights another chunk size can change some samples by rounding."))
     workers: int = Field(default=2, ge=1, description="Grading processes (math-verify).")
     timeout_s: float = Field(default=10.0, gt=0, description="Seconds one sample may take to grade.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs each model is split over (vLLM).")
@@ -93,6 +106,14 @@ class Config(StepConfig):
 
     produces: ClassVar[str] = "report"
     dry_run_overrides: ClassVar[dict] = {"limit": 2, "n": 2, "max_tokens": 16}
+    path_fields: ClassVar = ()
+    libraries: ClassVar = ("vllm", "torch", "transformers", "math-verify", "latex2sympy2_extended")
+    code_version: ClassVar = "2"  # one seeded request per sample, chunks per benchmark
+
+    def input_paths(self) -> list[str]:
+        from eval.benchmarks import get_benchmark
+
+        return [str(get_benchmark(spec).path) for spec in self.benchmarks]
 
     def model_refs(self) -> list[str]:
         return list(self.models)
@@ -163,31 +184,22 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
     n_by_spec = {spec: cfg.samples_per_problem(benchmark) for spec, (benchmark, _) in suites.items()}
     model_meta = {label: describe_model(model, cfg.think_prefix) for label, model in models.items()}
 
-    # one engine start per model and distinct n: benchmarks that share n share a generate call
-    specs_by_n: dict[int, list[str]] = {}
-    for spec in cfg.benchmarks:
-        specs_by_n.setdefault(n_by_spec[spec], []).append(spec)
     rows: list[dict] = []
     timings: dict[str, dict[str, float]] = {}
     for label, model in models.items():
-        timings[label] = {"load": 0.0, "generate": 0.0}
-        for n, specs in specs_by_n.items():
-            problems = [(spec, row) for spec in specs for row in suites[spec][1]]
-            per_problem, seconds = _generate_or_resume(cfg, scratch, model, model_meta[label]["think_prefix"],
-                                                       [row for _, row in problems], n, seed)
-            for key, value in seconds.items():
-                timings[label][key] += value
-            for (spec, problem), samples in zip(problems, per_problem):
-                rows += [_sample_row(spec, label, problem, idx, sample) for idx, sample in enumerate(samples)]
-    order = {(label, spec): i for i, (label, spec) in
-             enumerate((label, spec) for label in models for spec in cfg.benchmarks)}
-    rows.sort(key=lambda r: order[(r["model"], r["benchmark"])])  # stable: problems and samples keep their order
+        samples, timings[label] = _generate_or_resume(cfg, scratch, label, model, model_meta[label]["think_prefix"],
+                                                      suites, n_by_spec, seed)
+        for spec in cfg.benchmarks:
+            for problem, per_problem in zip(suites[spec][1], samples[spec]):
+                rows += [_sample_row(spec, label, problem, idx, sample) for idx, sample in enumerate(per_problem)]
 
     meta = {
         "seed": seed,
         "preset": cfg.preset,
+        # chunk_size too: with bfloat16 weights, what shares a chunk can change a sample's rounding
         "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "max_model_len",
-                                                  "dtype", "tensor_parallel_size", "data_parallel_size")},
+                                                  "dtype", "chunk_size", "tensor_parallel_size",
+                                                  "data_parallel_size")},
         "n": n_by_spec,
         "prompt_template": cfg.template_text,
         "prompt_template_name": cfg.prompt_template if cfg.prompt_template in PROMPT_TEMPLATES else "custom",
@@ -273,32 +285,59 @@ def _sample_row(spec: str, label: str, problem: dict, idx: int, sample: dict) ->
             "finish_reason": sample["finish_reason"]}
 
 
-def _generate_or_resume(cfg: Config, scratch: Path, model: str, think_prefix: str, problems: list[dict], n: int,
-                        seed: int) -> tuple[list[list[dict]], dict[str, float]]:
-    """Samples for each problem (dicts: text, finish_reason, prompt_tokens, completion_tokens) and engine timings.
+def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, think_prefix: str,
+                        suites: dict[str, tuple[Any, list[dict]]], n_by_spec: dict[str, int],
+                        seed: int) -> tuple[dict[str, list[list[dict]]], dict[str, float]]:
+    """One model's samples on every benchmark (spec -> per problem -> dicts: text, finish_reason, prompt_tokens,
+    completion_tokens) and its engine seconds.
 
-    Kept in scratch under a hash of everything that shapes them, so a resumed run reuses only matching work.
+    One engine for all benchmarks, generating chunks of `chunk_size` problems cut per benchmark. Each finished
+    chunk is saved in scratch under a hash of everything that shapes its samples (model, sampling settings,
+    seed, and each problem's id, n and prompt), so a re-run after a kill generates only the chunks not saved
+    yet, and never reuses a chunk made with other settings.
     """
     from dataclasses import asdict
 
+    from tqdm.auto import tqdm
+
     from pipeline import generation
 
+    problems = [row for spec in cfg.benchmarks for row in suites[spec][1]]
     prompts = [[{"role": "user", "content": render_prompt(cfg.template_text, row)}] for row in problems]
-    request = dict(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+    ids = [row["id"] for row in problems]
+    counts = [n_by_spec[spec] for spec in cfg.benchmarks for _ in suites[spec][1]]
+    chunks = generation.chunk_ranges([len(suites[spec][1]) for spec in cfg.benchmarks], cfg.chunk_size)
+    request = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                    seed=seed, max_model_len=cfg.max_model_len, dtype=cfg.dtype, think_prefix=think_prefix,
                    tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                    distributed_executor_backend=cfg.distributed_executor_backend)
-    digest = hashlib.sha256(json.dumps([model, prompts, request], sort_keys=True).encode()).hexdigest()[:16]
-    saved = scratch / f"generations-{digest}.json"
-    if saved.exists():
-        kept = json.loads(saved.read_text())
-        return kept["samples"], kept["seconds"]
-    generations = generation.generate(model, prompts, **request)
-    samples = [[asdict(c) for c in per_prompt] for per_prompt in generations]
-    seconds = {"load": generations.load_seconds, "generate": generations.generate_seconds}
-    scratch.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, {"samples": samples, "seconds": seconds})
-    return samples, seconds
+    paths = []
+    for rows in chunks:
+        shaped_by = [model, request, [(ids[p], counts[p], prompts[p]) for p in rows]]
+        digest = hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
+        paths.append(scratch / SHARD_DIR / f"{digest}.json")
+    # shards are renamed into place whole: one that exists is complete
+    shards = {chunk: json.loads(path.read_text()) for chunk, path in enumerate(paths) if path.exists()}
+    (scratch / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    with tqdm(total=len(chunks), initial=len(shards), unit="chunk", desc=f"{label} ({cfg.chunk_size} problems/chunk)",
+              disable=len(shards) == len(chunks)) as progress:
+        def save(chunk: int, completions: list[list[generation.Completion]], seconds: float) -> None:
+            shards[chunk] = {"ids": [ids[p] for p in chunks[chunk]], "seconds": seconds,
+                             "samples": [[asdict(c) for c in per_problem] for per_problem in completions]}
+            write_json_atomic(paths[chunk], shards[chunk])
+            progress.update(1)
+
+        generations = generation.generate(model, prompts, n=counts, ids=ids, chunks=chunks, skip_chunks=set(shards),
+                                          on_chunk=save, **request)
+    per_problem = [samples for chunk in range(len(chunks)) for samples in shards[chunk]["samples"]]
+    samples, start = {}, 0
+    for spec in cfg.benchmarks:
+        samples[spec] = per_problem[start:start + len(suites[spec][1])]
+        start += len(suites[spec][1])
+    # generate: summed over every run that saved a chunk; load: this run's engine start (0 when all were saved)
+    return samples, {"load": generations.load_seconds,
+                     "generate": sum(shard["seconds"] for shard in shards.values())}
 
 
 def describe_model(model: str, think_prefix: str | None) -> dict:
@@ -377,8 +416,8 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
 
 # Config fields the command takes as --flags (the rest: models, --benchmarks, and the step's own keys)
 CLI_FIELDS = ("preset", "n", "temperature", "top_p", "top_k", "max_tokens", "max_model_len", "dtype",
-              "prompt_template", "think_prefix", "limit", "workers", "timeout_s", "tensor_parallel_size",
-              "data_parallel_size", "distributed_executor_backend")
+              "prompt_template", "think_prefix", "limit", "chunk_size", "workers", "timeout_s",
+              "tensor_parallel_size", "data_parallel_size", "distributed_executor_backend")
 
 
 def add_cli_arguments(parser) -> None:
@@ -389,7 +428,8 @@ def add_cli_arguments(parser) -> None:
         "comma-separated: aime24, aime25, amc23, math500, gsm8k, arith_test or a .jsonl/.parquet file; "
         ":N keeps the first N problems"))
     parser.add_argument("--out", metavar="DIR", help="output dir (default runs/eval/<date>-<time>)")
-    parser.add_argument("--seed", type=int, default=0, help="vLLM engine seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help=(
+        "sampling seed: sample k of a problem draws from a seed made of it, the problem id and k (default 0)"))
     parser.add_argument("--rescore", metavar="DIR", help=(
         "re-grade the saved completions of an earlier run in DIR (no generation) and rewrite its results"))
     for name in CLI_FIELDS:
@@ -415,6 +455,7 @@ def run_cli(args) -> int:
                              for e in error.errors())
         raise UserError(f"distill eval: {problems}") from None
     out_dir = Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S"))
+    _check_out_dir(out_dir)
     models = {ref: resolve_cli_model(ref) for ref in cfg.models}
     scratch = out_dir / ".scratch"
     document = evaluate_models(cfg, models, out_dir, scratch, args.seed)
@@ -422,6 +463,21 @@ def run_cli(args) -> int:
     print_table(document["models"])
     print(f"results → {out_dir / RESULTS_JSON}, report → {out_dir / 'report.md'}")
     return 0
+
+
+# What `distill eval` writes into --out; a directory holding anything else is not ours to write into.
+EVAL_OUTPUTS = {RESULTS_JSON, SAMPLES_DIR, SAMPLES_DIR + ".tmp", "report.md", "accuracy.png", "lengths.png",
+                ".scratch"}
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that is a file, or a directory holding anything an evaluation did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EVAL_OUTPUTS) if out_dir.is_dir() else []
+    if foreign:
+        raise UserError(f"--out {out_dir} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+                        "no evaluation wrote; refusing to write into it (choose a new or empty directory)")
 
 
 def _positive(value: str | None, flag: str, kind: type) -> int | float | None:

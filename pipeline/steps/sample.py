@@ -8,10 +8,16 @@ ended with that the completion continues; verify and select read it).
 
 Resume: problems are generated in chunks of `chunk_size`; each finished chunk is written atomically as
 a shard into the step's scratch dir, so after a kill (even -9) a re-run generates only the chunks that
-have no shard, and a sample is never written twice. Determinism: the engine is seeded with the recipe
-seed and re-seeded from (seed, chunk index) before each chunk, so a chunk's samples do not depend on
-which chunks ran before it on the same engine: an interrupted-and-resumed run gives the same samples as
-an uninterrupted one (a different `chunk_size` gives different, equally valid, samples).
+have no shard, and a sample is never written twice.
+
+Determinism: sample k of a problem is drawn with its own seed from (recipe seed, problem id, k)
+(`pipeline.generation.sample_seed`), so its random draws do not depend on the other problems in the input,
+on `chunk_size`, on n, or on a kill and resume: an interrupted-and-resumed run gives the samples of an
+uninterrupted one, and the same input, settings and versions on the same machine give the same samples.
+Rounding is the exception: the problems of one chunk are computed as one batch, and with bfloat16 weights
+(vLLM's default on CPU) a problem's logits can round differently when its chunk holds other requests, so
+another `chunk_size`, other neighbouring problems or another n can change some samples from the first
+token where the rounding tips a draw (float32 weights did not, in our measurements on CPU).
 
 `backend: openai` sends the same chat messages to any OpenAI-compatible server (`vllm serve`, a hosted API),
 one request per sample with at most `max_concurrency` in flight, and saves the same shards as chunks
@@ -86,8 +92,9 @@ class Config(StepConfig):
         default=None, description="Strings that end a completion (not included in it); eos always does.")
     chunk_size: int = Field(
         default=64, ge=1, description="Problems per shard: each finished chunk is saved, and a re-run after a "
-                                      "crash or kill generates only the chunks not saved yet. Part of the "
-                                      "sampling seed, so changing it changes the samples.")
+                                      "crash or kill generates only the chunks not saved yet. Seeds are per "
+                                      "sample, not per chunk; with bfloat16 weights another chunk size can "
+                                      "still change some samples by rounding (see the module docstring).")
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="GPUs one vLLM engine splits the model over (vLLM tensor_parallel_size).")
     data_parallel_size: int = Field(
@@ -98,6 +105,9 @@ class Config(StepConfig):
                                   "external_launcher (torchrun); default: vLLM's choice.")
 
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
+    path_fields: ClassVar = ()
+    libraries: ClassVar = ("vllm", "torch", "transformers")
+    code_version: ClassVar = "2"  # one seeded request per sample (was: an engine seed per chunk)
 
     def model_refs(self) -> list[str]:
         return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
@@ -134,14 +144,15 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from tqdm.auto import tqdm
 
-    from pipeline.generation import Completion, generate, generate_openai
+    from pipeline.generation import Completion, chunk_ranges, generate, generate_openai
     from pipeline.models import resolve_model
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
     prompts = [chat_messages(cfg, row) for row in problems]
     ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
-    chunk_ids = [ids[start:start + cfg.chunk_size] for start in range(0, len(ids), cfg.chunk_size)]
+    chunks = chunk_ranges([len(ids)], cfg.chunk_size)
+    chunk_ids = [ids[rows.start:rows.stop] for rows in chunks]
 
     shard_dir = out.scratch / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
             progress.update(1)
 
         sampling = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        max_tokens=cfg.max_tokens, seed=out.seed, stop=cfg.stop, chunk_size=cfg.chunk_size,
+                        max_tokens=cfg.max_tokens, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
                         skip_chunks=set(shards), on_chunk=save)
         if cfg.backend == "openai":
             generations = generate_openai(
@@ -196,11 +207,11 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     return out.write_dataset(
         samples,
         problems=len(problems),
-        # each prompt once: the engine reads it once for all n samples
+        # each problem's prompt once
         prompt_tokens=sum(p[0]["prompt_tokens"] for p in per_problem if p),
         completion_tokens=completion_tokens,
-        # backend openai sends each prompt n times (one request per sample), and that is what usage bills
-        **({"prompt_tokens_sent": sum(new_columns["prompt_tokens"])} if cfg.backend == "openai" else {}),
+        # each prompt n times: one request per sample, which is what an API's usage bills
+        prompt_tokens_sent=sum(new_columns["prompt_tokens"]),
         **{f"finish_{reason}": count for reason, count in sorted(finish_reasons.items())},
         tokens_per_s=round(completion_tokens / generate_seconds, 2) if generate_seconds > 0 else 0.0,
         chunks=len(chunk_ids),
