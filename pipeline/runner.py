@@ -277,6 +277,8 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
     outcomes: dict[str, StepOutcome] = {}
     try:
         with workdir_lock(workdir):
+            # Another run may have finished steps while this one waited to start: plan again under the lock.
+            steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints)
             write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
                                                    "document": recipe.document})
             fingerprints.save()
