@@ -14,7 +14,8 @@ message that names the file and, where there is one, the line and row id — nev
   contract anyway). Other mixes (an object in one row, a string in another) get datasets' `Json` feature, as
   `datasets.Dataset.from_json` gives them; a value that even that cannot store is reported with its line.
 - .json holding one array of objects: each item must be an object (reported by item index).
-- parquet, .arrow and dataset dirs are read by `datasets`; a file or dir it cannot read is reported with the reason.
+- parquet is read by pyarrow, .arrow files and dataset dirs by `datasets`; a file or dir that cannot be read is
+  reported with the reason.
 """
 
 from __future__ import annotations
@@ -273,16 +274,10 @@ def _dataset_from_table(table):
     return datasets.Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
 
 
-_ARROW_ERRORS: tuple = ()
-
-
 def _arrow_errors() -> tuple:
-    global _ARROW_ERRORS
-    if not _ARROW_ERRORS:
-        import pyarrow as pa
+    import pyarrow as pa
 
-        _ARROW_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
-    return _ARROW_ERRORS
+    return (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
 def _dataset_from_rows(rows: list[dict], lines: list[int] | None, name: str):
