@@ -20,7 +20,7 @@ BENCHMARK_DIR = Path(__file__).resolve().parent / "data"
 class Benchmark:
     name: str
     path: Path
-    # How golds parse (eval.grader): True = LaTeX, False = plain numbers, None = decide per gold.
+    # How golds parse (eval.answers): True = LaTeX, False = plain numbers, None = decide per gold.
     gold_is_latex: bool | None
     # Samples per problem when an evaluate step does not set n (open-r1 / lighteval practice).
     default_n: int

@@ -1,4 +1,4 @@
-"""Preloaded by the grading pool's fork server (eval.grader): importing it grades a fixed set of answer shapes once.
+"""Preloaded by the grading pool's fork server (eval.grading_pool): importing it grades a fixed set of answer shapes once.
 
 A fresh process pays ~0.5 s the first time it grades: sympy imports whole packages on first use (physics.units,
 tensor), and its caches and the LaTeX parser's decision tables start cold. Every worker forked from a server that
@@ -26,7 +26,7 @@ ANSWER_SHAPES = [
 def _warm_up() -> None:
     import logging
 
-    from eval.grader import grade
+    from eval.answers import grade
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning
     for k, answer in enumerate(ANSWER_SHAPES):

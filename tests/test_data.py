@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval.benchmarks import BENCHMARKS, load_benchmark
-from eval.grader import grade
+from eval.answers import grade
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

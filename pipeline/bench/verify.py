@@ -1,4 +1,4 @@
-"""`distill bench verify`: how much faster the grading pool (eval.grader's `grade_many`, the verify step's path, with
+"""`distill bench verify`: how much faster the grading pool (eval.grading_pool's `grade_many`, the verify step's path, with
 the step's default timeout) grades with 2 workers than with 1, on the same samples, clean and with 5% pathological.
 
 The samples look like a teacher's output: per problem (MATH-500 and GSM8K in equal numbers, in random order), four
@@ -51,7 +51,7 @@ def teacher_like_samples(samples: int, seed: int = 0) -> tuple[dict, dict]:
     """Two sets of {"completions", "golds", "finish_reasons"}: clean, and with PATHOLOGICAL_FRACTION of the
     completions replaced."""
     from eval.benchmarks import load_benchmark
-    from eval.grader import last_boxed
+    from eval.answers import last_boxed
     from pipeline.errors import UserError
 
     _, math500 = load_benchmark("math500")
@@ -84,7 +84,7 @@ def teacher_like_samples(samples: int, seed: int = 0) -> tuple[dict, dict]:
 
 
 def timed_grading(data: dict, workers: int, timeout_s: float) -> tuple[float, Counter]:
-    from eval.grader import grade_many
+    from eval.grading_pool import grade_many
 
     started = time.perf_counter()
     grades = grade_many(data["completions"], data["golds"], finish_reasons=data["finish_reasons"], workers=workers,
@@ -113,7 +113,7 @@ def run(opts, console) -> tuple[dict, dict]:
 
     from rich.table import Table
 
-    from eval.grader import grade_many
+    from eval.grading_pool import grade_many
     from pipeline.errors import UserError
     from pipeline.steps.verify import Config
 

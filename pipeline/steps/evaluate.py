@@ -238,7 +238,7 @@ def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
     """Grade rows in place (per model's completion prefix, per benchmark's gold format), score, write outputs."""
     import datasets
 
-    from eval.grader import iter_grades
+    from eval.grading_pool import iter_grades
     from eval.metrics import benchmark_scores
     from eval.report import write_report
     from rich.progress import track

@@ -1,4 +1,4 @@
-"""`verify`: grade every completion against its gold answer with math-verify (eval/grader.py).
+"""`verify`: grade every completion against its gold answer with math-verify (eval/answers.py, through eval/grading_pool.py).
 
 Input: a samples dataset (`id`, `answer`, `completion`; `finish_reason` if the sampler recorded it). Output: the
 same rows plus `label`, `correct`, `extracted`, and `pass_rate` = the fraction of the problem's samples (same
@@ -53,7 +53,8 @@ class Config(StepConfig):
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from eval.grader import LABELS, Grade, iter_grades
+    from eval.answers import LABELS, Grade
+    from eval.grading_pool import iter_grades
 
     samples = inputs[cfg.input].dataset()
     require_columns(samples, REQUIRED_COLUMNS, step="verify", source=cfg.input)
@@ -115,7 +116,7 @@ def _print_summary(label_counts: Counter, bad_gold_ids: list[str], histogram: di
     from rich.console import Console
     from rich.table import Table
 
-    from eval.grader import LABELS
+    from eval.answers import LABELS
 
     total = sum(label_counts.values())
     table = Table(title="verify: labels")
@@ -145,7 +146,7 @@ _FRACTION = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}|()(-?[\d.]+)/(-?
 
 def normalised_answer(completion: str) -> str:
     """The audit grader's reading of a completion's final answer, normalised ("" if none)."""
-    from eval.grader import last_boxed
+    from eval.answers import last_boxed
 
     text = completion.rsplit("</think>", 1)[-1]
     boxed = last_boxed(text)
@@ -206,7 +207,7 @@ def _audit(samples, completions: list[str], grades: list, path) -> dict:
 
 def _read_progress(path, rows: int) -> dict[int, "Grade"]:
     """Grades a killed run already wrote; a torn last line (killed mid-write) is dropped."""
-    from eval.grader import Grade
+    from eval.answers import Grade
 
     grades: dict[int, Grade] = {}
     if not path.exists():
