@@ -1,8 +1,11 @@
 """An evaluation's human-readable outputs, from results.json and the per-sample rows:
 
-    report.md     models x benchmarks pass@1 ± stderr, then per benchmark pass@k, maj@k, truncation, tokens,
+    report.md     models x benchmarks pass@1 ± stderr; each model minus the baseline, paired over problems (difference
+                  ± stderr, 95% paired-bootstrap interval, "no detectable difference", minimum detectable
+                  difference); then per benchmark pass@k, maj@k, truncation, tokens, what the ungraded rule removed,
                   MATH-500 by subject and level, and the run's settings
-    accuracy.png  pass@1 with standard-error bars, one bar per model, grouped by benchmark
+    accuracy.png  pass@1 with standard-error bars, one bar per model, grouped by benchmark; beside it, with two or
+                  more models, each model's paired difference to the baseline with its 95% interval
     lengths.png   completion-length histograms, correct vs incorrect, one panel per model x benchmark
 """
 
@@ -19,7 +22,7 @@ REPORT_MD = "report.md"
 def write_report(results: dict, samples: list[dict], out_dir: Path) -> list[Path]:
     """Write report.md and the two plots into out_dir; returns their paths."""
     out_dir = Path(out_dir)
-    paths = [plot_accuracy(results["models"], out_dir / ACCURACY_PNG),
+    paths = [plot_accuracy(results["models"], out_dir / ACCURACY_PNG, results.get("comparisons")),
              plot_lengths(samples, list(results["models"]), _benchmarks(results["models"]), out_dir / LENGTHS_PNG)]
     report = out_dir / REPORT_MD
     report.write_text(render_markdown(results))
@@ -51,14 +54,15 @@ def render_markdown(results: dict) -> str:
              "pass@1 (%) ± standard error over problems; n = samples per problem.", ""]
     lines += _table(["model", *(f"{b} (n={models[next(iter(models))][b]['n']})" for b in benchmarks)],
                     [[label, *(_with_stderr(per_bench[b]) for b in benchmarks)] for label, per_bench in models.items()])
-    lines += ["", f"![pass@1 with standard-error bars]({ACCURACY_PNG})", "",
+    lines += [""] + _comparison_lines(results.get("comparisons"), benchmarks)
+    lines += [f"![pass@1 with standard-error bars; paired differences with 95% intervals]({ACCURACY_PNG})", "",
               f"![completion lengths, correct vs incorrect]({LENGTHS_PNG})", ""]
     for benchmark in benchmarks:
         lines += [f"## {benchmark}", ""]
         first = models[next(iter(models))][benchmark]
         ks = list(first["pass@k"])
         header = ["model", "problems", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks), "truncated",
-                  "tokens (correct)", "tokens (incorrect)", "labels"]
+                  "tokens (correct)", "tokens (incorrect)", "labels", "ungraded samples left out"]
         rows = []
         for label, per_bench in models.items():
             s = per_bench[benchmark]
@@ -66,8 +70,11 @@ def render_markdown(results: dict) -> str:
             rows.append([label, str(s["problems"]), *(_pct(s["pass@k"].get(k)) for k in ks),
                          *(_pct(s["maj@k"].get(k)) for k in ks), _pct(s["truncation_rate"]),
                          _tokens(tokens["correct"]), _tokens(tokens["incorrect"]),
-                         ", ".join(f"{name} {count}" for name, count in sorted(s["labels"].items()))])
+                         _counts(s["labels"]), _counts(s.get("ungraded_samples", {})) or "none"])
         lines += _table(header, rows) + [""]
+        removed = first.get("removed_problems", {})
+        lines += [f"Problems left out for every model (no graded sample): {_counts(removed) or 'none'}. "
+                  "Scores count graded samples only: bad_gold, timeout and error leave the denominator.", ""]
         for group in ("by_subject", "by_level"):
             if group not in first:
                 continue
@@ -79,6 +86,33 @@ def render_markdown(results: dict) -> str:
     if meta:
         lines += ["## Settings", ""] + _settings(meta) + [""]
     return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
+def _comparison_lines(comparisons: dict | None, benchmarks: list[str]) -> list[str]:
+    """Each model minus the baseline per benchmark, paired over the problems both were scored on."""
+    if not comparisons:
+        return []
+    baseline = next(iter(comparisons[benchmarks[0]].values()))["baseline"]
+    lines = [f"## Paired differences to `{baseline}`", "",
+             "Percentage points, model minus baseline, over the same problems: mean ± paired standard error, the "
+             "95% paired-bootstrap interval (problems resampled), and the minimum detectable difference (MDD: "
+             "the true difference this slice would detect 80% of the time at the 5% level). An interval that "
+             "spans 0 is *no detectable difference*.", ""]
+    rows = []
+    for benchmark in benchmarks:
+        for label, row in comparisons[benchmark].items():
+            low, high = row["ci95"]
+            rows.append([benchmark, label, f"{100 * row['difference']:+.1f}" +
+                         (f" ± {100 * row['stderr']:.1f}" if row["stderr"] is not None else ""),
+                         f"[{100 * low:+.1f}, {100 * high:+.1f}]",
+                         "yes" if row["detectable"] else "no detectable difference",
+                         _pct(row["mdd"]), str(row["problems"])])
+    return lines + _table(["benchmark", "model", "difference", "95% interval", "detectable", "MDD", "problems"],
+                          rows) + [""]
 
 
 def _tokens(value: float | None) -> str:
@@ -106,12 +140,16 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy(models: dict[str, dict], path: Path) -> Path:
-    """Grouped bars: pass@1 (%) per benchmark, one bar per model, standard-error whiskers."""
+def plot_accuracy(models: dict[str, dict], path: Path, comparisons: dict | None = None) -> Path:
+    """Grouped bars: pass@1 (%) per benchmark, one bar per model, standard-error whiskers. With comparisons, a
+    second panel: each model's paired difference to the baseline per benchmark, 95% bootstrap interval whiskers."""
     plt = _pyplot()
     benchmarks = _benchmarks(models)
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(benchmarks) * max(1, len(models) / 2)), 3.6))
+    panel_width = max(4.0, 1.6 * len(benchmarks) * max(1, len(models) / 2))
+    panels = 2 if comparisons else 1
+    fig, axes = plt.subplots(1, panels, squeeze=False, figsize=(panel_width * panels, 3.6))
+    ax = axes[0][0]
     for m, (label, per_bench) in enumerate(models.items()):
         xs = [b + (m - (len(models) - 1) / 2) * width for b in range(len(benchmarks))]
         means = [100 * per_bench[b]["pass@1"] for b in benchmarks]
@@ -122,6 +160,23 @@ def plot_accuracy(models: dict[str, dict], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend(fontsize="small")
     ax.set_title("pass@1 ± standard error")
+    if comparisons:
+        ax = axes[0][1]
+        others = list(comparisons[benchmarks[0]])
+        step = 0.8 / len(others)
+        for m, label in enumerate(others):
+            rows = [comparisons[b][label] for b in benchmarks]
+            xs = [b + (m - (len(others) - 1) / 2) * step for b in range(len(benchmarks))]
+            means = [100 * row["difference"] for row in rows]
+            below = [100 * (row["difference"] - row["ci95"][0]) for row in rows]
+            above = [100 * (row["ci95"][1] - row["difference"]) for row in rows]
+            # same colour as the model's bar on the left (the baseline took the first)
+            ax.errorbar(xs, means, yerr=[below, above], fmt="o", capsize=4, label=label, color=f"C{m + 1}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(benchmarks)), benchmarks)
+        ax.set_ylabel("difference (points)")
+        ax.set_title(f"minus {rows[0]['baseline']}, paired, 95% interval", fontsize="medium")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

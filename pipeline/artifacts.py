@@ -64,7 +64,7 @@ class Output:
     kind: str
     dir: Path  # temporary step dir, renamed into place by the runner on success
     scratch: Path  # survives a crash; cleared once the step completes or its key changes
-    seed: int
+    seed: int | None  # None for a step that draws no random numbers
     dry_run: bool = False
 
     @property

@@ -24,17 +24,61 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.override)
     force = [name for value in args.force for name in value.split(",") if name]
+    if args.seeds is not None:
+        return _run_seeds(recipe, _parse_seeds(args.seeds), args, force)
     outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console)
+    _print_outcomes(recipe, outcomes)
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct integers separated by commas, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def _run_seeds(recipe, seeds: list[int], args, force: list[str]) -> int:
+    """The recipe once per seed, each in <workdir>/seed-N, sharing every step whose key is the same in an earlier
+    seed's workdir; then `distill compare` over their evaluations, also written to <workdir>/compare.md/.json."""
+    from dataclasses import replace
+
+    from pipeline.compare import compare_paths, print_comparison, write_comparison
+    from pipeline.runner import prepare_parent_workdir, run_recipe, workdir_for
+
+    parent = recipe.workdir
+    prepare_parent_workdir(parent)
+    workdirs = []
+    for position, seed in enumerate(seeds, 1):
+        seeded = replace(recipe, seed=seed, workdir=parent / f"seed-{seed}",
+                         document={**recipe.document, "seed": seed, "workdir": str(parent / f"seed-{seed}")})
+        console.rule(f"[bold]seed {seed} ({position}/{len(seeds)})")
+        outcomes = run_recipe(seeded, until=args.until, force=force, dry_run=args.dry_run, console=console,
+                              share_from=workdirs, label=f"seed {seed} ({position}/{len(seeds)}) ")
+        _print_outcomes(seeded, outcomes, prefix=f"seed {seed}: ")
+        workdirs.append(workdir_for(seeded, args.dry_run))
+    comparison = compare_paths(workdirs)
+    if comparison["evaluations"]:
+        print_comparison(comparison, console)
+        paths = write_comparison(comparison, parent)
+        console.print(f"seeds {','.join(map(str, seeds))} → {parent}; comparison → {', '.join(map(str, paths))}")
+    return 0
+
+
+def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
     # A cached evaluate step printed nothing this time: show its table again, the run's headline.
     for outcome in outcomes.values():
         if outcome.state == "skipped" and recipe.steps[outcome.name].uses == "evaluate":
             from pipeline.steps.evaluate import print_table
 
-            print_table(json.loads((outcome.artifact.path / "results.json").read_text())["models"])
-    ran = sum(o.state == "ran" for o in outcomes.values())
-    console.print(f"[bold]{recipe.name}[/bold]: {ran} step(s) ran, {len(outcomes) - ran} skipped "
-                  f"→ {outcomes[next(reversed(outcomes))].artifact.path.parent}")
-    return 0
+            print_table(json.loads((outcome.artifact.path / "results.json").read_text()))
+    counts = {state: sum(o.state == state for o in outcomes.values()) for state in ("ran", "copied", "skipped")}
+    copied = f", {counts['copied']} copied" if counts["copied"] else ""
+    console.print(f"[bold]{prefix}{recipe.name}[/bold]: {counts['ran']} step(s) ran{copied}, {counts['skipped']} "
+                  f"skipped → {outcomes[next(reversed(outcomes))].artifact.path.parent}")
 
 
 def cmd_status(args) -> int:
@@ -88,6 +132,21 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pipeline.compare import compare_paths, print_comparison, write_comparison
+
+    comparison = compare_paths([Path(p) for p in args.paths])
+    if not comparison["evaluations"]:
+        raise UserError(f"{', '.join(args.paths)}: no evaluation results found (results.json of an evaluate step "
+                        "or of `distill eval`)")
+    print_comparison(comparison, console)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(f"comparison → {', '.join(map(str, write_comparison(comparison, out)))}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pipeline.steps.evaluate import run_cli
 
@@ -122,7 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run this step (and the steps after it that read it) even if complete")
     run.add_argument("--dry-run", action="store_true",
                      help="every step on a handful of rows with tiny budgets, in <workdir>-dry-run")
+    run.add_argument("--seeds", metavar="S1,S2,...", help=(
+        "run the recipe once per seed, each in <workdir>/seed-S (steps that draw no random numbers, or whose "
+        "`seed` is pinned, are shared), then compare the evaluations across seeds"))
     run.set_defaults(func=cmd_run)
+
+    compare = commands.add_parser("compare", help="aggregate evaluations across seeds or runs: mean ± sd, pooled, "
+                                                  "paired differences")
+    compare.add_argument("paths", nargs="+", metavar="WORKDIR|RESULTS", help=(
+        "a workdir of `distill run` (its evaluate steps), a --seeds workdir (its seed-N runs), an evaluation dir "
+        "or a results.json"))
+    compare.add_argument("--out", metavar="DIR", help="also write compare.md and compare.json into DIR")
+    compare.set_defaults(func=cmd_compare)
 
     stat = commands.add_parser("status", help="what a recipe would run and why (RECIPE), or a workdir's steps (DIR)")
     stat.add_argument("path", metavar="RECIPE|WORKDIR")

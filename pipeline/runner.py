@@ -1,9 +1,9 @@
 """Run a recipe's steps in order, skipping the ones whose output is already complete.
 
-A step's key is a hash of everything its output depends on (`step_inputs`): its type, resolved config, the
-recipe seed, its parents' keys, the content of every file it reads by path, the identity of every model it
-reads, the versions of the libraries that shape its output and the version of its own code. The record is
-kept in the manifest, so `plan` can say why a step would run (`input file data/x.jsonl changed`,
+A step's key is a hash of everything its output depends on (`step_inputs`): its type, resolved config, its
+seed (none for a step that draws no random numbers), its parents' keys, the content of every file it reads by
+path, the identity of every model it reads, the versions of the libraries that shape its output and the version
+of its own code. The record is kept in the manifest, so `plan` can say why a step would run (`input file data/x.jsonl changed`,
 `math-verify 0.9.0 -> 0.9.1`, `config: n 4 -> 8`), the way `dvc status` does, before anything runs.
 
 The runner only ever replaces what it wrote: a directory with a step's name is replaced only if it holds a
@@ -43,7 +43,7 @@ WORKDIR_MARK = ".distillery"  # written into every workdir distill creates: only
 @dataclass
 class StepOutcome:
     name: str
-    state: str  # ran | skipped
+    state: str  # ran | skipped | copied (same key in another workdir of `distill run --seeds`)
     artifact: Artifact
     seconds: float
 
@@ -67,7 +67,7 @@ def step_inputs(cfg: StepConfig, seed: int, parent_keys: dict[str, str], fingerp
     return {
         "uses": cfg.uses,
         "config": cfg.model_dump(mode="json"),
-        "seed": seed,
+        "seed": cfg.effective_seed(seed),
         "parents": parent_keys,
         "files": {path: fingerprints.of(path) for path in dict.fromkeys(cfg.input_paths())},
         "models": {ref: model_identity(ref, fingerprints) for ref in dict.fromkeys(cfg.model_refs())
@@ -157,7 +157,8 @@ def _why(final_dir: Path, inputs: dict, plans: dict[str, StepPlan]) -> list[str]
     reasons = [f"config: {path} {_short(before)} -> {_short(after)}"
                for path, before, after in _diff(old.get("config", {}), inputs["config"])]
     if old.get("seed") != inputs["seed"]:
-        reasons.append(f"seed {old.get('seed')} -> {inputs['seed']}")
+        reasons.append(f"seed {old.get('seed')} -> {inputs['seed']}" if inputs["seed"] is not None else
+                       f"seed {old.get('seed')} -> none (the step draws no random numbers: keyed without a seed)")
     for parent, key in inputs["parents"].items():
         if old.get("parents", {}).get(parent) != key:
             reruns = parent in plans and plans[parent].action == "run"
@@ -248,6 +249,13 @@ def _create_workdir(workdir: Path) -> Path | None:
     return created
 
 
+def prepare_parent_workdir(parent: Path) -> None:
+    """The workdir `distill run --seeds` puts its seed-N workdirs in: refused like any workdir if distill did not
+    make it, created (and marked) otherwise."""
+    check_workdir(parent, [])
+    _create_workdir(parent)
+
+
 @contextmanager
 def workdir_lock(workdir: Path):
     with open(workdir / ".lock", "w") as lock:
@@ -259,7 +267,10 @@ def workdir_lock(workdir: Path):
 
 
 def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
-               console: Console | None = None) -> dict[str, StepOutcome]:
+               console: Console | None = None, share_from: list[Path] = (), label: str = "") -> dict[str, StepOutcome]:
+    """Run what `plan` says must run. `share_from`: other workdirs (the other seeds of `distill run --seeds`); a
+    step whose complete output with the same key is there is copied from it instead of run again. `label`
+    starts every step's progress line (which seed is running)."""
     console = console or Console()
     workdir = workdir_for(recipe, dry_run)
     fingerprints = Fingerprints(workdir / CACHE_FILE)
@@ -283,22 +294,40 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
                                                    "document": recipe.document})
             fingerprints.save()
             for position, step in enumerate(steps, 1):
-                label = f"[{position}/{len(steps)}] {step.name} ({step.cfg.uses})"
+                step_label = f"{label}[{position}/{len(steps)}] {step.name} ({step.cfg.uses})"
                 if step.action == "skip":
                     artifact = Artifact.from_dir(workdir / step.name)
                     outcomes[step.name] = StepOutcome(step.name, "skipped", artifact, 0.0)
-                    console.print(f"[dim]✓ {label}: complete, skipped (key {step.key}, {_rows(artifact)})[/dim]")
+                    console.print(f"[dim]✓ {step_label}: complete, skipped (key {step.key}, {_rows(artifact)})[/dim]")
                     continue
-                console.rule(f"[bold]▶ {label}")
+                same = None if step.forced else next(
+                    (d / step.name for d in share_from if complete_key(d / step.name) == step.key), None)
+                if same is not None:
+                    artifact = _copy_step(same, workdir, step.name)
+                    outcomes[step.name] = StepOutcome(step.name, "copied", artifact, 0.0)
+                    console.print(f"[dim]✓ {step_label}: same key {step.key} as {same}, copied "
+                                  f"({_rows(artifact)})[/dim]")
+                    continue
+                console.rule(f"[bold]▶ {step_label}")
                 console.print(f"[dim]runs because: {'; '.join(step.reasons)}[/dim]")
                 artifact, seconds = _run_step(step, recipe, workdir, outcomes, dry_run)
                 outcomes[step.name] = StepOutcome(step.name, "ran", artifact, seconds)
-                console.print(f"[green]✓ {label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
+                console.print(f"[green]✓ {step_label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
     except UserError:
         if created is not None and not outcomes:
             shutil.rmtree(created, ignore_errors=True)  # a refused run leaves nothing behind
         raise
     return outcomes
+
+
+def _copy_step(source: Path, workdir: Path, name: str) -> Artifact:
+    """A complete step output with the same key, copied whole (not linked: a later re-run or rescore of either
+    copy must not change the other) and published like a run's output."""
+    tmp_dir = workdir / f".{name}.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.copytree(source, tmp_dir, symlinks=True)
+    publish(tmp_dir, workdir / name)
+    return Artifact.from_dir(workdir / name)
 
 
 def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) -> tuple[Artifact, float]:
@@ -319,7 +348,8 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) 
     # `.map()` on a loaded dataset would otherwise write cache files into the (finished) input step's dir.
     datasets.disable_caching()
     module = step_module(cfg.uses)
-    out = Output(name=name, kind=cfg.produces, dir=tmp_dir, scratch=scratch, seed=recipe.seed, dry_run=dry_run)
+    out = Output(name=name, kind=cfg.produces, dir=tmp_dir, scratch=scratch, seed=cfg.effective_seed(recipe.seed),
+                 dry_run=dry_run)
     inputs = {p: outcomes[p].artifact for p in parents}
     started = time.time()
     try:
@@ -347,7 +377,7 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) 
         "parents": step.inputs["parents"],
         "config": cfg.model_dump(mode="json"),
         "inputs": step.inputs,
-        "seed": recipe.seed,
+        "seed": step.inputs["seed"],
         "dry_run": dry_run,
         "recipe": recipe.source,
         "stats": artifact.stats,

@@ -1,6 +1,6 @@
 """eval.report: report.md holds the models x benchmarks table and details; the plots are real PNGs."""
 
-from eval.metrics import benchmark_scores
+from eval.metrics import benchmark_scores, compare_to_baseline
 from eval.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,7 +19,7 @@ def test_report_and_plots(tmp_path):
                + make_samples("tuned", "math500", [4, 1], 4, subject="Algebra", level=3))
     models = {m: {b: benchmark_scores([s for s in samples if s["model"] == m and s["benchmark"] == b], n)
                   for b, n in (("gsm8k", 2), ("math500", 4))} for m in ("base", "tuned")}
-    results = {"models": models, "meta": {"seed": 1, "preset": "quick", "versions": {"vllm": "0.32.0"},
+    results = {"models": models, "comparisons": compare_to_baseline(models, "base", seed=0), "meta": {"seed": 1, "preset": "quick", "versions": {"vllm": "0.32.0"},
                                           "models": {"base": {"path": "/m/base", "weights_sha256": "ab" * 32}}}}
     paths = write_report(results, samples, tmp_path)
 
@@ -34,3 +34,9 @@ def test_report_and_plots(tmp_path):
     assert "| tuned | 62.5 ± 23.9 | 62.5 ± 37.5 |" in report
     assert "pass@4" in report and "maj@4" in report and "by subject" in report and "by level" in report
     assert "/m/base" in report and "vllm 0.32.0" in report
+    # paired: tuned - base on gsm8k, per problem 1/2, 1, 1/2, -1/2 -> +37.5 ± sqrt((1/8)^2 + (5/8)^2 + (1/8)^2
+    # + (7/8)^2) / 3 / 4) = 31.5 points; MDD 2.80 x 31.5 = 88.1; the interval spans 0 with four problems
+    assert "## Paired differences to `base`" in report
+    assert "| gsm8k | tuned | +37.5 ± 31.5 | [" in report and "| 88.1 | 4 |" in report
+    assert "no detectable difference" in report
+    assert "Problems left out for every model (no graded sample): none." in report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
 
@@ -38,6 +38,9 @@ class StepConfig(BaseModel):
 
     uses: str = Field(description="Step type, one of the registered names (load, sample, verify, ...).")
     input: str | None = Field(default=None, description="Name of an earlier step whose dataset this step reads.")
+    seed: int | None = Field(default=None, description=(
+        "This step's seed; null = the recipe's. Pin it to hold a step (say, teacher sampling) fixed while "
+        "`distill run --seeds` varies the rest. Only for steps that draw random numbers."))
 
     # What the step writes: a dataset (data/), a model (model/) or a report (files only).
     produces: ClassVar[Literal["dataset", "model", "report"]] = "dataset"
@@ -51,6 +54,21 @@ class StepConfig(BaseModel):
     path_fields: ClassVar[tuple[str, ...] | None] = None
     libraries: ClassVar[tuple[str, ...]] = ()
     code_version: ClassVar[str] = "1"
+    # Whether the step draws random numbers (sampling, training). One that does not is keyed without the seed, so
+    # the runs of `distill run --seeds` share it whenever its inputs are the same.
+    uses_seed: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _seed_only_where_used(self) -> "StepConfig":
+        if self.seed is not None and not self.uses_seed:
+            raise ValueError(f"seed: a {self.uses} step draws no random numbers, so it takes no seed")
+        return self
+
+    def effective_seed(self, recipe_seed: int) -> int | None:
+        """The seed this step runs with (its own, else the recipe's); None for a step that draws none."""
+        if not self.uses_seed:
+            return None
+        return recipe_seed if self.seed is None else self.seed
 
     def model_refs(self) -> list[str]:
         """Model references this step reads (checked at load; `step:NAME` ones are dependencies)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 import shutil
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ class Config(StepConfig):
         "Text appended after the chat template's generation prompt. null = from the chat template: '<think>\\n' "
         "when it handles </think> (R1-style), nothing otherwise. A sample that opened thinking and never closed "
         "</think> only scores with a \\boxed{} answer."))
+    baseline: str | None = Field(default=None, description=(
+        "The model every other is compared with, problem by problem (paired difference, 95% paired-bootstrap "
+        "interval, minimum detectable difference); null = the first of `models`."))
     limit: int | None = Field(default=None, ge=1, description="Keep only the first N problems of every benchmark.")
     chunk_size: int = Field(default=64, ge=1, description=(
         "Problems per chunk, cut per benchmark: each finished chunk is saved, so a killed run re-generates at "
@@ -108,7 +112,9 @@ class Config(StepConfig):
     dry_run_overrides: ClassVar[dict] = {"limit": 2, "n": 2, "max_tokens": 16}
     path_fields: ClassVar = ()
     libraries: ClassVar = ("vllm", "torch", "transformers", "math-verify", "latex2sympy2_extended")
-    code_version: ClassVar = "2"  # one seeded request per sample, chunks per benchmark
+    # 2: one seeded request per sample, chunks per benchmark; 3: ungraded samples leave the denominator, maj@k
+    # over equivalent answers, paired comparisons
+    code_version: ClassVar = "3"
 
     def input_paths(self) -> list[str]:
         from eval.benchmarks import get_benchmark
@@ -132,6 +138,12 @@ class Config(StepConfig):
         if repeated:
             raise ValueError(f"listed more than once: {repeated}")
         return names
+
+    @model_validator(mode="after")
+    def _baseline_is_a_model(self) -> "Config":
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(f"baseline {self.baseline!r} is not one of models {self.models}")
+        return self
 
     @field_validator("benchmarks")
     @classmethod
@@ -167,7 +179,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
 
     models = {ref: resolve_model(ref, inputs) for ref in cfg.models}
     results = evaluate_models(cfg, models, out.dir, out.scratch, out.seed)
-    print_table(results["models"])
+    print_table(results)
     summary = {f"{ref} {spec} pass@1": scores["pass@1"]
                for ref, per_bench in results["models"].items() for spec, scores in per_bench.items()}
     return out.report_written(samples=sum(s["samples"] for p in results["models"].values() for s in p.values()),
@@ -195,6 +207,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
 
     meta = {
         "seed": seed,
+        "baseline": cfg.baseline or cfg.models[0],
         "preset": cfg.preset,
         # chunk_size too: with bfloat16 weights, what shares a chunk can change a sample's rounding
         "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "max_model_len",
@@ -235,11 +248,12 @@ def rescore(run_dir: Path, *, workers: int | None = None, timeout_s: float | Non
 
 
 def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
-    """Grade rows in place (per model's completion prefix, per benchmark's gold format), score, write outputs."""
+    """Grade rows in place (per model's completion prefix, per benchmark's gold format), score them, compare every
+    model with the baseline on the same problems, and write the outputs."""
     import datasets
 
     from eval.grading_pool import iter_grades
-    from eval.metrics import benchmark_scores
+    from eval.metrics import benchmark_scores, compare_to_baseline, removed_problems
     from eval.report import write_report
     from rich.progress import track
 
@@ -251,19 +265,47 @@ def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
                              workers=meta["grader"]["workers"], timeout_s=meta["grader"]["timeout_s"],
                              finish_reasons=[rows[i]["finish_reason"] for i in indices], gold_is_latex=gold_is_latex)
         for position, grade in track(grades, total=len(indices), description="grading", transient=True):
-            rows[indices[position]].update(extracted=grade.extracted, label=grade.label, correct=grade.correct)
+            rows[indices[position]].update(extracted=grade.extracted, label=grade.label, correct=grade.correct,
+                                           grade_error=grade.error)
+    groups = _answer_groups(rows, meta["grader"])
 
     results: dict[str, dict[str, dict]] = {label: {} for label in meta["models"]}
-    for label in meta["models"]:
-        for spec, n in meta["n"].items():
-            results[label][spec] = benchmark_scores(
-                [r for r in rows if r["model"] == label and r["benchmark"] == spec], n)
+    for spec, n in meta["n"].items():
+        benchmark_rows = [r for r in rows if r["benchmark"] == spec]
+        removed = removed_problems(benchmark_rows)  # the same problems leave every model's score
+        for label in meta["models"]:
+            results[label][spec] = benchmark_scores([r for r in benchmark_rows if r["model"] == label], n,
+                                                    groups=groups[(label, spec)], removed=removed)
+    document = {"models": results, "meta": meta}
+    if len(results) > 1:
+        # runs from before comparisons existed have no baseline recorded: theirs was the first model
+        meta.setdefault("baseline", next(iter(results)))
+        document["comparisons"] = compare_to_baseline(results, meta["baseline"], seed=meta["seed"])
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_samples(datasets.Dataset.from_list(rows), out_dir / SAMPLES_DIR)
-    document = {"models": results, "meta": meta}
     write_json_atomic(out_dir / RESULTS_JSON, document)
     write_report(document, rows, out_dir)
     return document
+
+
+def _answer_groups(rows: list[dict], grader: dict) -> dict[tuple[str, str], dict[str, list[int]]]:
+    """(model, benchmark) -> problem id -> the maj@k answer group of each graded sample, in sample order, grouped
+    by math-verify equivalence in the grading pool (a problem it cannot group in time is grouped by text)."""
+    from eval.grading_pool import iter_answer_groups
+    from eval.metrics import graded_by_problem, text_groups
+
+    keys, answers = [], []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for spec in dict.fromkeys(r["benchmark"] for r in rows):
+            graded = graded_by_problem(r for r in rows if r["model"] == model and r["benchmark"] == spec)
+            for problem_id, samples in graded.items():
+                keys.append((model, spec, problem_id))
+                answers.append([s["extracted"] or "" for s in samples])
+    groups: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(dict)
+    for index, problem_groups in iter_answer_groups(answers, workers=grader["workers"], timeout_s=grader["timeout_s"]):
+        model, spec, problem_id = keys[index]
+        groups[(model, spec)][problem_id] = text_groups(answers[index]) if problem_groups is None else problem_groups
+    return groups
 
 
 def _save_samples(dataset, path: Path) -> None:
@@ -280,7 +322,7 @@ def _sample_row(spec: str, label: str, problem: dict, idx: int, sample: dict) ->
     level = problem.get("level")
     return {"benchmark": spec, "id": problem["id"], "model": label, "sample_idx": idx, "answer": problem["answer"],
             "subject": problem.get("subject"), "level": None if level is None else str(level),
-            "completion": sample["text"], "extracted": "", "label": "", "correct": False,
+            "completion": sample["text"], "extracted": "", "label": "", "correct": False, "grade_error": "",
             "prompt_tokens": sample["prompt_tokens"], "completion_tokens": sample["completion_tokens"],
             "finish_reason": sample["finish_reason"]}
 
@@ -392,11 +434,12 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def print_table(results: dict[str, dict[str, dict]]) -> None:
-    """Models x benchmarks, pass@1 ± stderr in percent."""
+def print_table(document: dict) -> None:
+    """Models x benchmarks, pass@1 ± stderr in percent; then each model minus the baseline, paired."""
     from rich.console import Console
     from rich.table import Table
 
+    results = document["models"]
     specs = list(next(iter(results.values())))
     table = Table(title="pass@1 (%) ± stderr")
     table.add_column("model")
@@ -409,13 +452,36 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
             stderr = f" ± {100 * scores['stderr']:.1f}" if scores["stderr"] is not None else ""
             cells.append(f"{100 * scores['pass@1']:.1f}{stderr}  (n={scores['n']})")
         table.add_row(ref, *cells)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    comparisons = document.get("comparisons")
+    if not comparisons:
+        return
+    baseline = next(iter(next(iter(comparisons.values())).values()))["baseline"]
+    table = Table(title=f"minus {baseline}, paired over problems (points): difference ± stderr [95% bootstrap]")
+    table.add_column("model")
+    for spec in specs:
+        table.add_column(spec, justify="right")
+    for ref in results:
+        if ref != baseline:
+            table.add_row(ref, *(describe_difference(comparisons[spec][ref]) for spec in specs))
+    console.print(table)
+
+
+def describe_difference(row: dict) -> str:
+    """'+10.9 ± 3.0 [+5.1, +16.8]', or with 'no detectable difference' when the interval spans 0; with the
+    minimum detectable difference, so a reader knows what size of effect the slice could have shown."""
+    low, high = row["ci95"]
+    stderr = f" ± {100 * row['stderr']:.1f}" if row["stderr"] is not None else ""
+    verdict = "" if row["detectable"] else ", no detectable difference"
+    mdd = f", MDD {100 * row['mdd']:.1f}" if row["mdd"] is not None else ""
+    return f"{100 * row['difference']:+.1f}{stderr} [{100 * low:+.1f}, {100 * high:+.1f}]{verdict}{mdd}"
 
 
 # ---- `distill eval` ----
 
 # Config fields the command takes as --flags (the rest: models, --benchmarks, and the step's own keys)
-CLI_FIELDS = ("preset", "n", "temperature", "top_p", "top_k", "max_tokens", "max_model_len", "dtype",
+CLI_FIELDS = ("baseline", "preset", "n", "temperature", "top_p", "top_k", "max_tokens", "max_model_len", "dtype",
               "prompt_template", "think_prefix", "limit", "chunk_size", "workers", "timeout_s",
               "tensor_parallel_size", "data_parallel_size", "distributed_executor_backend")
 
@@ -441,7 +507,7 @@ def run_cli(args) -> int:
     if args.rescore:
         document = rescore(Path(args.rescore), workers=_positive(args.workers, "--workers", int),
                            timeout_s=_positive(args.timeout_s, "--timeout-s", float))
-        print_table(document["models"])
+        print_table(document)
         print(f"rescored → {args.rescore}")
         return 0
     if not args.models or not args.benchmarks:
@@ -460,7 +526,7 @@ def run_cli(args) -> int:
     scratch = out_dir / ".scratch"
     document = evaluate_models(cfg, models, out_dir, scratch, args.seed)
     shutil.rmtree(scratch, ignore_errors=True)  # everything is in samples/ now
-    print_table(document["models"])
+    print_table(document)
     print(f"results → {out_dir / RESULTS_JSON}, report → {out_dir / 'report.md'}")
     return 0
 

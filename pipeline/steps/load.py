@@ -38,6 +38,7 @@ class Config(StepConfig):
     libraries: ClassVar = ("datasets",)
     # 2: pipeline.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
     code_version: ClassVar[str] = "2"
+    uses_seed: ClassVar = False  # the first `limit` rows, in file order
 
     # the rows check_inputs read, so that run does not read the file a second time
     _checked_rows: Any = PrivateAttr(default=None)

@@ -33,6 +33,7 @@ CHECK_PROMPTS = (
 class Config(StepConfig):
     produces: ClassVar = "model"
     path_fields: ClassVar = ()
+    uses_seed: ClassVar = False
     libraries: ClassVar = ("torch", "transformers", "peft")
 
     input: str = Field(description="Name of the training step (e.g. an sft step with LoRA) whose model is merged.")

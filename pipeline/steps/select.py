@@ -53,6 +53,7 @@ class Config(StepConfig):
         return self
 
     path_fields: ClassVar = ()
+    uses_seed: ClassVar = False
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []

@@ -1,0 +1,238 @@
+"""`distill compare`: the evaluations of several runs (the seeds of `distill run --seeds`, or any runs of the
+same evaluation) side by side, so that a difference between models is judged against the spread between runs.
+
+For each evaluation (an evaluate step, by name, or `eval` for a `distill eval` output), model and benchmark:
+    runs       pass@1 of each run (labelled by its seed when the seeds differ, else by its path)
+    mean, sd   across runs (sd with ddof=1: the run-to-run spread, training and sampling seeds included)
+    pooled     every run's samples of a problem together, then pass@1 ± stderr over the problems all runs share
+and for each model but the baseline (the evaluation's `baseline`, else its first model):
+    differences  each run's paired difference to the baseline, their mean ± sd across runs, in how many runs it
+                 was positive and in how many its 95% interval excluded 0
+    pooled       the paired difference over problems of the pooled rates, with its bootstrap interval and MDD
+
+Writes nothing unless asked (`--out`, or `distill run --seeds` into the recipe's workdir): compare.json, compare.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline.artifacts import MANIFEST, write_json_atomic
+from pipeline.errors import UserError
+
+RESULTS_JSON = "results.json"
+SEED_DIR = re.compile(r"seed-(-?\d+)(-dry-run)?")
+COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
+
+
+def find_results(path: Path) -> list[tuple[str, Path]]:
+    """(evaluation name, results.json) for everything `path` holds: a results.json, an evaluation dir, a workdir
+    (its evaluate steps, in name order), or a --seeds workdir (its seed-N workdirs, by seed)."""
+    if path.is_file():
+        if path.name != RESULTS_JSON:
+            raise UserError(f"{path}: not a {RESULTS_JSON}")
+        return [(_evaluation_name(path.parent), path)]
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or directory")
+    if (path / RESULTS_JSON).is_file():
+        return [(_evaluation_name(path), path / RESULTS_JSON)]
+    seed_dirs = sorted((p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
+                       key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)))
+    found = [item for seed_dir in seed_dirs for item in find_results(seed_dir)]
+    for step_dir in sorted(p for p in path.iterdir() if p.is_dir() and p not in seed_dirs):
+        if (step_dir / RESULTS_JSON).is_file() and (step_dir / MANIFEST).is_file():
+            found.append((_evaluation_name(step_dir), step_dir / RESULTS_JSON))
+    return found
+
+
+def _evaluation_name(directory: Path) -> str:
+    try:
+        return json.loads((directory / MANIFEST).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return "eval"  # a `distill eval --out` dir
+
+
+def compare_paths(paths: list[Path]) -> dict:
+    """{"evaluations": {name: comparison}} over every evaluation found in `paths` (see the module docstring)."""
+    by_name: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
+    for path in paths:
+        for name, results_path in find_results(Path(path)):
+            try:
+                by_name[name].append((results_path, json.loads(results_path.read_text())))
+            except ValueError as error:
+                raise UserError(f"{results_path}: not valid JSON ({error})") from None
+    return {"evaluations": {name: compare_runs(runs) for name, runs in by_name.items()}}
+
+
+def compare_runs(runs: list[tuple[Path, dict]]) -> dict:
+    """One evaluation across runs: the models and benchmarks every run has, in the first run's order."""
+    from eval.metrics import paired_difference
+
+    documents = [document for _, document in runs]
+    seeds = [document.get("meta", {}).get("seed") for document in documents]
+    names = [f"seed {seed}" for seed in seeds] if len(set(seeds)) == len(seeds) else [str(p) for p, _ in runs]
+    models = [m for m in documents[0]["models"] if all(m in d["models"] for d in documents)]
+    benchmarks = [b for b in documents[0]["models"][models[0]]
+                  if all(b in d["models"][m] for d in documents for m in models)] if models else []
+    baseline = documents[0].get("meta", {}).get("baseline") or (models[0] if models else None)
+    if baseline not in models:
+        baseline = models[0] if models else None
+    scores: dict[str, dict[str, dict]] = {}
+    for model in models:
+        scores[model] = {}
+        for benchmark in benchmarks:
+            per_run = [d["models"][model][benchmark] for d in documents]
+            mean, sd = _mean_and_sd([s["pass@1"] for s in per_run])
+            pooled = _pooled_rates(per_run)
+            pooled_mean, pooled_stderr = _mean_and_stderr(list(pooled.values())) if pooled else (None, None)
+            scores[model][benchmark] = {"runs": dict(zip(names, (s["pass@1"] for s in per_run))), "mean": mean,
+                                        "sd": sd, "pooled": pooled_mean, "pooled_stderr": pooled_stderr,
+                                        "pooled_problems": len(pooled)}
+    differences: dict[str, dict[str, dict]] = {}
+    for model in models:
+        if model == baseline:
+            continue
+        differences[model] = {}
+        for benchmark in benchmarks:
+            per_run = [_run_difference(d, benchmark, model, baseline) for d in documents]
+            values = [row["difference"] for row in per_run]
+            mean, sd = _mean_and_sd(values)
+            base_pooled = _pooled_rates([d["models"][baseline][benchmark] for d in documents])
+            model_pooled = _pooled_rates([d["models"][model][benchmark] for d in documents])
+            shared = [pid for pid in base_pooled if pid in model_pooled]
+            pooled = paired_difference([base_pooled[p] for p in shared], [model_pooled[p] for p in shared]) \
+                if shared else None
+            differences[model][benchmark] = {
+                "runs": dict(zip(names, values)), "mean": mean, "sd": sd,
+                "positive_runs": sum(v > 0 for v in values),
+                "detectable_runs": sum(r["detectable"] is True for r in per_run),
+                "pooled": pooled}
+    return {"runs": names, "paths": [str(p) for p, _ in runs], "baseline": baseline, "models": models,
+            "benchmarks": benchmarks, "scores": scores, "differences": differences}
+
+
+def _run_difference(document: dict, benchmark: str, model: str, baseline: str) -> dict:
+    """One run's paired difference model - baseline: as its results recorded it, else computed from its
+    per-problem counts, else (results from before either was kept) the plain difference of pass@1, undecided."""
+    from eval.metrics import compare_to_baseline
+
+    recorded = document.get("comparisons", {}).get(benchmark, {}).get(model)
+    if recorded and recorded.get("baseline") == baseline:
+        return recorded
+    pair = {m: {benchmark: document["models"][m][benchmark]} for m in (baseline, model)}
+    if all("per_problem" in scores[benchmark] for scores in pair.values()):
+        return compare_to_baseline(pair, baseline, seed=document.get("meta", {}).get("seed") or 0)[benchmark][model]
+    return {"difference": pair[model][benchmark]["pass@1"] - pair[baseline][benchmark]["pass@1"], "detectable": None}
+
+
+def _pooled_rates(per_run: list[dict]) -> dict[str, float]:
+    """Per problem shared by every run: correct / graded samples, all runs' samples together ({} for results
+    written before per-problem counts were kept)."""
+    if not all("per_problem" in scores for scores in per_run):
+        return {}
+    shared = [pid for pid in per_run[0]["per_problem"] if all(pid in s["per_problem"] for s in per_run)]
+    return {pid: sum(s["per_problem"][pid][0] for s in per_run) / sum(s["per_problem"][pid][1] for s in per_run)
+            for pid in shared}
+
+
+def _mean_and_sd(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    mean, sd = _mean_and_sd(values)
+    return mean, None if sd is None else sd / math.sqrt(len(values))
+
+
+def _pct(value: float | None, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+
+
+def _with_spread(mean: float, spread: float | None, sign: bool = False) -> str:
+    return _pct(mean, sign) + ("" if spread is None else f" ± {_pct(spread)}")
+
+
+def comparison_rows(evaluation: dict) -> tuple[list[list[str]], list[list[str]]]:
+    """The two tables of one evaluation as rows of text: scores, then differences to the baseline."""
+    runs = evaluation["runs"]
+    score_rows = []
+    for model, per_bench in evaluation["scores"].items():
+        for benchmark, s in per_bench.items():
+            score_rows.append([model, benchmark, *(_pct(s["runs"][r]) for r in runs), _with_spread(s["mean"], s["sd"]),
+                               _with_spread(s["pooled"], s["pooled_stderr"]) if s["pooled"] is not None else "–"])
+    difference_rows = []
+    for model, per_bench in evaluation["differences"].items():
+        for benchmark, d in per_bench.items():
+            pooled = d["pooled"]
+            pooled_text = "–" if pooled is None else (
+                f"{_with_spread(pooled['difference'], pooled['stderr'], sign=True)} "
+                f"[{_pct(pooled['ci95'][0], True)}, {_pct(pooled['ci95'][1], True)}]"
+                + ("" if pooled["detectable"] else " no detectable difference") + f", MDD {_pct(pooled['mdd'])}")
+            difference_rows.append([model, benchmark, *(_pct(d["runs"][r], True) for r in runs),
+                                    _with_spread(d["mean"], d["sd"], sign=True),
+                                    f"{d['positive_runs']}/{len(runs)}", f"{d['detectable_runs']}/{len(runs)}",
+                                    pooled_text])
+    return score_rows, difference_rows
+
+
+def _headers(evaluation: dict) -> tuple[list[str], list[str]]:
+    runs = evaluation["runs"]
+    return (["model", "benchmark", *runs, "mean ± sd", "pooled ± stderr"],
+            ["model", "benchmark", *runs, "mean ± sd", "positive", "detectable", "pooled paired [95%]"])
+
+
+def print_comparison(comparison: dict, console) -> None:
+    from rich.table import Table
+
+    for name, evaluation in comparison["evaluations"].items():
+        score_rows, difference_rows = comparison_rows(evaluation)
+        score_header, difference_header = _headers(evaluation)
+        for title, header, rows in (
+                (f"{name}: pass@1 (%) across {len(evaluation['runs'])} run(s)", score_header, score_rows),
+                (f"{name}: minus {evaluation['baseline']}, paired (points)", difference_header, difference_rows)):
+            if not rows:
+                continue
+            table = Table(title=title)
+            for column in header:
+                table.add_column(column, justify="left" if column in ("model", "benchmark") else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+
+
+def render_markdown(comparison: dict) -> str:
+    lines = ["# Comparison across runs", "",
+             "pass@1 (%) per run; mean ± sd across runs; pooled = every run's samples of a problem together, ± "
+             "stderr over problems. Differences: model minus baseline, paired over problems, per run; mean ± sd "
+             "across runs; in how many runs positive and detectable (95% paired-bootstrap interval excluding 0); "
+             "pooled paired difference with its interval and minimum detectable difference (MDD).", ""]
+    for name, evaluation in comparison["evaluations"].items():
+        score_rows, difference_rows = comparison_rows(evaluation)
+        score_header, difference_header = _headers(evaluation)
+        lines += [f"## {name}", "", *_markdown_table(score_header, score_rows), ""]
+        if difference_rows:
+            lines += [f"Minus `{evaluation['baseline']}`:", "",
+                      *_markdown_table(difference_header, difference_rows), ""]
+        lines += ["Runs: " + ", ".join(f"{run} ({path})" for run, path in zip(evaluation["runs"], evaluation["paths"])),
+                  ""]
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def write_comparison(comparison: dict, out_dir: Path) -> list[Path]:
+    write_json_atomic(out_dir / COMPARE_JSON, comparison)
+    (out_dir / COMPARE_MD).write_text(render_markdown(comparison))
+    return [out_dir / COMPARE_MD, out_dir / COMPARE_JSON]
