@@ -53,6 +53,16 @@ def test_every_filter_removes_its_problem_and_says_why(tmp_path):
     assert stats["removed_contaminated"] == 1 and stats["removed_near_duplicate"] == 1
 
 
+def test_a_problem_with_no_pass_rate_is_dropped_as_ungraded_by_the_pass_rate_window(tmp_path):
+    data = [{**row, "pass_rate": None} if row["id"] == "short" else row for row in rows()]
+    artifact, kept, removed = run_filter(tmp_path, data, min_pass_rate=0.1, decontaminate=[])
+    assert "short" not in kept["id"] and "keep" in kept["id"]
+    assert [(r["id"], r["reason"]) for r in removed] == [("short", "ungraded"), ("exact", "duplicate")]
+    assert (artifact.stats["removed_ungraded"], artifact.stats["removed_pass_rate"]) == (1, 0)
+    _, kept_without_window, _ = run_filter(tmp_path / "no_window", data, decontaminate=[])
+    assert "short" in kept_without_window["id"]  # only the pass-rate window looks at pass rates
+
+
 def test_defaults_only_dedupe_and_decontaminate(tmp_path):
     _, kept, removed = run_filter(tmp_path, rows())
     assert {r["reason"] for r in removed} == {"duplicate", "contaminated"}

@@ -48,6 +48,16 @@ def test_k_pairs_and_wider_rejected_labels(tmp_path):
         pairs.Config(uses="pairs", input="graded", rejected_labels=["bad_gold"])
 
 
+def test_an_ungraded_sample_is_never_a_rejected_answer(tmp_path):
+    # timeout and error say nothing about the answer, whichever labels are asked for
+    rows = [row("e", 0, "timeout"), row("e", 1, "error"), row("e", 2, "correct"), row("e", 3, "no_answer")]
+    _, data = run_pairs(tmp_path, rows, rejected_labels=["incorrect", "no_answer", "truncated"])
+    assert data[0]["rejected"] == [{"role": "assistant", "content": "no_answer 3 of e"}]
+    for label in ("timeout", "error"):
+        with pytest.raises(ValidationError, match="rejected_labels"):
+            pairs.Config(uses="pairs", input="graded", rejected_labels=["incorrect", label])
+
+
 def test_length_limits_in_characters_and_student_tokens(tmp_path):
     rows = [row("a", 0, "correct", "x" * 500), row("a", 1, "correct"), row("a", 2, "incorrect")]
     _, by_chars = run_pairs(tmp_path / "chars", rows, max_chars=100)

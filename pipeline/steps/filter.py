@@ -3,7 +3,9 @@
 Filters, applied in this order (a problem removed by one is not looked at by the next):
 
     drop_truncated     sample rows that stopped at the token limit (finish_reason "length" or label truncated)
-    min/max_pass_rate  problems whose pass_rate (from verify, over all their samples) is outside the window
+    min/max_pass_rate  problems whose pass_rate (from verify: correct / graded samples) is outside the window,
+                       and, as `ungraded`, problems with no pass rate (not one sample graded: bad gold, timeouts,
+                       errors), whose difficulty is unknown
     dedupe_exact       problems whose text, lower-cased with whitespace collapsed, repeats an earlier problem's
     near_duplicate     problems whose n-gram Jaccard similarity with an earlier kept problem reaches the threshold
     decontaminate      problems sharing an n-gram (default 8 tokens) with a bundled benchmark problem; a problem
@@ -33,7 +35,8 @@ class Config(StepConfig):
     input: str = Field(description="Name of the step whose dataset (needs `id` and `problem`) is filtered.")
     drop_truncated: bool = Field(default=False, description="Drop sample rows cut off at the token limit.")
     min_pass_rate: float | None = Field(default=None, ge=0, le=1,
-                                        description="Drop problems with a lower pass_rate (needs verify output).")
+                                        description="Drop problems with a lower pass_rate (needs verify output); "
+                                                    "with either bound, problems with no pass rate go too.")
     max_pass_rate: float | None = Field(default=None, ge=0, le=1,
                                         description="Drop problems with a higher pass_rate, e.g. 0.99 drops "
                                                     "problems every sample solved.")
@@ -50,6 +53,7 @@ class Config(StepConfig):
     decontaminate_ngram: int = Field(default=8, ge=1, description="Token n-gram size for decontamination.")
 
     path_fields: ClassVar = ()
+    uses_seed: ClassVar = False
 
     def input_paths(self) -> list[str]:
         from eval.benchmarks import get_benchmark
@@ -95,7 +99,7 @@ def run(cfg: Config, inputs, out):
                 removed.append({"id": ids[row], "reason": "truncated", "detail": f"row {row}"})
 
     problems: dict[str, str] = {}  # id -> problem text, input order
-    pass_rates: dict[str, float] = {}
+    pass_rates: dict[str, float | None] = {}
     for row, problem_id in enumerate(ids):
         problems.setdefault(problem_id, columns["problem"][row] or "")
         if "pass_rate" in columns:
@@ -109,7 +113,9 @@ def run(cfg: Config, inputs, out):
     if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None:
         low, high = cfg.min_pass_rate or 0.0, 1.0 if cfg.max_pass_rate is None else cfg.max_pass_rate
         for problem_id, rate in pass_rates.items():
-            if not low <= rate <= high:
+            if rate is None:
+                drop(problem_id, "ungraded", "no graded sample, so no pass_rate")
+            elif not low <= rate <= high:
                 drop(problem_id, "pass_rate", f"pass_rate {rate:.3f} outside [{low}, {high}]")
 
     if cfg.dedupe_exact:
@@ -141,7 +147,7 @@ def run(cfg: Config, inputs, out):
         rows_in=len(ids),
         problems_in=len(problems),
         problems_kept=len({ids[row] for row in kept_rows}),
-        **{f"removed_{reason}": counts[reason] for reason in ("truncated", "pass_rate", "duplicate",
+        **{f"removed_{reason}": counts[reason] for reason in ("truncated", "ungraded", "pass_rate", "duplicate",
                                                                "near_duplicate", "contaminated")},
     )
 

@@ -3,7 +3,8 @@
 For each problem with at least one correct and one rejected sample: chosen = its first correct sample,
 rejected = its first rejected one (lowest sample_idx, REDI's choice); with `max_pairs_per_problem: k`,
 the i-th correct goes with the i-th rejected for i < k. Rejected means label `incorrect` by default:
-a truncated, unanswered or timed-out sample is not evidence of a wrong answer (`rejected_labels` widens it).
+a truncated or unanswered sample is not evidence of a wrong answer (`rejected_labels` widens it to those). An
+ungraded sample (bad_gold, timeout, error: eval.answers.UNGRADED) never is: the grader decided nothing about it.
 Samples over the length limits are left out before pairing. In a `--dry-run`, if no problem makes a pair, each
 problem's first two samples stand in as chosen and rejected (whatever their labels) so that REDI after it still runs.
 
@@ -18,11 +19,12 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
+from eval.answers import GRADED
 from pipeline.steps import StepConfig, require_columns
 from pipeline.steps.select import assistant_texts, rows_by_problem, token_counter, warn_dry_run_stand_ins
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
-REJECTABLE_LABELS = ("incorrect", "no_answer", "truncated", "timeout")
+REJECTABLE_LABELS = tuple(label for label in GRADED if label != "correct")  # incorrect, no_answer, truncated
 
 
 class Config(StepConfig):
@@ -33,7 +35,8 @@ class Config(StepConfig):
     rejected_labels: list[str] = Field(
         default=["incorrect"],
         description=f"Labels that make a sample a rejected answer, from {list(REJECTABLE_LABELS)}. "
-                    "bad_gold never counts: its grade says nothing about the answer.")
+                    "Ungraded samples (bad_gold, timeout, error) never count: their grade says nothing about "
+                    "the answer.")
     max_tokens: int | None = Field(
         default=None, ge=1, description="Leave out samples whose response is longer than this many tokens of "
                                         "`tokenizer`'s tokenizer; needs `tokenizer`.")
@@ -57,6 +60,7 @@ class Config(StepConfig):
         return self
 
     path_fields: ClassVar = ()
+    uses_seed: ClassVar = False
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []

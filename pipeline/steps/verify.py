@@ -1,22 +1,29 @@
-"""`verify`: grade every completion against its gold answer with math-verify (eval/answers.py, through eval/grading_pool.py).
+"""`verify`: grade every completion against its gold answer with math-verify (eval.answers, run by eval.grading_pool).
 
 Input: a samples dataset (`id`, `answer`, `completion`; `finish_reason` if the sampler recorded it). Output: the
-same rows plus `label`, `correct`, `extracted`, and `pass_rate` = the fraction of the problem's samples (same
-`id`) that are correct. Needs no model, so a `load` -> `verify` recipe re-grades a file of completions.
+same rows plus `label`, `correct`, `extracted`, `grade_error` (the exception, for label `error`; "" otherwise),
+`graded_samples` (how many of the problem's samples were graded) and `pass_rate` = correct / graded samples of
+the problem (same `id`). Needs no model, so a `load` -> `verify` recipe re-grades a file of completions.
 
-Grades are appended to a scratch file as they finish, so a killed run resumes where it stopped.
+The ungraded rule (eval/answers.py): a sample labelled bad_gold, timeout or error says nothing about the answer,
+so it leaves the denominator; a problem none of whose samples were graded has no pass rate (null), is left out
+of the pass-rate stats and is counted by label (`problems_ungraded_*`: bad_gold before timeout before error).
+A row whose grading raised is kept, labelled `error`: one bad row never stops the step.
 
-Printed and in the manifest: counts per label, bad golds by problem id, a pass-rate histogram. With
-`audit: true` every sample is also graded by a second, independent method (normalised string / numeric
-comparison of the last boxed answer or last number against the gold) and the rows where the two disagree
-go to `audit.jsonl` in the step dir, for a person to read.
+Grades are appended to a scratch file as they finish (error text included), so a killed run resumes where it
+stopped.
+
+Printed and in the manifest: counts per label (graded and ungraded apart), bad golds by problem id, the first
+error rows with their messages, a pass-rate histogram. With `audit: true` every graded sample is also graded by a
+second, independent method (normalised string / numeric comparison of the last boxed answer or last number
+against the gold) and the rows where the two disagree go to `audit.jsonl` in the step dir, for a person to read.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import ClassVar
 
 from pydantic import Field
@@ -29,6 +36,7 @@ REQUIRED_COLUMNS = ("id", "answer", "completion")
 PROGRESS_FILE = "grades.jsonl"
 AUDIT_FILE = "audit.jsonl"
 HISTOGRAM_BINS = 10  # pass-rate buckets [0, 0.1), ..., [0.9, 1.0]
+MAX_LISTED_ERRORS = 20  # error rows named in the manifest (all are counted, and kept in the dataset)
 
 
 class Config(StepConfig):
@@ -50,10 +58,13 @@ class Config(StepConfig):
     produces: ClassVar[str] = "dataset"
     path_fields: ClassVar = ()
     libraries: ClassVar = ("math-verify", "latex2sympy2_extended")
+    uses_seed: ClassVar = False
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from eval.answers import LABELS, Grade
+    from datasets import Value
+
+    from eval.answers import LABELS, UNGRADED, Grade
     from eval.grading_pool import iter_grades
 
     samples = inputs[cfg.input].dataset()
@@ -74,34 +85,48 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                                          timeout_s=cfg.timeout_s, finish_reasons=finish_reasons,
                                          gold_is_latex=cfg.gold_is_latex, skip=set(grades)):
             grades[index] = result
-            log.write(json.dumps([index, result.label, result.correct, result.extracted]) + "\n")
+            log.write(json.dumps([index, result.label, result.correct, result.extracted, result.error]) + "\n")
     ordered: list[Grade] = [grades[i] for i in range(len(samples))]
+    ids = samples["id"]
 
-    samples_per_id: dict[str, list[bool]] = defaultdict(list)
-    for problem_id, result in zip(samples["id"], ordered):
-        samples_per_id[problem_id].append(result.correct)
-    pass_rates = {pid: sum(flags) / len(flags) for pid, flags in samples_per_id.items()}
+    correct_samples, graded_samples = Counter(), Counter()
+    labels_of: dict[str, set[str]] = {}  # problem id -> its samples' labels, problems in input order
+    for problem_id, result in zip(ids, ordered):
+        labels_of.setdefault(problem_id, set()).add(result.label)
+        graded_samples[problem_id] += result.graded
+        correct_samples[problem_id] += result.correct
+    pass_rates = {pid: correct_samples[pid] / graded_samples[pid] if graded_samples[pid] else None
+                  for pid in labels_of}
+    rates = [rate for rate in pass_rates.values() if rate is not None]
+    # a problem without a graded sample counts under the first of UNGRADED among its labels, as in eval.metrics
+    ungraded_problems = Counter(next(label for label in UNGRADED if label in labels)
+                                for pid, labels in labels_of.items() if pass_rates[pid] is None)
+    label_counts = Counter(g.label for g in ordered)
 
     graded = (samples
               .add_column("label", [g.label for g in ordered])
               .add_column("correct", [g.correct for g in ordered])
               .add_column("extracted", [g.extracted for g in ordered])
-              .add_column("pass_rate", [pass_rates[pid] for pid in samples["id"]]))
-    label_counts = Counter(g.label for g in ordered)
-    bad_gold_ids = sorted({pid for pid, g in zip(samples["id"], ordered) if g.label == "bad_gold"})
-    histogram = pass_rate_histogram(list(pass_rates.values()))
-    audit_stats = _audit(samples, completions, ordered, out.dir / AUDIT_FILE) if cfg.audit else {}
-    _print_summary(label_counts, bad_gold_ids, histogram, audit_stats)
-    return out.write_dataset(
-        graded,
-        problems=len(pass_rates),
-        mean_pass_rate=sum(pass_rates.values()) / len(pass_rates),
-        problems_solved=sum(rate > 0 for rate in pass_rates.values()),
+              .add_column("grade_error", [g.error for g in ordered])
+              .add_column("graded_samples", [graded_samples[pid] for pid in ids])
+              # typed: a column of nothing but nulls (no problem graded) must still read as a float column
+              .add_column("pass_rate", [pass_rates[pid] for pid in ids], feature=Value("float64")))
+    stats = {
+        "problems": len(pass_rates),
+        "problems_graded": len(rates),
+        "mean_pass_rate": sum(rates) / len(rates) if rates else None,
+        "problems_solved": sum(rate > 0 for rate in rates),
         **{f"label_{label}": label_counts[label] for label in LABELS},
-        bad_gold_ids=bad_gold_ids,
-        pass_rate_histogram=histogram,
-        **audit_stats,
-    )
+        **{f"problems_ungraded_{label}": ungraded_problems[label] for label in UNGRADED},
+        "bad_gold_ids": sorted({pid for pid, g in zip(ids, ordered) if g.label == "bad_gold"}),
+        "grade_errors": [{"row": row, "id": pid, "error": g.error}
+                         for row, (pid, g) in enumerate(zip(ids, ordered)) if g.label == "error"][:MAX_LISTED_ERRORS],
+        "pass_rate_histogram": pass_rate_histogram(rates),
+    }
+    if cfg.audit:
+        stats.update(_audit(samples, completions, ordered, out.dir / AUDIT_FILE))
+    _print_summary(stats)
+    return out.write_dataset(graded, **stats)
 
 
 def pass_rate_histogram(rates: list[float]) -> dict[str, int]:
@@ -112,27 +137,40 @@ def pass_rate_histogram(rates: list[float]) -> dict[str, int]:
     return {f"{b / HISTOGRAM_BINS:.1f}-{(b + 1) / HISTOGRAM_BINS:.1f}": c for b, c in enumerate(counts)}
 
 
-def _print_summary(label_counts: Counter, bad_gold_ids: list[str], histogram: dict[str, int], audit: dict) -> None:
+def _print_summary(stats: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from eval.answers import LABELS
+    from eval.answers import GRADED, UNGRADED
 
-    total = sum(label_counts.values())
-    table = Table(title="verify: labels")
+    total = sum(stats[f"label_{label}"] for label in GRADED + UNGRADED)
+    table = Table(title="verify: labels", caption="below the line: ungraded, no pass rate counts them")
     table.add_column("label")
     table.add_column("samples", justify="right")
     table.add_column("%", justify="right")
-    for label in LABELS:
-        table.add_row(label, str(label_counts[label]), f"{100 * label_counts[label] / total:.1f}")
+    for label in GRADED + UNGRADED:
+        count = stats[f"label_{label}"]
+        table.add_row(label, str(count), f"{100 * count / total:.1f}", end_section=label == GRADED[-1])
     console = Console()
     console.print(table)
-    console.print("pass rate per problem: " + "  ".join(f"{k}: {v}" for k, v in histogram.items()))
+    console.print(f"pass rate per problem ({stats['problems_graded']} of {stats['problems']} with a graded sample): "
+                  + "  ".join(f"{k}: {v}" for k, v in stats["pass_rate_histogram"].items()))
+    ungraded = {label: stats[f"problems_ungraded_{label}"] for label in UNGRADED}
+    if any(ungraded.values()):
+        console.print("[yellow]problems with no graded sample (no pass rate), by label: "
+                      + ", ".join(f"{label} {count}" for label, count in ungraded.items()))
+    bad_gold_ids = stats["bad_gold_ids"]
     if bad_gold_ids:
         more = f" (+{len(bad_gold_ids) - 20} more)" if len(bad_gold_ids) > 20 else ""
         console.print(f"[yellow]bad golds (answer does not parse), by id: {', '.join(bad_gold_ids[:20])}{more}")
-    if audit:
-        console.print(f"audit: {audit['audit_disagreements']} disagreement(s) with the normalised-comparison grader "
+    if stats["label_error"]:
+        listed = stats["grade_errors"]
+        more = f" (first {len(listed)} listed in the manifest)" if stats["label_error"] > len(listed) else ""
+        console.print(f"[red]{stats['label_error']} row(s) whose grading raised{more}; kept, labelled `error`:")
+        for entry in listed[:5]:
+            console.print(f"  row {entry['row']} (id {entry['id']}): {entry['error']}", style="red", markup=False)
+    if "audit_disagreements" in stats:
+        console.print(f"audit: {stats['audit_disagreements']} disagreement(s) with the normalised-comparison grader "
                       f"-> {AUDIT_FILE}")
 
 
@@ -188,13 +226,16 @@ def audit_grade(completion: str, gold: str) -> tuple[bool, str]:
 
 
 def _audit(samples, completions: list[str], grades: list, path) -> dict:
-    """Write rows where math-verify and the audit grader disagree; bad golds and timeouts are left out."""
+    """Write rows where math-verify and the audit grader disagree; ungraded rows (eval.answers.UNGRADED) are left
+    out: math-verify decided nothing there to disagree with."""
+    from eval.answers import UNGRADED
+
     disagreements = 0
     rows = zip(samples["id"], samples["answer"], completions, grades)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for index, (problem_id, gold, completion, grade) in enumerate(rows):
-            if grade.label in ("bad_gold", "timeout"):
+            if grade.label in UNGRADED:
                 continue
             audit_correct, audit_answer = audit_grade(completion, gold)
             if audit_correct != grade.correct:
@@ -215,9 +256,10 @@ def _read_progress(path, rows: int) -> dict[int, "Grade"]:
     with open(path) as f:
         for line in f:
             try:
-                index, label, correct, extracted = json.loads(line)
-            except ValueError:  # a torn or blank line
+                index, *fields = json.loads(line)  # label, correct, extracted, error
+                grade = Grade(*fields)
+            except (ValueError, TypeError):  # a torn or blank line
                 continue
             if 0 <= index < rows:
-                grades[index] = Grade(label, correct, extracted)
+                grades[index] = grade
     return grades
