@@ -5,11 +5,26 @@ Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
 - Only the text after the last `</think>` is read. A completion that opened `<think>` and never closed it, or
   that stopped at the token limit (finish_reason "length"), only counts a `\\boxed{}` answer: a number picked out
   of unfinished reasoning is not an answer.
-- The last `\\boxed{}` wins. Without one, the answer is the last plain number, or the LaTeX math written after
-  it (math-verify's plain-expression extraction would read "answer is 30 - 16 = 15" as 30 - 16).
-- Golds: integers (AIME, AMC, GSM8K, "2,125" included) parse as numbers; anything else as LaTeX wrapped in
-  `$...$` (MATH-500: unwrapped, many golds do not parse).
+- The last `\\boxed{}` wins. Without one, the answer is the math of the last answer statement ("the final answer
+  is", "answer:"), up to the end of its sentence, whatever a check after it computes; without one, the last math
+  written. Math is a plain number, a tuple or interval of plain numbers, or a LaTeX math environment ($...$,
+  $$...$$, \\(...\\), \\[...\\]; the numbers inside one are part of it, and environments joined by "and", "or" or
+  commas are read together, as math-verify reads them). An answer in words counts too: up to three words right
+  after an answer statement's cue ("the final answer is east"), or the one word that ends a concluding last sentence
+  with no math ("Therefore, the winner is Evelyn."). Not math-verify's plain-expression extraction: it would read
+  "answer is 30 - 16 = 15" as 30 - 16, so restating the question would score.
+- A reply that stops mid-derivation has no answer: one that ends inside an equation (on an operator, "=", an opened
+  math environment or box), or one that ends in a sentence (or line) it never finished, unless that sentence holds
+  the answer ("Let me compute 6*7 = 42 and then"). Math in a question is not an answer either ("What is $30 - 16$?").
+- Noise around an answer is dropped before parsing: ordinal suffixes (`12^{\\mathrm{th}}`) and punctuation that ends
+  the sentence inside the math (`$(2, -1, 2).$`). Units after a number are math-verify's (`12 \\text{ grade}` = 12).
+- Golds: integers (AIME, AMC, GSM8K, "2,125" included) parse as numbers; a bare word ("east") as `\\text{east}`
+  (as LaTeX, `east` is the product e·a·s·t, equal to "seat"); anything else as LaTeX wrapped in `$...$`
+  (MATH-500: unwrapped, many golds do not parse).
 - `verify(gold, prediction)`, gold first (math-verify is not symmetric).
+
+Only the answer is parsed. Reasoning traces run to 100k characters; the answer is found by plain string and regex
+scans (the last box from the end; math and numbers in one pass) and only its text goes to math-verify and sympy.
 
 Labels. Graded: `correct`, `incorrect`, `no_answer` (nothing that reads as an answer), `truncated` (cut at the
 token limit with no boxed answer). Ungraded (UNGRADED) -- the grader did not decide, so the sample says nothing
@@ -21,7 +36,8 @@ graded leaves the benchmark, for every model, and the report counts what each la
 Answers math-verify cannot grade in bounded time are labelled `timeout` at once (`too_costly`): integer powers
 whose exact value has more than MAX_POWER_DIGITS digits (sympy evaluates 10^{10^{10}} exactly), brackets nested
 deeper than MAX_NESTING (the LaTeX parser's time grows exponentially with depth: ~1 s at 10 levels, ~12 s at 14),
-and a boxed answer longer than MAX_ANSWER_CHARS. Nothing in the MATH-500 reference answers comes near these limits.
+and a boxed answer (or a final math environment) longer than MAX_ANSWER_CHARS. Nothing in the MATH-500 reference
+answers comes near these limits.
 
 Labels drift between math-verify versions (this was written against math-verify 0.9.0); pin it with
 latex2sympy2_extended and antlr4-python3-runtime.
@@ -29,6 +45,7 @@ latex2sympy2_extended and antlr4-python3-runtime.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import re
@@ -40,10 +57,55 @@ UNGRADED = ("bad_gold", "timeout", "error")
 LABELS = GRADED + UNGRADED
 
 _INTEGER = re.compile(r"[-+]?(\d+|\d{1,3}(,\d{3})+)")
+_WORD = re.compile(r"[A-Za-z]{3,}")  # a gold that is one word: a text answer, not a product of variables
 _BOXED = re.compile(r"\\(boxed|fbox)\s*\{")
-# a number, decimal or fraction a/b; a minus right after a word or bracket is subtraction, not a sign
-_NUMBER = re.compile(r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-_LATEX_MATH = re.compile(r"\$|\\\(|\\\[")
+# The math an answer can be, in one pass: environments first (the numbers inside them are theirs), display ones
+# across lines, inline ones on one line as math-verify reads them; then a tuple or interval of plain numbers
+# ("(2, -1, 2)", "[2, 5)"; not a function's arguments); then a plain number, decimal or fraction a/b (a minus right
+# after a word or bracket is subtraction, not a sign). Each environment's content is a named group. An environment
+# cannot contain its own opening delimiter, so an unclosed one is scanned only up to the next: one pass, even on
+# garbage ("\[" 25,000 times).
+_PLAIN_NUMBER = r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?"
+_MATH = re.compile(
+    r"\$\$(?P<display_dollar>(?:[^$]|\$(?!\$))+?)\$\$"
+    r"|\\\[(?P<display_bracket>(?:[^\\]|\\\\|\\(?![\[\]]))+?)\\\]"
+    r"|\\\((?P<inline_parenthesis>(?:[^\\\n]|\\\\|\\(?![()]))+?)\\\)"
+    r"|(?<!\\)\$(?P<inline_dollar>(?:\\\$|[^\n$])+?)(?<!\\)\$"
+    r"|(?P<plain_tuple>(?<![\w\\])[(\[] *-?\d+(?:\.\d+)?(?: *, *-?\d+(?:\.\d+)?)+ *[)\]])"
+    rf"|(?P<number>{_PLAIN_NUMBER})")
+_JOINED = re.compile(r"\s*(?:,?\s*and|,?\s*or|,)\s*")  # between environments that math-verify reads as one answer
+# A statement of the answer: "the final answer is", "answer:", "Final Answer". Its math (up to the end of its sentence)
+# is the answer, whatever math a check after it writes.
+_ANSWER_CUE = re.compile(r"\b(?:final\s+answer(?:\s+is|\s*:)?|answer(?:\s+is|\s*:))", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_STATEMENT_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a sentence or a paragraph
+_LINE_END = re.compile(r"[.!?](?=\s|$)|\n")  # derivations write one equation a line, often with no period
+# what states a result just before it: "= 42", "is 64", "we get $x = 5$", "answer: 5"
+_STATES_RESULT = re.compile(r"(?:[=:]|\b(?:is|are|was|equals|gives|get|gets|got))\s*$")
+RESULT_WORDS_CHARS = 40  # how far before a number _STATES_RESULT looks
+# Answers in words: up to three words right after an answer statement's cue that end the sentence ("the final answer
+# is east", "**Answer:** (C)"), or one word ending a concluding last sentence with no math ("Therefore, the person
+# who finishes first is Evelyn.").
+_WORDS = r"[\s*_]*(?P<words>\(?[A-Za-z]+\)?%s)[*_]*\s*"
+_STATED_WORDS = re.compile(_WORDS % r"(?:[ -][A-Za-z]+){0,2}" + r"(?:[.!]|$)")
+_CONCLUDING_WORD = re.compile(r"(?:^|[.!?]\s|\n)\s*(?:Therefore|Thus|Hence|So|Finally|In conclusion)\b[^.!?\n$\\\d]*?"
+                              r"\b(?:is|are|was|with)" + _WORDS % "" + r"[.!]?[\s*_]*$")
+# words in those places that judge an answer given before rather than give one
+_NOT_AN_ANSWER = {"correct", "right", "confirmed", "verified", "valid", "consistent", "complete", "done", "solved",
+                  "satisfied", "indeed", "clear", "obvious", "above", "below", "as follows", "the same", "unchanged"}
+# a reply that stops here stopped inside an equation: an operator, an opened bracket or a LaTeX command (a * or _
+# right after a word closes markdown emphasis: "**42**")
+_DANGLING = re.compile(r"(?:(?<=\s)[*_]|[-+/=^({\[&\\]|\\[A-Za-z]+)\s*$")
+_OPENS_MATH = re.compile(r"\$|\\\(|\\\[")
+_CLOSING_MARKUP = " \t\n*_\"')]}"  # what a finished sentence may end with after its punctuation
+# noise around an answer that math-verify would read as math: an ordinal suffix after a number (12th, 12^{th},
+# 12^{\mathrm{th}}, 12^{\rm th}, 12\text{th}), and punctuation or spacing that ends the sentence inside the math
+# ("$(2, -1, 2).$")
+_SUFFIX = r"(?:st|nd|rd|th)"
+_TEXT_SUFFIX = rf"\\(?:mathrm|text|textrm|textsuperscript)\s*\{{\s*{_SUFFIX}\s*\}}"
+_ORDINAL = re.compile(rf"(?<=\d)\s*(?:\^\s*(?:\{{\s*(?:{_TEXT_SUFFIX}|(?:\\rm\s*)?{_SUFFIX})\s*\}}|{_TEXT_SUFFIX})"
+                      rf"|{_TEXT_SUFFIX}|{_SUFFIX}\b)")
+_TRAILING_PUNCTUATION = re.compile(r"(?:\s|\\[,;:! ]|\\q?quad\b|[.,;:])+$")
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is runaway output or garbage
 MAX_NESTING = 10  # bracket depth; MATH-500 reference answers reach 3
 MAX_POWER_DIGITS = 100_000  # 10^{100000} grades in well under a second; 10^{10^{7}} takes minutes
@@ -98,7 +160,12 @@ def _parse_gold(gold: str, gold_is_latex: bool | None) -> tuple:
     if gold_is_latex is None:
         gold_is_latex = not _INTEGER.fullmatch(gold)
     if gold_is_latex:
-        text = gold if gold.startswith("$") or "\\boxed" in gold else f"${gold}$"
+        if _WORD.fullmatch(gold):
+            text = f"$\\text{{{gold}}}$"
+        elif gold.startswith("$") or "\\boxed" in gold:
+            text = gold
+        else:
+            text = f"${gold}$"
         config = [LatexExtractionConfig()]
     else:
         text, config = gold, [ExprExtractionConfig()]
@@ -107,29 +174,133 @@ def _parse_gold(gold: str, gold_is_latex: bool | None) -> tuple:
 
 
 def _parse_prediction(completion: str, cut_short: bool) -> list:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from math_verify import LatexExtractionConfig, parse
 
     thinking_unfinished = "<think>" in completion and "</think>" not in completion
     answer_text = completion.rsplit("</think>", 1)[-1]
     boxed = last_boxed(answer_text)
     if boxed is not None:
-        if too_costly(boxed[boxed.index("{") + 1:-1]):
+        content = boxed[boxed.index("{") + 1:-1]
+        if too_costly(content):
             raise OverTime
-        prediction = parse(boxed, [LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None)
+        prediction = parse(f"\\boxed{{{_without_noise(content)}}}", [LatexExtractionConfig(boxed_match_priority=0)],
+                           parsing_timeout=None)
         if prediction:
             return prediction
     if cut_short or thinking_unfinished:
         return []
-    # No box: the last thing written, a plain number or LaTeX math ($...$, \(...\), \[...\]) after it.
-    # Not math-verify's plain-expression extraction: from "the final answer is 30 - 16 = 15" it takes
-    # "30 - 16", so restating the question would score.
-    numbers = list(_NUMBER.finditer(answer_text))
-    if numbers and not _LATEX_MATH.search(answer_text, numbers[-1].end()):
-        return parse(numbers[-1].group(), [ExprExtractionConfig()], parsing_timeout=None)
-    if too_costly(answer_text, boxed=False):
-        raise OverTime
-    return parse(answer_text, [LatexExtractionConfig()], parsing_timeout=None)
+    return _parse_unboxed(answer_text)
 
+
+def _parse_unboxed(answer_text: str) -> list:
+    """The answer of a reply with no box (see the module docstring), parsed; [] when it has none. Only the answer's
+    own text reaches math-verify: one regex pass over the reply finds its math."""
+    math_items = list(_MATH.finditer(answer_text))
+    last_math = math_items[-1] if math_items else None
+    last_math_end = last_math.end() if last_math else 0
+    if _stopped_inside_math(answer_text, last_math_end):
+        return []
+    unfinished_from = _unfinished_sentence_start(answer_text, last_math_end)
+    answer_from = unfinished_from or 0  # an answer before a sentence left unfinished is none
+    cue = None
+    for cue in _ANSWER_CUE.finditer(answer_text, answer_from):
+        pass
+    if cue:
+        stated = _statement_math(answer_text, math_items, cue.end())
+        if stated is not None:
+            return _parse_math(answer_text, math_items, stated)
+        words = _STATED_WORDS.match(answer_text, cue.end())
+        if words and words.group("words").lower() not in _NOT_AN_ANSWER:
+            return _parse_words(words.group("words"))
+    words = _CONCLUDING_WORD.search(answer_text)
+    if words and words.group("words").lower() not in _NOT_AN_ANSWER and words.start() >= last_math_end:
+        return _parse_words(words.group("words"))
+    if not last_math or last_math.start() < answer_from or _in_question(answer_text[last_math_end:]):
+        return []
+    if unfinished_from is not None and not _STATES_RESULT.search(
+            answer_text, max(answer_from, last_math.start() - RESULT_WORDS_CHARS), last_math.start()):
+        return []  # cut off in a sentence that only mentions the number ("out of a group of 6 students")
+    return _parse_math(answer_text, math_items, len(math_items) - 1)
+
+
+def _stopped_inside_math(answer_text: str, last_math_end: int) -> bool:
+    """Whether the reply stopped inside an equation (on an operator, an opened bracket or math environment, after its
+    last math) or inside a box."""
+    after = answer_text[last_math_end:]
+    if _DANGLING.search(after) or _OPENS_MATH.search(after):
+        return True
+    opened_box = None
+    for opened_box in _BOXED.finditer(answer_text):
+        pass
+    return opened_box is not None and last_boxed(answer_text[opened_box.start():]) is None
+
+
+def _unfinished_sentence_start(answer_text: str, last_math_end: int) -> int | None:
+    """Where the reply's last sentence (or line) starts if the reply stops before ending it (not on punctuation, not
+    on its last math); None if it ends one. A reply cut mid-sentence stopped mid-derivation: only that sentence can
+    hold its answer, and only as a result it states ("6*7 = 42 and then")."""
+    end = len(answer_text.rstrip(_CLOSING_MARKUP))
+    if end <= last_math_end or answer_text[end - 1] in ".!?":
+        return None
+    start = 0
+    for line_end in _LINE_END.finditer(answer_text, 0, end):
+        start = line_end.end()
+    return start
+
+
+def _statement_math(answer_text: str, math_items: list[re.Match], cue_end: int) -> int | None:
+    """Index in `math_items` of the last math of the answer statement whose cue ends at cue_end: the math after the
+    cue up to the end of its sentence or paragraph (the first may stand on a line of its own:
+    "**Answer:**\\n\\n$$42$$"); None if the sentence ends before any."""
+    first = bisect.bisect_left([item.start() for item in math_items], cue_end)
+    if first == len(math_items) or _SENTENCE_END.search(answer_text, cue_end, math_items[first].start()):
+        return None
+    last = first
+    while last + 1 < len(math_items) and not _STATEMENT_END.search(answer_text, math_items[last].end(),
+                                                                   math_items[last + 1].start()):
+        last += 1
+    return last
+
+
+def _in_question(after_last_math: str) -> bool:
+    """Whether the sentence holding a reply's last math is a question ("What is $30 - 16$?"): not an answer."""
+    line_end = _LINE_END.search(after_last_math)
+    return line_end is not None and line_end.group() == "?"
+
+
+def _parse_math(answer_text: str, math_items: list[re.Match], index: int) -> list:
+    """math_items[index] parsed: a number as a plain expression, anything else as LaTeX; an environment together with
+    those joined to it by "and", "or" or commas ("$x = 2$ and $x = 3$"), read as math-verify reads them."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    last = math_items[index]
+    if last.lastgroup == "number":
+        return parse(last.group(), [ExprExtractionConfig()], parsing_timeout=None)
+    if last.lastgroup == "plain_tuple":
+        return parse(f"${last.group()}$", [LatexExtractionConfig()], parsing_timeout=None)
+    first = index
+    while first and math_items[first - 1].lastgroup not in ("number", "plain_tuple") and _JOINED.fullmatch(
+            answer_text, math_items[first - 1].end(), math_items[first].start()):
+        first -= 1
+    content = last.lastgroup
+    if too_costly(last.group(content)):
+        raise OverTime
+    answer = (answer_text[math_items[first].start():last.start(content)] + _without_noise(last.group(content))
+              + answer_text[last.end(content):last.end()])
+    if too_costly(answer, boxed=False):
+        raise OverTime
+    return parse(answer, [LatexExtractionConfig()], parsing_timeout=None)
+
+
+def _parse_words(words: str) -> list:
+    from math_verify import LatexExtractionConfig, parse
+
+    return parse(f"$\\text{{{words}}}$", [LatexExtractionConfig()], parsing_timeout=None)
+
+
+def _without_noise(answer: str) -> str:
+    """An answer's LaTeX without ordinal suffixes and sentence-ending punctuation (see the module docstring)."""
+    return _TRAILING_PUNCTUATION.sub("", _ORDINAL.sub("", answer))
 
 
 def answer_groups(answers: Sequence[str]) -> list[int]:
@@ -157,18 +328,23 @@ def answer_groups(answers: Sequence[str]) -> list[int]:
     return groups
 
 def last_boxed(text: str) -> str | None:
-    """The last complete `\\boxed{...}` (or `\\fbox{...}`) in text, braces balanced; None if there is none."""
-    closing: dict[int, int] = {}  # position of each "{" -> its "}", in one pass (long garbage stays linear)
-    open_braces: list[int] = []
-    for position, char in enumerate(text):
-        if char == "{":
-            open_braces.append(position)
-        elif char == "}" and open_braces:
-            closing[open_braces.pop()] = position
+    """The last complete `\\boxed{...}` (or `\\fbox{...}`) in text, braces balanced; None if there is none.
+
+    Read from the end: each box is scanned only up to where it closes, or up to the brace of a later box that never
+    closes (a box opened before an unclosed brace cannot close either), so a long trace costs one pass at most."""
+    unclosed_from = len(text)
     for match in reversed(list(_BOXED.finditer(text))):
-        end = closing.get(match.end() - 1)
-        if end is not None:
-            return text[match.start():end + 1]
+        opening = match.end() - 1
+        depth = 0
+        for position in range(opening, unclosed_from):
+            char = text[position]
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if not depth:
+                    return text[match.start():position + 1]
+        unclosed_from = opening
     return None
 
 
@@ -180,8 +356,8 @@ class OverTime(BaseException):
 def too_costly(answer: str, *, boxed: bool = True) -> bool:
     """Whether math-verify may not finish on this answer text in bounded time (see the module docstring).
 
-    `boxed`: the text is the content of a \\boxed{}; its length is capped too. (Unboxed fallback text is the
-    whole reply after </think>, which may be long; only its nesting and powers are checked.)
+    `boxed`: the text is one answer, a \\boxed{}'s or a math environment's content; its length is capped too.
+    (Environments read together with the text that joins them are checked for nesting and powers only.)
     """
     if boxed and len(answer) > MAX_ANSWER_CHARS:
         return True

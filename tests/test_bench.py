@@ -5,7 +5,7 @@ import statistics
 
 from pipeline.bench import HEADLINES
 from pipeline.bench.train import PROMPT_ROOM, skewed_rows
-from pipeline.bench.verify import teacher_like_samples
+from pipeline.bench.verify import long_traces, teacher_like_samples
 from pipeline.cli import main
 
 TINY_RECIPE = """\
@@ -48,6 +48,12 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
     assert results["verify_speedup"] == round(statistics.median(r["speedup"] for r in verify["rounds"]), 3) > 0
     assert results["verify_pathological_slowdown"] == round(
         statistics.median(r["pathological_slowdown"] for r in verify["rounds"]), 3) > 0
+    # 120 // 20 = 6 long traces, one per ending, graded by ours and by plain math-verify in each round
+    traced = verify["long_traces"]
+    assert traced["traces"] == 6 and len(traced["rounds"]) == 2
+    assert traced["ours"]["agreement"] == 1 and traced["ours"]["correct"] == 2
+    assert traced["speedup"] == round(statistics.median(r["speedup"] for r in traced["rounds"]), 3) > 0
+    assert traced["ours"]["traces_per_s"] > 0 and traced["plain"]["traces_per_s"] > 0
     decode = results["decode"]
     assert 100e6 < decode["params"] < 200e6 and decode["hidden"] == 576 and decode["batch"] == 8
     assert decode["matmul_gflops_peak"] >= decode["matmul_gflops_decode_shape"] > 0 and decode["copy_gbps"] > 0
@@ -64,6 +70,17 @@ def test_verify_samples_are_teacher_like_and_the_pathological_set_replaces_5_per
     assert clean["finish_reasons"][:4] == ["stop", "stop", "length", "stop"]
     assert any("\\boxed" in c for c in clean["completions"])
     assert any("So the answer is" in c for c in clean["completions"])
+
+
+def test_long_traces_are_teacher_length_and_labelled_by_how_they_end():
+    traces = long_traces(12)
+    assert all(10_000 <= len(c) <= 101_000 for c in traces["completions"])
+    assert traces["expected"] == [True, False, True, False, False, False] * 2
+    assert traces["finish_reasons"] == ["stop"] * 4 + ["length", "stop"] + ["stop"] * 4 + ["length", "stop"]
+    assert len(set(traces["golds"][:6])) == 1 and traces["golds"][0] != traces["golds"][6]  # six per problem
+    closed = [c for c, reason in zip(traces["completions"], traces["finish_reasons"]) if reason == "stop"]
+    assert all(c.startswith("<think>\n") and "\n</think>\n\n" in c for c in closed)
+    assert all(c.count("\\boxed") >= 2 for c in traces["completions"])  # re-check boxes in the reasoning
 
 
 def test_training_rows_have_long_tailed_lengths():

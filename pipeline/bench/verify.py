@@ -16,11 +16,20 @@ with 5% pathological / seconds clean (issue #3: 5% pathological samples must not
 
 Times include starting the pool's workers, forked from the grading server; the server itself starts once per
 process (`server_start_s`, paid once by a verify step) before the rounds.
+
+Long traces: reasoning traces run to 10k-100k characters. The last case grades `--samples` / 20 teacher-like traces
+of that length (`long_traces`) two ways, back to back in each round: the verify step's path (`grade_many`, 2 workers,
+its default timeout) and plain math-verify, `verify(parse(gold), parse(response))` with default configs in a
+`multiprocessing.Pool(2)` (started and warmed before the clock, so its start-up is not counted; ours' is). Reported:
+traces/s of each, the speedup = plain seconds / ours (median of per-round ratios), and how often each agrees with
+the label the trace was built to have (correct or not).
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
 import statistics
 import string
 import time
@@ -29,6 +38,26 @@ from collections import Counter
 PATHOLOGICAL_FRACTION = 0.05
 SAMPLES_PER_PROBLEM = 4
 CEILING_LOOP = 10_000_000  # iterations of the pure-Python loop, ~1 s in one process
+SAMPLES_PER_TRACE = 20  # the long-trace case grades --samples / 20 traces
+TRACE_CHARS = (10_000, 100_000)  # lengths of the long traces, log-uniform
+# How a long trace ends, and whether it is correct: the final answer boxed or stated in prose, right or wrong; cut at
+# the token limit inside the reasoning; or stopped (finish_reason "stop") mid-sentence in the write-up after it.
+TRACE_ENDINGS = {"boxed": True, "boxed_wrong": False, "prose": True, "prose_wrong": False, "truncated": False,
+                 "stopped": False}
+# Reasoning a teacher writes between the solution's steps: re-checks, side computations, tentative boxes. {a}, {b},
+# {c} are small random integers; {gold} is the problem's gold answer, written as a guess in the middle.
+REASONING_LINES = [
+    "Wait, let me double check that. {a} + {b} = {a_plus_b}, so that part holds.",
+    "Hmm, so we have $x^2 - {a_plus_b}x + {ab} = 0$, which factors as $(x - {a})(x - {b}) = 0$.",
+    "Let me recompute: $\\frac{{{ab}}}{{{b}}} = {a}$, yes.",
+    "Alternatively, maybe I should try {a} \\times {b} = {ab}. No, that does not fit the condition.",
+    "So the intermediate value is \\boxed{{{c}}}. Let me re-check this before going on.",
+    "Okay, let's see. If $n = {a}$, then $2n + 1 = {odd}$.",
+    "But wait, the problem says something slightly different. Let me reread it.",
+    "That gives {a} * {b} - {c} = {ab_minus_c}, which is not what we want.",
+    "Let me think about this differently.\n",
+]
+GUESS_LINE = "Hmm, so maybe the answer is {gold}? I am not sure yet, let me verify this more carefully."
 
 
 def pathological_completions(rng: random.Random) -> list[str]:
@@ -81,6 +110,127 @@ def teacher_like_samples(samples: int, seed: int = 0) -> tuple[dict, dict]:
     for k, i in enumerate(rng.sample(range(samples), round(PATHOLOGICAL_FRACTION * samples))):
         mixed["completions"][i], mixed["finish_reasons"][i] = bad[k % len(bad)], "stop"
     return clean, mixed
+
+
+def long_traces(count: int, seed: int = 0) -> dict:
+    """{"completions", "golds", "finish_reasons", "expected"}: `count` teacher-like traces of TRACE_CHARS, one per
+    TRACE_ENDINGS in turn for each of count / len(TRACE_ENDINGS) problems (MATH-500 and GSM8K alternating), with
+    `expected` whether the trace's answer is the gold's value.
+
+    A trace is `<think>` + reasoning + `</think>` + the reference solution as the write-up. The reasoning mixes the
+    solution's own sentences (boxes unwrapped) with REASONING_LINES and, once, the gold written as a guess; its
+    re-check boxes never hold the gold. `truncated` traces stop inside the reasoning, mid-line, at the token limit;
+    `stopped` ones stop mid-sentence halfway through the write-up's text before its answer."""
+    from eval.answers import last_boxed
+    from eval.benchmarks import load_benchmark
+
+    _, math500 = load_benchmark("math500")
+    _, gsm8k = load_benchmark("gsm8k", limit=len(math500))
+    rng = random.Random(seed)
+    problems = -(-count // len(TRACE_ENDINGS))
+    sources = [row for pair in zip(rng.sample(math500, problems), rng.sample(gsm8k, problems)) for row in pair]
+    traces: dict[str, list] = {"completions": [], "golds": [], "finish_reasons": [], "expected": []}
+    for row in sources[:problems]:
+        gold = row["answer"]
+        if "\\boxed" in row["solution"]:
+            boxed = last_boxed(row["solution"])
+            right = row["solution"]
+            wrong = right.replace(boxed, "\\boxed{" + boxed[len("\\boxed{"):-1] + " + 1}")
+            prose = right.replace(boxed, boxed[len("\\boxed{"):-1])
+            prose_right = f"{prose}\n\nTherefore, the final answer is \\( {gold} \\)."
+            prose_wrong = f"{prose}\n\nTherefore, the final answer is \\( {gold} + 1 \\)."
+        else:
+            value = int(gold.replace(",", ""))
+            right = f"{row['solution']}\n\nThe answer is $\\boxed{{{value}}}$."
+            wrong = f"{row['solution']}\n\nThe answer is $\\boxed{{{value + 1}}}$."
+            prose_right = f"{row['solution']}\n\nTherefore, the final answer is {value}."
+            prose_wrong = f"{row['solution']}\n\nTherefore, the final answer is {value + 1}."
+        write_ups = {"boxed": right, "boxed_wrong": wrong, "prose": prose_right, "prose_wrong": prose_wrong,
+                     "stopped": _stopped_midway(right)}
+        for ending, correct in TRACE_ENDINGS.items():
+            length = round(math.exp(rng.uniform(*map(math.log, TRACE_CHARS))))
+            if ending == "truncated":
+                reasoning = _reasoning(rng, row["solution"], gold, length)
+                completion, finish_reason = f"<think>\n{reasoning}"[:length], "length"
+            else:
+                reasoning = _reasoning(rng, row["solution"], gold, length - len(write_ups[ending]))
+                completion, finish_reason = f"<think>\n{reasoning}\n</think>\n\n{write_ups[ending]}", "stop"
+            for key, value in zip(traces, (completion, gold, finish_reason, correct)):
+                traces[key].append(value)
+    return {key: values[:count] for key, values in traces.items()}
+
+
+def _reasoning(rng: random.Random, solution: str, gold: str, chars: int) -> str:
+    """About `chars` characters of reasoning around a solution's sentences (see long_traces)."""
+    steps = re.split(r"(?<=[.:])\s+", re.sub(r"\\boxed\{", "{", solution))
+    lines, written, guessed = [], 0, False
+    guess_at = rng.randrange(max(1, chars // 2))
+    while written < chars:
+        if written >= guess_at and not guessed:
+            lines.append(GUESS_LINE.format(gold=gold))
+            guessed = True
+        elif rng.random() < 0.3:
+            lines.append(rng.choice(steps))
+        else:
+            a, b = rng.randrange(2, 40), rng.randrange(2, 40)
+            c = rng.randrange(2, 500)
+            c += str(c) == gold.strip()  # a re-check box never holds the gold
+            lines.append(rng.choice(REASONING_LINES).format(a=a, b=b, c=c, a_plus_b=a + b, ab=a * b,
+                                                            odd=2 * a + 1, ab_minus_c=a * b - c))
+        written += len(lines[-1]) + 1
+    return "\n".join(lines)
+
+
+def _stopped_midway(write_up: str) -> str:
+    """The write-up cut mid-sentence halfway to its answer, after a word (a reply that ends on a number may have just
+    stated it)."""
+    half = write_up[:write_up.index("\\boxed") // 2]
+    words = list(re.finditer(r"[A-Za-z](?= )", half))
+    return half[:words[-1].end()] if words else half
+
+
+def _plain_math_verify(gold_and_response: tuple[str, str]) -> bool:
+    """Plain math-verify as a user calls it: default configs, the gold as given (a Pool worker: its main thread)."""
+    from math_verify import parse, verify
+
+    gold, response = gold_and_response
+    return bool(verify(parse(gold), parse(response)))
+
+
+def _warm_plain_math_verify() -> None:
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _plain_math_verify(("\\frac{1}{2}", "The answer is $\\frac{1}{2}$."))
+
+
+def long_trace_rounds(traces: dict, rounds: int, timeout_s: float) -> tuple[list[dict], dict[str, list[bool]]]:
+    """Per round, the seconds of ours and of plain math-verify on the traces (order alternating); and each one's
+    correct-or-not per trace, the same in every round (else RuntimeError)."""
+    import multiprocessing
+
+    from eval.grading_pool import grade_many
+
+    items = list(zip(traces["golds"], traces["completions"]))
+    per_round, verdicts = [], {}
+    with multiprocessing.get_context("spawn").Pool(2, initializer=_warm_plain_math_verify) as plain_pool:
+        plain_pool.map(_loop, [1, 1], chunksize=1)  # up and warm before the clock (round 0 times ours first)
+        for round_number in range(rounds):
+            seconds = {}
+            for grader in ("ours", "plain") if round_number % 2 == 0 else ("plain", "ours"):
+                started = time.perf_counter()
+                if grader == "ours":
+                    correct = [g.correct for g in grade_many(traces["completions"], traces["golds"], workers=2,
+                                                             timeout_s=timeout_s,
+                                                             finish_reasons=traces["finish_reasons"])]
+                else:
+                    correct = plain_pool.map(_plain_math_verify, items, chunksize=1)
+                seconds[grader] = time.perf_counter() - started
+                if verdicts.setdefault(grader, correct) != correct:
+                    raise RuntimeError(f"bench verify: {grader} graded the long traces differently in two rounds")
+            per_round.append({"ours_s": round(seconds["ours"], 3), "plain_s": round(seconds["plain"], 3),
+                              "speedup": round(seconds["plain"] / seconds["ours"], 3)})
+    return per_round, verdicts
 
 
 def timed_grading(data: dict, workers: int, timeout_s: float) -> tuple[float, Counter]:
@@ -163,9 +313,32 @@ def run(opts, console) -> tuple[dict, dict]:
         table.add_row(name, f"{one:.2f}", f"{two:.2f}", f"{speedup:.2f}", f"{median('ceiling'):.2f}",
                       str(labels[name, 1]["correct"]), str(labels[name, 1]["timeout"]))
     console.print(table)
+
+    traces = long_traces(max(len(TRACE_ENDINGS), opts.samples // SAMPLES_PER_TRACE))
+    trace_rounds, trace_verdicts = long_trace_rounds(traces, opts.rounds, timeout_s)
+    trace_results = {"traces": len(traces["completions"]),
+                  "mean_chars": round(statistics.mean(map(len, traces["completions"]))),
+                  "speedup": round(statistics.median(r["speedup"] for r in trace_rounds), 3), "rounds": trace_rounds}
+    table = Table(title=f"distill bench verify — {trace_results['traces']} long traces (mean "
+                        f"{trace_results['mean_chars']:,} characters), 2 workers each, {opts.rounds} rounds (medians)")
+    for column in ("grader", "s", "traces/s", "agrees with the built label", "correct"):
+        table.add_column(column, justify="left" if column == "grader" else "right")
+    for grader in ("ours", "plain"):
+        grader_s = statistics.median(r[f"{grader}_s"] for r in trace_rounds)
+        agreement = statistics.mean(v == e for v, e in zip(trace_verdicts[grader], traces["expected"]))
+        trace_results[grader] = {"seconds": round(grader_s, 3), "agreement": round(agreement, 3),
+                                 "traces_per_s": round(trace_results["traces"] / grader_s, 2),
+                                 "correct": sum(trace_verdicts[grader])}
+        table.add_row("ours (grade_many)" if grader == "ours" else "plain math-verify", f"{grader_s:.2f}",
+                      f"{trace_results[grader]['traces_per_s']:.1f}", f"{agreement:.3f}",
+                      str(trace_results[grader]["correct"]))
+    console.print(table)
+    console.print(f"long traces: ours grades {trace_results['speedup']:.2f}x as fast as plain math-verify "
+                  f"({sum(traces['expected'])} of {trace_results['traces']} built correct)")
+
     raw = {"samples": opts.samples, "pathological": pathological, "timeout_s": timeout_s,
            "server_start_s": round(server_start_s, 2), "ceiling": median("ceiling"),
            "speedup_over_ceiling": round(headlines["verify_speedup"] / median("ceiling"), 3),
            "labels": {f"{name}_{workers}": dict(counts.most_common()) for (name, workers), counts in labels.items()},
-           "rounds": rounds}
+           "rounds": rounds, "long_traces": trace_results}
     return raw, headlines

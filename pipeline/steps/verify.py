@@ -59,6 +59,8 @@ class Config(StepConfig):
     path_fields: ClassVar = ()
     libraries: ClassVar = ("math-verify", "latex2sympy2_extended")
     uses_seed: ClassVar = False
+    # 2: answers in prose, units and trailing punctuation read (eval/answers.py); ungraded rows and pass rates
+    code_version: ClassVar = "2"
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
