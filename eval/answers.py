@@ -74,11 +74,16 @@ _MATH = re.compile(
     r"|(?P<plain_tuple>(?<![\w\\])[(\[] *-?\d+(?:\.\d+)?(?: *, *-?\d+(?:\.\d+)?)+ *[)\]])"
     rf"|(?P<number>{_PLAIN_NUMBER})")
 _JOINED = re.compile(r"\s*(?:,?\s*and|,?\s*or|,)\s*")  # between environments that math-verify reads as one answer
-# A statement of the answer: "the final answer is", "answer:", "Final Answer". Its math (up to the end of its sentence)
-# is the answer, whatever math a check after it writes.
-_ANSWER_CUE = re.compile(r"\b(?:final\s+answer(?:\s+is|\s*:)?|answer(?:\s+is|\s*:))", re.IGNORECASE)
+# A statement of the answer: "the final answer is", "answer:", "the solution is", or "Final Answer" right before math
+# or a line break (a heading). Its math is the answer, whatever math a check after it writes. "put your final answer
+# within \boxed{}" (the instruction, echoed) states nothing.
+_ANSWER_CUE = re.compile(r"\b(?:(?:final\s+)?answer|solution)(?:\s+is\b|\s*:)"
+                         r"|\bfinal\s+answer\b(?=[\s*_#]*(?:\n|\$|\\[(\[]|-?\d))", re.IGNORECASE)
+# What may stand between the numbers of one expression in a statement ("30 - 16 = 14", "2 \cdot 5"): the statement's
+# answer is the last number of the expression its first math starts, not of the sentence ("126 is the product of 21
+# and 6")
+_OPERATORS = re.compile(r"(?:\s|[-+*/=^×÷·<>]|\\(?:cdot|times|div|pm|approx|le|ge|neq)\b)*")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
-_STATEMENT_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a sentence or a paragraph
 _LINE_END = re.compile(r"[.!?](?=\s|$)|\n")  # derivations write one equation a line, often with no period
 # what states a result just before it: "= 42", "is 64", "we get $x = 5$", "answer: 5"
 _STATES_RESULT = re.compile(r"(?:[=:]|\b(?:is|are|was|equals|gives|get|gets|got))\s*$")
@@ -249,17 +254,27 @@ def _unfinished_sentence_start(answer_text: str, last_math_end: int) -> int | No
 
 
 def _statement_math(answer_text: str, math_items: list[re.Match], cue_end: int) -> int | None:
-    """Index in `math_items` of the last math of the answer statement whose cue ends at cue_end: the math after the
-    cue up to the end of its sentence or paragraph (the first may stand on a line of its own:
-    "**Answer:**\\n\\n$$42$$"); None if the sentence ends before any."""
+    """Index in `math_items` of the last math of the answer statement whose cue ends at cue_end: the first math after
+    the cue and what continues it (`_continues`); the first may stand on a line of its own ("**Answer:**\\n\\n$$42$$").
+    None if the sentence ends before any math."""
     first = bisect.bisect_left([item.start() for item in math_items], cue_end)
     if first == len(math_items) or _SENTENCE_END.search(answer_text, cue_end, math_items[first].start()):
         return None
     last = first
-    while last + 1 < len(math_items) and not _STATEMENT_END.search(answer_text, math_items[last].end(),
-                                                                   math_items[last + 1].start()):
+    while last + 1 < len(math_items) and _continues(answer_text, math_items[last], math_items[last + 1]):
         last += 1
     return last
+
+
+def _continues(answer_text: str, item: re.Match, following: re.Match) -> bool:
+    """Whether `following` belongs to the same answer as `item` in a statement: the next number of one expression
+    ("30 - 16 = 14"), or math joined to math by "and", "or" or commas ("$x = 2$ and $x = 3$")."""
+    gap_start, gap_end = item.end(), following.start()
+    if _OPERATORS.fullmatch(answer_text, gap_start, gap_end):
+        return True
+    environments = item.lastgroup not in ("number", "plain_tuple") and following.lastgroup not in ("number",
+                                                                                                     "plain_tuple")
+    return environments and bool(_JOINED.fullmatch(answer_text, gap_start, gap_end))
 
 
 def _in_question(after_last_math: str) -> bool:

@@ -53,6 +53,15 @@ REASONING = ("Let me set this up. We have 3 groups of 7, so 3 * 7 = 21, and $x^2
     # the answer statement counts, not the numbers of a check written after it
     ("Therefore, the answer is 5.\n\nLet me verify: 2 \\cdot 5 + 3 = 13, which matches.", "5", "correct"),
     ("Therefore, the answer is 6.\n\nLet me verify: 2 \\cdot 5 + 3 = 13, which matches.", "5", "incorrect"),
+    # a statement's answer is the expression its first math starts, not the sentence's last number (SmolLM2 wrote
+    # these in the quickstart)
+    ("3. Determine the final answer: 126 is the result of the multiplication of 21 and 6.", "126", "correct"),
+    ("3. Determine the final answer: 127 is the result of the multiplication of 21 and 6.", "126", "incorrect"),
+    ("So the final answer is 30 - 16 = 14.", "14", "correct"),
+    ("The remainder is 2, so the answer is 2.\n\nSo, 2 * 11 = 22.\n\nSo, the solution is 22.", "22", "correct"),
+    # the prompt's instruction, echoed, states no answer
+    ("To put your final answer within \\boxed{}, multiply 16 and 7:\n\n16 * 7 = 112", "112", "correct"),
+    ("To put your final answer within \\boxed{}, multiply 16 and 7:\n\n16 * 7 = 113", "112", "incorrect"),
     # restating the question is not answering it
     ("So the answer is 30 - 16.", "14", "incorrect"),
     ("So the question asks: what is $30 - 16$?", "14", "no_answer"),
