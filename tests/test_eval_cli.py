@@ -71,3 +71,26 @@ def test_a_recipe_step_dir_names_its_model(tmp_path, capsys):
     (step / "manifest.json").write_text(json.dumps({"step": "graded", "produces": "dataset"}))
     assert main(["eval", str(step), "--benchmarks", "gsm8k:1", "--out", str(tmp_path / "o")]) == 2
     assert "not a model" in capsys.readouterr().err
+
+
+def test_two_models_get_paired_differences(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from pipeline.models import resolve_model
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells at 80 columns without a terminal
+    # the same weights under another name: every sample is the same, so the paired difference is exactly 0
+    twin = tmp_path / "twin"
+    shutil.copytree(resolve_model("builtin:tiny-random"), twin)
+    argv = ["eval", "builtin:tiny-random", str(twin), "--benchmarks", "arith_test:6", "--n", "2", "--max-tokens", "8",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "minus builtin:tiny-random, paired" in out and "no detectable difference" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = results["comparisons"]["arith_test:6"][str(twin)]
+    assert row["baseline"] == "builtin:tiny-random" and results["meta"]["baseline"] == "builtin:tiny-random"
+    assert (row["difference"], row["ci95"], row["detectable"], row["problems"]) == (0.0, [0.0, 0.0], False, 6)
+    assert "## Paired differences to `builtin:tiny-random`" in (tmp_path / "out" / "report.md").read_text()
+    assert main(argv[:-1] + [str(tmp_path / "other"), "--baseline", "builtin:smollm2-135m-instruct"]) == 2
+    assert "baseline" in capsys.readouterr().err

@@ -49,3 +49,20 @@ def test_smoke_recipe_end_to_end_then_cached(tmp_path):
     assert "10 skipped" in out and "0 step(s) ran" in out
     status = distill("status", str(workdir))
     assert status.count("complete") == 10
+
+
+def test_smoke_recipe_over_three_seeds_then_compared(tmp_path):
+    workdir = tmp_path / "smoke"
+    out = distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}", "--seeds", "0,1,2")
+    assert out.count("same key") == 2  # seeds 1 and 2 copy `problems` (load draws no random numbers)
+    per_seed = [json.loads((workdir / f"seed-{seed}" / "report" / "results.json").read_text()) for seed in range(3)]
+    assert [r["meta"]["seed"] for r in per_seed] == [0, 1, 2]
+    comparison = json.loads((workdir / "compare.json").read_text())["evaluations"]["report"]
+    assert comparison["runs"] == ["seed 0", "seed 1", "seed 2"]
+    for model in ("builtin:tiny-random", "step:merged", "step:redi_merged"):
+        rates = [r["models"][model]["arith_test"]["pass@1"] for r in per_seed]
+        assert comparison["scores"][model]["arith_test"]["mean"] == sum(rates) / 3
+    differences = comparison["differences"]["step:merged"]["arith_test"]["runs"]
+    assert list(differences.values()) == [r["comparisons"]["arith_test"]["step:merged"]["difference"] for r in per_seed]
+    again = distill("compare", str(workdir))
+    assert "report: pass@1 (%) across 3 run(s)" in again and "minus builtin:tiny-random" in again

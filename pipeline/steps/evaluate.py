@@ -458,24 +458,18 @@ def print_table(document: dict) -> None:
     if not comparisons:
         return
     baseline = next(iter(next(iter(comparisons.values())).values()))["baseline"]
-    table = Table(title=f"minus {baseline}, paired over problems (points): difference ± stderr [95% bootstrap]")
-    table.add_column("model")
+    table = Table(title=f"minus {baseline}, paired over problems (points)")
+    for column in ("model", "benchmark", "difference ± stderr", "95% bootstrap", "detectable", "MDD"):
+        table.add_column(column, justify="left" if column in ("model", "benchmark", "detectable") else "right")
     for spec in specs:
-        table.add_column(spec, justify="right")
-    for ref in results:
-        if ref != baseline:
-            table.add_row(ref, *(describe_difference(comparisons[spec][ref]) for spec in specs))
+        for ref, row in comparisons[spec].items():
+            low, high = row["ci95"]
+            stderr = f" ± {100 * row['stderr']:.1f}" if row["stderr"] is not None else ""
+            table.add_row(ref, spec, f"{100 * row['difference']:+.1f}{stderr}",
+                          f"[{100 * low:+.1f}, {100 * high:+.1f}]",
+                          "yes" if row["detectable"] else "no detectable difference",
+                          "–" if row["mdd"] is None else f"{100 * row['mdd']:.1f}")
     console.print(table)
-
-
-def describe_difference(row: dict) -> str:
-    """'+10.9 ± 3.0 [+5.1, +16.8]', or with 'no detectable difference' when the interval spans 0; with the
-    minimum detectable difference, so a reader knows what size of effect the slice could have shown."""
-    low, high = row["ci95"]
-    stderr = f" ± {100 * row['stderr']:.1f}" if row["stderr"] is not None else ""
-    verdict = "" if row["detectable"] else ", no detectable difference"
-    mdd = f", MDD {100 * row['mdd']:.1f}" if row["mdd"] is not None else ""
-    return f"{100 * row['difference']:+.1f}{stderr} [{100 * low:+.1f}, {100 * high:+.1f}]{verdict}{mdd}"
 
 
 # ---- `distill eval` ----
