@@ -135,7 +135,7 @@ def cmd_env(args) -> int:
 def cmd_compare(args) -> int:
     from pipeline.compare import compare_paths, print_comparison, write_comparison
 
-    comparison = compare_paths([Path(p) for p in args.paths])
+    comparison = compare_paths([Path(p) for p in args.paths], args.baseline)
     if not comparison["evaluations"]:
         raise UserError(f"{', '.join(args.paths)}: no evaluation results found (results.json of an evaluate step "
                         "or of `distill eval`)")
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("paths", nargs="+", metavar="WORKDIR|RESULTS", help=(
         "a workdir of `distill run` (its evaluate steps), a --seeds workdir (its seed-N runs), an evaluation dir "
         "or a results.json"))
+    compare.add_argument("--baseline", metavar="MODEL", help=(
+        "the model the others are compared with (default: each evaluation's own baseline, its first model)"))
     compare.add_argument("--out", metavar="DIR", help="also write compare.md and compare.json into DIR")
     compare.set_defaults(func=cmd_compare)
 

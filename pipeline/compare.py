@@ -56,8 +56,9 @@ def _evaluation_name(directory: Path) -> str:
         return "eval"  # a `distill eval --out` dir
 
 
-def compare_paths(paths: list[Path]) -> dict:
-    """{"evaluations": {name: comparison}} over every evaluation found in `paths` (see the module docstring)."""
+def compare_paths(paths: list[Path], baseline: str | None = None) -> dict:
+    """{"evaluations": {name: comparison}} over every evaluation found in `paths` (see the module docstring);
+    `baseline` replaces each evaluation's own (its differences are then computed from the per-problem counts)."""
     by_name: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
     for path in paths:
         for name, results_path in find_results(Path(path)):
@@ -65,10 +66,10 @@ def compare_paths(paths: list[Path]) -> dict:
                 by_name[name].append((results_path, json.loads(results_path.read_text())))
             except ValueError as error:
                 raise UserError(f"{results_path}: not valid JSON ({error})") from None
-    return {"evaluations": {name: compare_runs(runs) for name, runs in by_name.items()}}
+    return {"evaluations": {name: compare_runs(runs, baseline) for name, runs in by_name.items()}}
 
 
-def compare_runs(runs: list[tuple[Path, dict]]) -> dict:
+def compare_runs(runs: list[tuple[Path, dict]], baseline: str | None = None) -> dict:
     """One evaluation across runs: the models and benchmarks every run has, in the first run's order."""
     from eval.metrics import paired_difference
 
@@ -78,7 +79,9 @@ def compare_runs(runs: list[tuple[Path, dict]]) -> dict:
     models = [m for m in documents[0]["models"] if all(m in d["models"] for d in documents)]
     benchmarks = [b for b in documents[0]["models"][models[0]]
                   if all(b in d["models"][m] for d in documents for m in models)] if models else []
-    baseline = documents[0].get("meta", {}).get("baseline") or (models[0] if models else None)
+    if baseline is not None and baseline not in models:
+        raise UserError(f"--baseline {baseline!r}: not a model of every run (models: {', '.join(models)})")
+    baseline = baseline or documents[0].get("meta", {}).get("baseline") or (models[0] if models else None)
     if baseline not in models:
         baseline = models[0] if models else None
     scores: dict[str, dict[str, dict]] = {}

@@ -30,8 +30,10 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
         "sample_vs_vllm", "sample_vs_hf", "sft_packing_speedup", "redi_mem_ratio", "decode_fraction_of_bound"}
     assert results["targets"]["verify_speedup"] == 1.8 and results["targets"]["redi_mem_ratio"] == 0.6
     assert results["targets"]["verify_pathological_slowdown"] == 2.0
+    assert results["targets"]["verify_long_trace_speedup"] == 1.5
     assert results["date"] and results["machine"]["cpus"] >= 1
-    assert set(results["met"]) == {"verify_speedup", "verify_pathological_slowdown", "cached_rerun_s"}
+    assert set(results["met"]) == {"verify_speedup", "verify_pathological_slowdown", "verify_long_trace_speedup",
+                                   "cached_rerun_s"}
 
     verify = results["verify"]
     labels = verify["labels"]
@@ -53,6 +55,7 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
     assert traced["traces"] == 6 and len(traced["rounds"]) == 2
     assert traced["ours"]["agreement"] == 1 and traced["ours"]["correct"] == 2
     assert traced["speedup"] == round(statistics.median(r["speedup"] for r in traced["rounds"]), 3) > 0
+    assert results["verify_long_trace_speedup"] == traced["speedup"]
     assert traced["ours"]["traces_per_s"] > 0 and traced["plain"]["traces_per_s"] > 0
     decode = results["decode"]
     assert 100e6 < decode["params"] < 200e6 and decode["hidden"] == 576 and decode["batch"] == 8

@@ -29,10 +29,13 @@ def test_arithmetic_files_are_the_generators_output_and_disjoint(tmp_path):
     committed = {"train/arith_train.jsonl": DATA / "train/arith_train.jsonl",
                  "benchmarks/arith_test.jsonl": BENCHMARK_DATA / "arith_test.jsonl"}
     for relative, path in committed.items():
-        assert path.read_bytes() == (tmp_path / relative).read_bytes(), f"rerun data/make_arithmetic.py"
+        assert path.read_bytes() == (tmp_path / relative).read_bytes(), "rerun data/make_arithmetic.py"
     train, test = read_jsonl(committed["train/arith_train.jsonl"]), read_jsonl(committed["benchmarks/arith_test.jsonl"])
     assert (len(train), len(test)) == (2000, 200)
-    triple = lambda row: tuple(row["problem"].removeprefix("What is ").removesuffix("?").split())
+
+    def triple(row):
+        return tuple(row["problem"].removeprefix("What is ").removesuffix("?").split())
+
     assert not {triple(r) for r in train} & {triple(r) for r in test}
     for row in train + test:
         a, op, b = triple(row)

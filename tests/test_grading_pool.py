@@ -1,12 +1,19 @@
-"""eval.grading_pool: answer groups under the pool's time limits, and a worker that dies mid-item. (The pool's
-grading tests, on input that would hang math-verify, are in test_grader.py.)"""
+"""eval.grading_pool: grading and answer groups under the pool's time limits, on input that would hang
+math-verify, and workers that get stuck or die mid-item. (What `grade` answers is tested in test_grader.py.)"""
 
 import os
+import random
 import signal
+import string
+import subprocess
+import sys
 import threading
 import time
 
-from eval.grading_pool import _Failed, _run_in_pool, iter_answer_groups
+import pytest
+
+from eval.answers import grade
+from eval.grading_pool import _Failed, _run_in_pool, grade_many, iter_answer_groups
 
 SLOW = "+".join(["x^{2}"] * 150)  # passes too_costly; ~1-2 s of pure Python parsing (SIGALRM stops it)
 STUCK = "10^{10^{8}+1}"  # not a plain tower, so not pre-checked: a huge integer power in C (the worker is killed)
@@ -77,3 +84,80 @@ def test_a_long_item_never_waits_in_the_pipe_behind_a_stuck_one():
     elapsed = time.monotonic() - started
     assert results == {0: 4, 1: _Failed(), 2: 300_000, 3: 300_000}
     assert elapsed < 20, f"took {elapsed:.0f} s: the pool waited for the stuck item"
+
+
+def test_grade_many_matches_grade_and_keeps_order():
+    completions = ["\\boxed{%d}" % (i if i % 3 else i + 1) for i in range(30)] + ["6*7 = 42 and", None]
+    golds = [str(i) for i in range(30)] + ["42", "1"]
+    reasons = ["stop"] * 30 + ["length", "stop"]
+    graded = grade_many(completions, golds, workers=2, timeout_s=30, finish_reasons=reasons)
+    assert graded == [grade(c, g, finish_reason=r) for c, g, r in zip(completions, golds, reasons)]
+    assert [g.correct for g in graded[:30]] == [i % 3 != 0 for i in range(30)]
+    assert [g.label for g in graded[30:]] == ["truncated", "no_answer"]
+
+
+def test_pathological_input_ends_in_bounded_time():
+    garbage = "".join(random.Random(0).choice(string.printable) for _ in range(50_000))
+    completions = [
+        "\\boxed{10^{10^{10^{10}}}}",  # sympy tries to evaluate the tower: never finishes
+        garbage,
+        "\\boxed{" + "9" * 50_000 + "}",
+        "\\boxed{5}",  # a normal item after the stuck ones still gets graded, by a fresh worker
+    ]
+    started = time.monotonic()
+    graded = grade_many(completions, ["5"] * 4, workers=2, timeout_s=3)
+    elapsed = time.monotonic() - started
+    assert graded[0].label == "timeout"
+    assert all(g.label in ("timeout", "incorrect", "no_answer") for g in graded[1:3])
+    assert graded[3].label == "correct"
+    assert elapsed < 60, f"grading took {elapsed:.0f} s"
+
+
+def test_slow_items_time_out_in_the_worker_and_a_stuck_worker_is_replaced_without_stalling():
+    # pass the pre-check, ~0.8-2 s each of pure Python parsing (distinct, so no cache makes a repeat fast);
+    # the timeout is well below that and far above the ~10 ms a plain answer takes
+    slow = ["\\boxed{" + "+".join([f"{v}^{{2}}"] * 150) + "}" for v in "xyz"]
+    stuck = "\\boxed{10^{10^{8}+1}}"  # not a plain tower, so not pre-checked: a huge integer power
+    completions = slow + [stuck] + ["\\boxed{%d}" % i for i in range(20)]
+    started = time.monotonic()
+    graded = grade_many(completions, ["5"] * len(completions), workers=2, timeout_s=0.25)
+    elapsed = time.monotonic() - started
+    assert [g.label for g in graded[:4]] == ["timeout"] * 4
+    assert [g.correct for g in graded[4:]] == [i == 5 for i in range(20)]
+    # two workers: 4 timeouts of 0.25 s (+2 s grace if the signal is not seen) and start-up, never a stall
+    assert elapsed < 25, f"grading took {elapsed:.0f} s"
+
+
+def test_a_killed_worker_loses_none_of_the_items_queued_behind_the_stuck_one():
+    # one worker holds its current batch and the next one queued; the item stuck in C sits between them
+    stuck = "\\boxed{10^{10^{8}+1}}"
+    completions = ["\\boxed{%d}" % (i % 7) for i in range(90)] + [stuck] + ["\\boxed{%d}" % (i % 7) for i in range(90)]
+    graded = grade_many(completions, ["5"] * len(completions), workers=1, timeout_s=0.25)
+    assert graded[90].label == "timeout"
+    others = graded[:90] + graded[91:]
+    assert [g.correct for g in others] == [i % 7 == 5 for i in range(90)] * 2
+    assert {g.label for g in others} == {"correct", "incorrect"}
+
+
+def test_the_grading_server_warms_up_on_answers_it_grades_correctly():
+    from eval.grading_server import ANSWER_SHAPES  # importing it runs the warm-up
+
+    # the shapes are graded against themselves at import: each must be a real answer, or the warm-up warms nothing
+    for answer in ANSWER_SHAPES:
+        assert grade(f"So the answer is \\boxed{{{answer}}}.", answer).label == "correct", answer
+    # what a cold worker would import on its first items is loaded in the server before any worker forks
+    code = "import sys, eval.grading_server; print('sympy.physics.units' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
+
+
+def test_an_error_inside_a_worker_is_an_error_row_and_the_others_are_graded():
+    # a completion that is not text makes grade raise TypeError inside the worker, for that row only
+    completions = ["\\boxed{1}", 123, "\\boxed{1}", "\\boxed{1}", "\\boxed{1}"]
+    grades = grade_many(completions, ["1", "1", "1", "2", "1"], workers=2, timeout_s=5)
+    assert [g.label for g in grades] == ["correct", "error", "correct", "incorrect", "correct"]
+    assert grades[1].error.startswith("TypeError") and not grades[1].graded and grades[3].graded
+
+
+def test_grade_many_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        grade_many(["\\boxed{1}"], ["1", "2"], workers=1, timeout_s=5)

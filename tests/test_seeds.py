@@ -100,6 +100,10 @@ def test_compare_aggregates_seeds_by_hand(tmp_path):
     assert difference["pooled"]["difference"] == pytest.approx(5 / 12)
     markdown = render_markdown({"evaluations": {"report": comparison}})
     assert "| B | b | +50.0 | +25.0 | +50.0 | +41.7 ± 14.4 | 3/3 |" in markdown
+    # the other way round: A - B from the per-problem counts, whatever baseline the runs recorded
+    reverse = compare_paths([tmp_path], baseline="B")["evaluations"]["report"]["differences"]["A"]["b"]
+    assert reverse["runs"] == pytest.approx({"seed 0": -0.5, "seed 1": -0.25, "seed 2": -0.5})
+    assert reverse["positive_runs"] == 0
 
 
 def test_compare_command_reads_workdirs_and_results_files_and_refuses_none(tmp_path, capsys):
@@ -114,3 +118,5 @@ def test_compare_command_reads_workdirs_and_results_files_and_refuses_none(tmp_p
     assert main(["compare", str(tmp_path / "empty")]) == 2
     assert "no evaluation results" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert main(["compare", str(tmp_path / "w"), "--baseline", "C"]) == 2
+    assert "--baseline 'C'" in capsys.readouterr().err

@@ -3,7 +3,7 @@
     sample   our sample step vs a bare vLLM script vs HF `generate`, completion tokens/s on the same prompts;
              and how close that gets to the decode bound (see `decode`)
     verify   the grading pool with 1 and 2 workers, graded samples/s on MATH-500/GSM8K completions, clean and with
-             5% pathological ones
+             5% pathological ones; and on 10k-100k-character teacher-like traces, ours vs plain math-verify
     train    SFT tokens/s packed and padding-free vs padded, on log-normal lengths; REDI vs TRL's DPO with a
              reference model, peak memory
     cache    a finished recipe re-run in a fresh process, wall seconds
@@ -13,7 +13,7 @@ Each benchmark prints a table; `--json PATH` writes the headline numbers under f
 that was not run), the targets, and every raw number under the benchmark's own key.
 
 `distill bench all` at the default sizes takes about 12 minutes on a quiet 2-core CPU: sample ~2 min (HF generate
-is most of it), verify ~1 min, train ~6 min (five cases, each a fresh process that loads the model, 2 steps of
+is most of it), verify ~1.5 min, train ~6 min (five cases, each a fresh process that loads the model, 2 steps of
 ~15-50 s), cache ~3 min (recipes/smoke.yaml runs once in full).
 """
 
@@ -35,6 +35,7 @@ HEADLINES = {
     "sample_vs_hf": ("sample", 5.0, True),
     "verify_speedup": ("verify", 1.8, True),
     "verify_pathological_slowdown": ("verify", 2.0, False),
+    "verify_long_trace_speedup": ("verify", 1.5, True),
     "sft_packing_speedup": ("train", 1.5, True),
     "redi_mem_ratio": ("train", 0.6, False),
     "cached_rerun_s": ("cache", 3.0, False),

@@ -333,6 +333,7 @@ def run(opts, console) -> tuple[dict, dict]:
                       f"{trace_results[grader]['traces_per_s']:.1f}", f"{agreement:.3f}",
                       str(trace_results[grader]["correct"]))
     console.print(table)
+    headlines["verify_long_trace_speedup"] = trace_results["speedup"]
     console.print(f"long traces: ours grades {trace_results['speedup']:.2f}x as fast as plain math-verify "
                   f"({sum(traces['expected'])} of {trace_results['traces']} built correct)")
 

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from eval.answers import GRADED, LABELS, UNGRADED, Grade, last_boxed
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig, require_columns
@@ -66,7 +67,6 @@ class Config(StepConfig):
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from datasets import Value
 
-    from eval.answers import LABELS, UNGRADED, Grade
     from eval.grading_pool import iter_grades
 
     samples = inputs[cfg.input].dataset()
@@ -143,7 +143,6 @@ def _print_summary(stats: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from eval.answers import GRADED, UNGRADED
 
     total = sum(stats[f"label_{label}"] for label in GRADED + UNGRADED)
     table = Table(title="verify: labels", caption="below the line: ungraded, no pass rate counts them")
@@ -186,7 +185,6 @@ _FRACTION = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}|()(-?[\d.]+)/(-?
 
 def normalised_answer(completion: str) -> str:
     """The audit grader's reading of a completion's final answer, normalised ("" if none)."""
-    from eval.answers import last_boxed
 
     text = completion.rsplit("</think>", 1)[-1]
     boxed = last_boxed(text)
@@ -230,7 +228,6 @@ def audit_grade(completion: str, gold: str) -> tuple[bool, str]:
 def _audit(samples, completions: list[str], grades: list, path) -> dict:
     """Write rows where math-verify and the audit grader disagree; ungraded rows (eval.answers.UNGRADED) are left
     out: math-verify decided nothing there to disagree with."""
-    from eval.answers import UNGRADED
 
     disagreements = 0
     rows = zip(samples["id"], samples["answer"], completions, grades)
@@ -248,9 +245,8 @@ def _audit(samples, completions: list[str], grades: list, path) -> dict:
     return {"audit_disagreements": disagreements}
 
 
-def _read_progress(path, rows: int) -> dict[int, "Grade"]:
+def _read_progress(path, rows: int) -> dict[int, Grade]:
     """Grades a killed run already wrote; a torn last line (killed mid-write) is dropped."""
-    from eval.answers import Grade
 
     grades: dict[int, Grade] = {}
     if not path.exists():
