@@ -43,6 +43,10 @@ def test_seeds_run_once_per_seed_and_share_what_draws_no_seed_or_pins_one(tmp_pa
 
     assert main(["run", str(recipe), "--seeds", "0,1,2"]) == 0  # everything is complete now
     assert capsys.readouterr().out.count("0 step(s) ran") == 3
+    # seed-1 is the run `-o seed=1` would make anywhere: the same keys, the same data
+    assert main(["run", str(recipe), "-o", "seed=1", "-o", f"workdir={tmp_path / 'plain'}"]) == 0
+    plain = manifests(tmp_path / "plain")
+    assert {step: m["key"] for step, m in plain.items()} == {step: m["key"] for step, m in runs[1].items()}
 
 
 @pytest.mark.parametrize("seeds", ["a,b", "0,0", ","])
