@@ -8,7 +8,9 @@ For each evaluation (an evaluate step, by name, or `eval` for a `distill eval` o
 and for each model but the baseline (the evaluation's `baseline`, else its first model):
     differences  each run's paired difference to the baseline, their mean ± sd across runs, in how many runs it
                  was positive and in how many its 95% interval excluded 0
-    pooled       the paired difference over problems of the pooled rates, with its bootstrap interval and MDD
+    pooled       the paired difference over problems of the pooled rates, with its bootstrap interval and MDD.
+                 It takes each run's models as given: its interval covers which problems and which samples, not
+                 training. Whether a training change helps is read from the per-run differences and their sd.
 
 Writes nothing unless asked (`--out`, or `distill run --seeds` into the recipe's workdir): compare.json, compare.md.
 """
