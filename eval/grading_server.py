@@ -1,4 +1,5 @@
-"""Preloaded by the grading pool's fork server (eval.grading_pool): importing it grades a fixed set of answer shapes once.
+"""Preloaded by the grading pool's fork server (eval.grading_pool): importing it grades a fixed set of answer shapes
+once.
 
 A fresh process pays ~0.5 s the first time it grades: sympy imports whole packages on first use (physics.units,
 tensor), and its caches and the LaTeX parser's decision tables start cold. Every worker forked from a server that

@@ -3,8 +3,9 @@
 A step's key is a hash of everything its output depends on (`step_inputs`): its type, resolved config, its
 seed (none for a step that draws no random numbers), its parents' keys, the content of every file it reads by
 path, the identity of every model it reads, the versions of the libraries that shape its output and the version
-of its own code. The record is kept in the manifest, so `plan` can say why a step would run (`input file data/x.jsonl changed`,
-`math-verify 0.9.0 -> 0.9.1`, `config: n 4 -> 8`), the way `dvc status` does, before anything runs.
+of its own code. The record is kept in the manifest, so `plan` can say why a step would run (`input file
+data/x.jsonl changed`, `math-verify 0.9.0 -> 0.9.1`, `config: n 4 -> 8`), the way `dvc status` does, before
+anything runs.
 
 The runner only ever replaces what it wrote: a directory with a step's name is replaced only if it holds a
 Distillery manifest, and a workdir that is a non-empty directory not made by `distill` is refused.

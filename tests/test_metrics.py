@@ -146,7 +146,8 @@ def test_benchmark_scores_without_groups_or_correct_samples():
 def test_ungraded_samples_leave_the_denominator_and_empty_problems_leave_for_every_model():
     rows = [
         # p1: one timeout, then 1 of 2 graded right -> rate 1/2 (not 1/3)
-        {**sample("p1", 0, False, "", 5), "label": "timeout"}, sample("p1", 1, True, "2", 5), sample("p1", 2, False, "3", 5),
+        {**sample("p1", 0, False, "", 5), "label": "timeout"},
+        sample("p1", 1, True, "2", 5), sample("p1", 2, False, "3", 5),
         # p2: bad gold -> removed; p3: model A's only sample errored -> removed for B too
         *({**sample("p2", i, False, "", 5), "label": "bad_gold"} for i in range(3)),
         *(sample("p3", i, True, "1", 5) for i in range(3)),

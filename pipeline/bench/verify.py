@@ -1,5 +1,6 @@
-"""`distill bench verify`: how much faster the grading pool (eval.grading_pool's `grade_many`, the verify step's path, with
-the step's default timeout) grades with 2 workers than with 1, on the same samples, clean and with 5% pathological.
+"""`distill bench verify`: how much faster the grading pool (eval.grading_pool's `grade_many`, the verify step's
+path, with the step's default timeout) grades with 2 workers than with 1, on the same samples, clean and with 5%
+pathological.
 
 The samples look like a teacher's output: per problem (MATH-500 and GSM8K in equal numbers, in random order), four
 consecutive samples sharing its gold answer, as the sample step writes them: the reference solution (correct), the
