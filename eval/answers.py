@@ -7,13 +7,14 @@ Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
   of unfinished reasoning is not an answer.
 - The last `\\boxed{}` wins. Without one, the answer is the math of the last answer statement ("the final answer
   is", "answer:", "the solution is"; not the echoed instruction "put your final answer within \\boxed{}"): the
-  expression its first math starts ("30 - 16 = 14" reads 14, "126 is the product of 21 and 6" reads 126), whatever
-  a check after it computes; without one, the last math written. Math is a plain number, a tuple or interval of
-  plain numbers, or a LaTeX math environment ($...$, $$...$$, \\(...\\), \\[...\\]; the numbers inside one are
-  part of it, and environments joined by "and", "or" or commas are read together, as math-verify reads them). An answer in words counts too: up to three words right
-  after an answer statement's cue ("the final answer is east"), or the one word that ends a concluding last sentence
-  with no math ("Therefore, the winner is Evelyn."). Not math-verify's plain-expression extraction: it would read
-  "answer is 30 - 16 = 15" as 30 - 16, so restating the question would score.
+  expression its first math starts ("30 - 16 = 14" reads 14, "126 is the product of 21 and 6" reads 126), whatever a
+  check after it computes; without one, the last math written. Math is a plain number, a tuple or interval of plain
+  numbers, or a LaTeX math environment ($...$, $$...$$, \\(...\\), \\[...\\]; the numbers inside one are part of it,
+  and environments joined by "and", "or" or commas are read together, as math-verify reads them). An answer in words
+  counts too: up to three words right after an answer statement's cue ("the final answer is east"), or the one word
+  that ends a concluding last sentence with no math ("Therefore, the winner is Evelyn."). Not math-verify's
+  plain-expression extraction: it would read "answer is 30 - 16 = 15" as 30 - 16, so restating the question would
+  score.
 - A reply that stops mid-derivation has no answer: one that ends inside an equation (on an operator, "=", an opened
   math environment or box), or one that ends in a sentence (or line) it never finished, unless that sentence holds
   the answer ("Let me compute 6*7 = 42 and then"). Math in a question is not an answer either ("What is $30 - 16$?").
