@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import datasets
+import pytest
 
 DISTILL = str(Path(sys.executable).with_name("distill"))
 
@@ -51,6 +52,7 @@ def test_smoke_recipe_end_to_end_then_cached(tmp_path):
     assert status.count("complete") == 10
 
 
+@pytest.mark.slow  # three smoke runs, ~7 min: `pytest -m slow tests/test_smoke.py`
 def test_smoke_recipe_over_three_seeds_then_compared(tmp_path):
     workdir = tmp_path / "smoke"
     out = distill("run", "recipes/smoke.yaml", "-o", f"workdir={workdir}", "--seeds", "0,1,2")
