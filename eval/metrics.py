@@ -39,12 +39,17 @@ def pass_at_1(correct_matrix: Sequence[Sequence[bool]]) -> tuple[float, float]:
     return _mean_and_stderr([sum(map(bool, samples)) / len(samples) for samples in correct_matrix])
 
 
-def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; nan for a single value)."""
     mean = sum(values) / len(values)
     if len(values) == 1:
         return mean, math.nan
-    variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    mean, sd = mean_and_sd(values)
+    return mean, sd / math.sqrt(len(values))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

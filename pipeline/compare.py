@@ -145,10 +145,10 @@ def _pooled_rates(per_run: list[dict]) -> dict[str, float]:
 
 
 def _mean_and_sd(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    from eval.metrics import mean_and_sd
+
+    mean, sd = mean_and_sd(values)
+    return mean, sd if math.isfinite(sd) else None  # JSON has no nan: one run has no spread
 
 
 def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
