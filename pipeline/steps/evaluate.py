@@ -294,13 +294,14 @@ def _answer_groups(rows: list[dict], grader: dict) -> dict[tuple[str, str], dict
     from eval.grading_pool import iter_answer_groups
     from eval.metrics import graded_by_problem, text_groups
 
+    rows_by_pair: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        rows_by_pair[(row["model"], row["benchmark"])].append(row)
     keys, answers = [], []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for spec in dict.fromkeys(r["benchmark"] for r in rows):
-            graded = graded_by_problem(r for r in rows if r["model"] == model and r["benchmark"] == spec)
-            for problem_id, samples in graded.items():
-                keys.append((model, spec, problem_id))
-                answers.append([s["extracted"] or "" for s in samples])
+    for (model, spec), pair_rows in rows_by_pair.items():
+        for problem_id, samples in graded_by_problem(pair_rows).items():
+            keys.append((model, spec, problem_id))
+            answers.append([s["extracted"] or "" for s in samples])
     groups: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(dict)
     for index, problem_groups in iter_answer_groups(answers, workers=grader["workers"], timeout_s=grader["timeout_s"]):
         model, spec, problem_id = keys[index]
