@@ -81,6 +81,50 @@ def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
                   f"skipped → {outcomes[next(reversed(outcomes))].artifact.path.parent}")
 
 
+def cmd_check(args) -> int:
+    """Every training step's rows through its student's chat template, as the trainer will tokenize them
+    (`pipeline.template_check`), without loading a model or training. A step whose inputs are not produced yet is
+    listed as not checked: the same check runs when it starts."""
+    from pipeline.artifacts import Artifact
+    from pipeline.models import resolve_model
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import plan, workdir_for
+    from pipeline.steps import step_module
+    from pipeline.training import TrainingConfig, load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.override)
+    workdir = workdir_for(recipe, args.dry_run)
+    plans = {step.name: step for step in plan(recipe, dry_run=args.dry_run)}
+    failed = []
+    for name, step in plans.items():
+        cfg = step.cfg
+        if not isinstance(cfg, TrainingConfig):
+            continue
+        module = step_module(cfg.uses)
+        if not hasattr(module, "template_check"):
+            console.print(f"[dim]-  {name} ({cfg.uses}): nothing to check (teacher and student read the same token "
+                          "ids)[/dim]")
+            continue
+        parents = recipe.dependencies(name)
+        pending = [parent for parent in parents if plans[parent].action == "run"]
+        if pending:
+            console.print(f"[yellow]?[/yellow]  {name} ({cfg.uses}): not checked, {', '.join(pending)} not produced "
+                          f"yet (`distill run {args.recipe} --until {pending[-1]}`); it is checked when it starts")
+            continue
+        inputs = {parent: Artifact.from_dir(workdir / parent) for parent in parents}
+        try:
+            stats = module.template_check(cfg, inputs, load_tokenizer(cfg, resolve_model(cfg.model, inputs)))
+        except UserError as error:
+            failed.append(name)
+            console.print(f"[red]✗[/red]  {error}", soft_wrap=True)
+            continue
+        console.print(f"[green]✓[/green]  {name} ({cfg.uses}): {stats['template_checked_rows']} rows of {cfg.input!r} "
+                      f"render through the chat template of {cfg.model!r} as they will train")
+    if failed:
+        raise UserError(f"{args.recipe}: the chat-template check failed for {', '.join(failed)} (above)")
+    return 0
+
+
 def cmd_status(args) -> int:
     if Path(args.path).is_file():
         return _status_of_recipe(args)
@@ -202,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="as for `distill run`: status of the recipe with this key overridden")
     stat.add_argument("--dry-run", action="store_true", help="status of the recipe's --dry-run workdir")
     stat.set_defaults(func=cmd_status)
+
+    check = commands.add_parser("check", help="check every training row against its student's chat template, "
+                                              "before training")
+    check.add_argument("recipe")
+    check.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="as for `distill run`")
+    check.add_argument("--dry-run", action="store_true", help="check the recipe's --dry-run workdir")
+    check.set_defaults(func=cmd_check)
 
     from pipeline.steps.evaluate import add_cli_arguments
 

@@ -316,7 +316,7 @@ def generate_openai(
 ) -> Generations:
     """Sample `n` completions for each chat prompt from an OpenAI-compatible server (`vllm serve`, a hosted API)
     through its chat completions endpoint; same contract (`n`, `ids`, `chunks`, `skip_chunks`, `on_chunk`) as
-    `generate`.
+    `generate`. Reasoning the server returns apart from the content is kept in the completion (`completion_text`).
 
     Each sample is its own request (n = 1), so `usage` gives each sample's token counts, and each carries the
     seed `sample_seed(seed, problem id, sample index)`; servers treat seeds as best effort, and batch our
@@ -358,7 +358,8 @@ def generate_openai(
                 response = await client.chat.completions.create(
                     messages=prompts[prompt], seed=sample_seed(seed, ids[prompt], sample), **settings)
             choice, usage = response.choices[0], response.usage
-            return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
+            return Completion(text=completion_text(choice.message, choice.finish_reason),
+                              finish_reason=choice.finish_reason,
                               prompt_tokens=usage.prompt_tokens if usage else 0,
                               completion_tokens=usage.completion_tokens if usage else 0)
 
@@ -392,3 +393,20 @@ def generate_openai(
         raise UserError(f"sample: could not reach an OpenAI-compatible server at {base_url} after "
                         f"{max_retries} retries: {error}") from None
     return Generations(completions, generate_seconds=generate_seconds)
+
+
+def completion_text(message, finish_reason: str | None) -> str:
+    """A chat completion's whole trace: reasoning a server parsed out (`reasoning_content` in the DeepSeek API and
+    older vLLM, `reasoning` in newer servers) joined back in front of the content, so a distilled dataset never
+    holds final answers alone; a reply cut off while still reasoning keeps its think span open. Content that closes
+    </think> without opening it (the chat template opened it in the prompt) gets its opener back."""
+    from pipeline.chat import THINK_CLOSE, THINK_OPEN, join_reasoning
+
+    extra = message.model_extra or {}
+    reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+    content = message.content or ""
+    if reasoning:
+        return join_reasoning(reasoning, content, finished=finish_reason != "length")
+    if THINK_CLOSE in content and "<think>" not in content.split(THINK_CLOSE, 1)[0]:
+        return THINK_OPEN + content
+    return content

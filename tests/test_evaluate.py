@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 import pipeline.generation
+from pipeline import chat
 from pipeline.artifacts import Artifact, Output
 from pipeline.generation import Completion, Generations
 from pipeline.steps import evaluate
@@ -61,16 +62,17 @@ def tokenizer():
 
 def test_think_prefix_from_the_chat_template(tokenizer):
     smollm_template = tokenizer.chat_template
-    assert evaluate.detect_think_prefix(tokenizer) == ("", False)
+    assert chat.think_prefix(tokenizer) == chat.ThinkPrefix("", "")
     # R1-distill style: strips "...</think>" from earlier assistant turns; the reply is expected to open <think>
     tokenizer.chat_template = ("{% for m in messages %}{% set c = m['content'] %}{% if '</think>' in c %}"
                                "{% set c = c.split('</think>')[-1] %}{% endif %}<|{{ m['role'] }}|>{{ c }}"
                                "{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}")
-    assert evaluate.detect_think_prefix(tokenizer) == ("<think>\n", False)
+    assert chat.think_prefix(tokenizer) == chat.ThinkPrefix("<think>\n", "<think>\n")
+    assert chat.think_prefix(tokenizer, "") == chat.ThinkPrefix("", "")  # a setting wins
     # newer templates open thinking in the generation prompt themselves: nothing to add, but grading must know
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
-    assert evaluate.detect_think_prefix(tokenizer) == ("", True)
+    assert chat.think_prefix(tokenizer) == chat.ThinkPrefix("", "<think>\n")
     tokenizer.chat_template = smollm_template
 
 

@@ -11,6 +11,7 @@ from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.recipe import load_recipe
 from pipeline.steps import opsd
+from pipeline.template_check import teacher_prompt
 
 
 def problem_rows(count):
@@ -116,7 +117,8 @@ def test_bad_settings_are_refused_at_load():
 
 def test_teacher_sees_the_privileged_text_and_the_student_does_not(problems, tmp_path):
     trainer, stats = opsd.build_trainer(config(), problems, output(tmp_path))
-    assert stats == {"context_from": "template", "rows": 8, "dropped_truncated": 0}
+    assert stats == {"context_from": "template", "rows": 8, "dropped_truncated": 0, "template_checked_rows": 8,
+                     "think_prefix": ""}
     trainer.model.train()
     batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(4)])
     tokenizer = trainer.processing_class
@@ -127,6 +129,21 @@ def test_teacher_sees_the_privileged_text_and_the_student_does_not(problems, tmp
         assert context not in student
         assert context in teacher and "Here is a reference solution" in teacher
         assert teacher.endswith(tokenizer.decode(batch["completion_ids"][row][batch["completion_mask"][row].bool()]))
+    # the template check composes the teacher's prompt as TRL does
+    for row in trainer.train_dataset:
+        assert teacher_prompt(row["prompt"], row["privileged_context"], opsd.DEFAULT_TEACHER_TEMPLATE) \
+            == trainer.teacher_context_builder.select_generation_prompts([row["prompt"]], [row["privileged_context"]])[0]
+
+
+def test_rollouts_are_prompted_with_the_think_prefix_and_the_model_keeps_its_template(problems, tmp_path):
+    trainer, stats = opsd.build_trainer(config(think_prefix="<think>\n"), problems, output(tmp_path))
+    tokenizer = trainer.processing_class
+    assert stats["think_prefix"] == "<think>\n"
+    rendered = tokenizer.apply_chat_template(trainer.train_dataset[0]["prompt"], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n")
+    assert tokenizer.apply_chat_template(trainer.train_dataset[0]["prompt"], tokenize=False).endswith("<|im_end|>\n")
+    assert "<think>" not in trainer.own_chat_template  # what train_and_save writes beside the model
 
 
 def test_teacher_prompts_over_max_length_are_dropped_not_cut(tmp_path):
@@ -136,7 +153,8 @@ def test_teacher_prompts_over_max_length_are_dropped_not_cut(tmp_path):
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "ready" / "data"))
     inputs = {"ready": Artifact("ready", "dataset", tmp_path / "ready")}
     _, stats = opsd.build_trainer(config(input="ready", context_template=None), inputs, output(tmp_path))
-    assert stats == {"context_from": "column", "rows": 3, "dropped_truncated": 1}
+    assert stats == {"context_from": "column", "rows": 3, "dropped_truncated": 1, "template_checked_rows": 4,
+                     "think_prefix": ""}
     with pytest.raises(UserError, match="every teacher prompt of dataset 'ready' is longer than max_length"):
         opsd.build_trainer(config(input="ready", context_template=None, max_length=40, max_tokens=8), inputs,
                            output(tmp_path, "short"))

@@ -93,3 +93,10 @@ def test_a_dry_run_with_no_pair_writes_each_problems_first_two_samples_as_stand_
     # a dry run that finds a real pair keeps to it
     _, data = run_pairs(tmp_path / "found", ROWS, dry_run=True)
     assert data["id"] == ["a"]
+
+
+def test_how_the_chosen_trace_was_sampled_is_carried_into_the_pairs(tmp_path):
+    rows = [{**r, "think_prefix": "", "prompt_text": f"text of {r['id']}", "model": "m"} for r in ROWS]
+    _, data = run_pairs(tmp_path, rows)
+    assert data.column_names == ["id", "prompt", "chosen", "rejected", "think_prefix", "prompt_text", "sampled_by"]
+    assert (data[0]["prompt_text"], data[0]["sampled_by"]) == ("text of a", "m")

@@ -92,7 +92,8 @@ def test_sample_step_writes_the_samples_contract(tmp_path):
     assert stats["prompt_tokens"] == sum(samples["prompt_tokens"][::2])
     assert stats["prompt_tokens_sent"] == sum(samples["prompt_tokens"])  # one request per sample
     assert (stats["chunks"], stats["chunks_resumed"]) == (1, 0)
-    assert set(samples["think_prefix"]) == {""}
+    assert set(samples["think_prefix"]) == {""}  # ChatML without <think>: none
+    assert all(text.endswith("<|im_start|>assistant\n") for text in samples["prompt_text"])
 
 
 def test_sample_step_refuses_a_dataset_without_problem(tmp_path):
@@ -195,3 +196,35 @@ def test_sigkill_at_random_points_then_rerun_gives_exactly_n_samples_per_problem
     assert manifest["stats"]["chunks"] == 6 and manifest["stats"]["chunks_resumed"] >= 1
     uninterrupted = datasets.load_from_disk(str(tmp_path / "uninterrupted" / "samples" / "data"))
     assert samples["completion"] == uninterrupted["completion"]
+
+
+# ChatML shaped like the first R1-distill template: reasoning cut from assistant turns, the reply expected to open
+# <think> (the template mentions </think> but its generation prompt does not write <think>).
+R1_STYLE_TEMPLATE = ("{% for m in messages %}{% set c = m['content'] %}{% if m['role'] == 'assistant' and '</think>' "
+                     "in c %}{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>{{ m['role'] }}\n{{ c }}"
+                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_r1_style_model_is_prompted_with_its_think_opener_and_its_traces_recorded(tmp_path, tiny_model):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "r1-style"
+    shutil.copytree(tiny_model, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = R1_STYLE_TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+
+    cfg = sample.Config(uses="sample", input="problems", model=str(model_dir), n=1, max_tokens=6, temperature=1.0)
+    out = Output(name="samples", kind="dataset", dir=tmp_path / "samples", scratch=tmp_path / "scratch", seed=0)
+    samples = sample.run(cfg, problems_step(tmp_path), out).dataset()
+
+    assert set(samples["think_prefix"]) == {"<think>\n"}
+    assert all(text.endswith("<|im_start|>assistant\n<think>\n") for text in samples["prompt_text"])
+    # the prompt the engine read is the recorded text, think opener included
+    assert samples["prompt_tokens"] == [len(tokenizer(text, add_special_tokens=False).input_ids)
+                                        for text in samples["prompt_text"]]
+    for completion, reasoning, response in zip(samples["completion"], samples["reasoning"], samples["response"]):
+        if "</think>" not in completion:  # random weights seldom close it: the whole completion is reasoning
+            assert (reasoning, response) == (completion.strip("\n"), "")

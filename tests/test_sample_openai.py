@@ -3,6 +3,7 @@ retries, the concurrency bound, resume after a failed run, errors, and that the 
 
 import json
 import logging
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,9 @@ class FakeServer:
 
     def __init__(self, delay_s=0.05):
         self.requests, self.refuse = [], set()
+        # the field a reasoning parser returns the think span in (vLLM --reasoning-parser, the DeepSeek API); None:
+        # a plain server, whose content holds everything
+        self.reasoning_field = None
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
@@ -71,6 +75,8 @@ class FakeServer:
         question = body["messages"][-1]["content"]
         if any(text in question for text in self.refuse):
             return 400, {"error": {"message": "this prompt is refused"}}
+        if self.reasoning_field:
+            return 200, self.reasoning_reply(body, question)
         words = f"seed {body['seed']}: {question.split('?')[0]} is \\boxed{{0}}".split()
         text = " ".join(words[:body["max_tokens"]])
         return 200, {
@@ -80,6 +86,19 @@ class FakeServer:
             "usage": {"prompt_tokens": len(json.dumps(body["messages"]).split()),
                       "completion_tokens": len(text.split()), "total_tokens": 0},
         }
+
+    def reasoning_reply(self, body, question):
+        """As a server with a reasoning parser: 6 words of reasoning apart, then the right answer as the content;
+        a budget that ends inside the reasoning leaves no content and finishes with "length"."""
+        a, b = map(int, re.match(r"What is (\d+) \+ (\d+)\?", question).groups())
+        thought = f"seed {body['seed']}: add {a} and {b}".split()
+        cut = len(thought) >= body["max_tokens"]
+        message = {"role": "assistant", "content": None if cut else f"The answer is \\boxed{{{a + b}}}.",
+                   self.reasoning_field: " ".join(thought[:body["max_tokens"]])}
+        return {"id": "cmpl", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "length" if cut else "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": min(len(thought) + 5, body["max_tokens"]),
+                          "total_tokens": 0}}
 
     def close(self):
         self.httpd.shutdown()
@@ -93,14 +112,15 @@ def server():
     fake.close()
 
 
-def write_recipe(tmp_path, server, **settings):
+def write_recipe(tmp_path, server, then=None, **settings):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in PROBLEMS))
     step = {"uses": "sample", "input": "problems", "model": "served-model", "backend": "openai",
             "base_url": server.base_url, "api_key_env": KEY_ENV, "n": 3, "max_tokens": 12, "chunk_size": 2,
             "max_concurrency": 3, **settings}
     recipe = {"name": "openai", "seed": 7, "workdir": str(tmp_path / "work"),
-              "steps": {"problems": {"uses": "load", "path": str(data)}, "samples": step}}
+              "steps": {"problems": {"uses": "load", "path": str(data)}, "samples": step, **(then or {})}}
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return load_recipe(path)
@@ -194,3 +214,39 @@ def test_openai_backend_refuses_a_think_prefix_and_needs_base_url():
     with pytest.raises(ValueError, match="needs base_url"):
         sample.Config(uses="sample", input="p", model="m", backend="openai")
     assert sample.Config(uses="sample", input="p", model="m", backend="openai", base_url="http://x/v1").model_refs() == []
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_returned_apart_is_kept_and_a_cut_inside_it_grades_truncated(tmp_path, server, monkeypatch, field):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    server.reasoning_field = field
+    graded = {"graded": {"uses": "verify", "input": "samples", "workers": 1}}
+    for budget in (12, 4):  # room for the 6 words of reasoning and the answer; cut inside the reasoning
+        run_recipe(write_recipe(tmp_path / str(budget), server, then=graded, max_tokens=budget))
+    whole = datasets.load_from_disk(str(tmp_path / "12" / "work" / "graded" / "data"))
+    seed = sample_seed(7, "q1", 0)
+    assert whole["completion"][3] == f"<think>\nseed {seed}: add 1 and 4\n</think>\n\nThe answer is \\boxed{{5}}."
+    assert (whole["reasoning"][3], whole["response"][3]) == (f"seed {seed}: add 1 and 4", "The answer is \\boxed{5}.")
+    assert set(whole["think_prefix"]) == {""} and set(whole["prompt_text"]) == {None}
+    assert set(whole["label"]) == {"correct"}
+
+    cut = datasets.load_from_disk(str(tmp_path / "4" / "work" / "graded" / "data"))
+    assert cut["completion"][3] == f"<think>\nseed {seed}: add 1"  # the think span stays open
+    assert (cut["reasoning"][3], cut["response"][3]) == (f"seed {seed}: add 1", "")
+    assert set(cut["finish_reason"]) == {"length"} and set(cut["label"]) == {"truncated"}
+
+
+def test_a_reply_that_closes_a_think_span_the_template_opened_gets_its_opener():
+    from openai.types.chat import ChatCompletionMessage
+
+    from pipeline.generation import completion_text
+
+    def text(finish_reason="stop", **fields):
+        return completion_text(ChatCompletionMessage(role="assistant", **fields), finish_reason)
+
+    assert text(content="2 + 2 is 4</think>\n\n\\boxed{4}") == "<think>\n2 + 2 is 4</think>\n\n\\boxed{4}"
+    assert text(content="<think>\nhm</think>\n\n\\boxed{4}") == "<think>\nhm</think>\n\n\\boxed{4}"
+    assert text(content="\\boxed{4}") == "\\boxed{4}"
+    assert text(content=None, reasoning_content="hm", finish_reason="length") == "<think>\nhm"
+    # a server that counts an unfinished reply as stopped still gets the whole trace
+    assert text(content="", reasoning="hm") == "<think>\nhm\n</think>\n\n"

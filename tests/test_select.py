@@ -107,3 +107,15 @@ def test_a_dry_run_with_no_correct_sample_writes_stand_ins_so_training_still_run
     rows.append(graded_row("b", 1, True, problem="What is 4 * 4?"))
     artifact, selected = run_on_rows(select, tmp_path / "again", rows, uses="select", dry_run=True)
     assert selected["id"] == ["b"] and "dry_run_stand_ins" not in artifact.stats
+
+
+def test_how_each_trace_was_sampled_is_carried_into_the_training_data(tmp_path):
+    rows = [{**graded_row("a", 0, True), "think_prefix": "<think>\n", "prompt_text": "<|user|>a<|assistant|><think>\n",
+             "model": "builtin:smollm2-135m-instruct"},
+            {**graded_row("b", 0, False, problem="What is 4 * 4?"), "think_prefix": "<think>\n", "prompt_text": "b",
+             "model": "builtin:smollm2-135m-instruct"}]
+    _, selected = run_select(tmp_path, rows)
+    assert selected.column_names == ["id", "messages", "think_prefix", "prompt_text", "sampled_by"]
+    assert selected[0]["messages"][-1]["content"] == "<think>\ncompletion 0 of a"
+    assert (selected[0]["prompt_text"], selected[0]["sampled_by"]) == ("<|user|>a<|assistant|><think>\n",
+                                                                       "builtin:smollm2-135m-instruct")

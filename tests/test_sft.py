@@ -6,6 +6,7 @@ from datasets import Dataset
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import sft
+from pipeline.template_check import completion_token_ids
 from pipeline.training import model_card
 
 EOS = "<|im_end|>"  # SmolLM2's end of turn, the eos of builtin:tiny-random
@@ -44,12 +45,16 @@ def test_trained_tokens_are_the_completion_and_end_with_eos(sft_data, tmp_path):
     tokenizer = trainer.processing_class
 
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert data_stats == {"rows": 16, "dropped_truncated": 0} and len(trainer.train_dataset) == 16
+    assert data_stats == {"rows": 16, "dropped_truncated": 0, "template_checked_rows": 16, "think_prefix": ""}
+    assert len(trainer.train_dataset) == 16
     for row, source in zip(trainer.train_dataset, arithmetic_conversations(16)):
         trained = [token for token in row["labels"] if token != -100]
         assert row["labels"][0] == -100  # the prompt is not trained on
         assert tokenizer.decode(trained) == source["messages"][-1]["content"] + EOS + "\n"
         assert tokenizer.eos_token_id in trained
+        # the template check tokenizes as the trainer does: its masked tokens are exactly the trained ones
+        messages = source["messages"]
+        assert completion_token_ids(tokenizer, messages[:-1], messages[-1]["content"]) == trained
 
 
 def test_rows_truncated_before_eos_are_dropped(tmp_path):
@@ -58,7 +63,8 @@ def test_rows_truncated_before_eos_are_dropped(tmp_path):
     inputs = {"sft_data": Artifact("sft_data", "dataset", step_dir)}
 
     trainer, data_stats = sft.build_trainer(config(), inputs, output(tmp_path))
-    assert data_stats == {"rows": 6, "dropped_truncated": 2}  # rows 0 and 4 are longer than max_length=128
+    # rows 0 and 4 are longer than max_length=128; every row went through the template check
+    assert data_stats == {"rows": 6, "dropped_truncated": 2, "template_checked_rows": 8, "think_prefix": ""}
     assert all(trainer.processing_class.eos_token_id in row["labels"] for row in trainer.train_dataset)
 
     with pytest.raises(UserError, match="max_length=40"):

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipeline import chat
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
@@ -58,7 +59,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"temperature": 0.6, "top_p": 0.95, "max_tokens": 512},
 }
 QUICK_MAX_N = 4
-THINK_OPEN = "<think>\n"
 SAMPLES_DIR = "samples"
 SHARD_DIR = "chunks"  # in scratch: one file per finished chunk
 RESULTS_JSON = "results.json"
@@ -396,8 +396,7 @@ def describe_model(model: str, think_prefix: str | None) -> dict:
     if not template:
         raise UserError(f"model {model}: its tokenizer has no chat template; evaluation prompts chat models")
     template_text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
-    detected, opened_by_template = detect_think_prefix(tokenizer)
-    prefix = detected if think_prefix is None else think_prefix
+    prefix = chat.think_prefix(tokenizer, think_prefix)
     path = Path(model)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     weights = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt") for p in path.glob(pattern)) \
@@ -406,23 +405,8 @@ def describe_model(model: str, think_prefix: str | None) -> dict:
             "weights_sha256": _sha256_files(weights) if weights else None,
             "config_dtype": config.get("dtype", config.get("torch_dtype")),
             "chat_template_sha256": hashlib.sha256(template_text.encode()).hexdigest(),
-            "think_prefix": prefix,
-            "completion_prefix": THINK_OPEN if opened_by_template else prefix}
-
-
-def detect_think_prefix(tokenizer) -> tuple[str, bool]:
-    """(think prefix to append, whether the generation prompt already opens <think>) from the chat template.
-
-    R1-distill templates strip `...</think>` from earlier assistant turns (so they mention </think>) and expect
-    the reply to start with `<think>\\n`; newer ones write `<think>\\n` into the generation prompt themselves.
-    """
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1?"}], tokenize=False,
-                                             add_generation_prompt=True)
-    if rendered.rstrip().endswith("<think>"):
-        return "", True
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
-        tokenizer.chat_template)
-    return (THINK_OPEN, False) if "</think>" in template else ("", False)
+            "think_prefix": prefix.appended,
+            "completion_prefix": prefix.completion_prefix}
 
 
 def _sha256_files(paths: list[Path]) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.errors import UserError
-from pipeline.steps.opsd import RolloutConfig, rollouts_fact
+from pipeline.steps.opsd import RolloutConfig, prompt_with_think_prefix, rollouts_fact
 from pipeline.steps.sample import render_prompt
 from pipeline.training import (load_tokenizer, model_card, peft_config, train_and_save, train_here_or_launch,
                                training_arguments)
@@ -52,7 +52,8 @@ def train(cfg: Config, inputs, out) -> dict:
     card = model_card(cfg, out.name, trained="trained by on-policy distillation in", batch_unit=" prompts",
                       facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher}` (beta {cfg.beta})",
                              f"prompts: step `{cfg.input}`", rollouts_fact(cfg)])
-    stats = train_and_save(trainer, cfg, out, card, **data_stats)
+    stats = train_and_save(trainer, cfg, out, card, chat_template=trainer.own_chat_template,
+                           **data_stats)
     divergence = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
                if "completions/mean_length" in entry]
@@ -76,6 +77,8 @@ def build_trainer(cfg: Config, inputs, out):
     # The raw tokenizers: load_tokenizer may pick a pad token, which is the step's choice, not the model's.
     check_same_tokenizer(AutoTokenizer.from_pretrained(model_path), AutoTokenizer.from_pretrained(teacher_path),
                          cfg.model, cfg.teacher)
+    # Teacher and student read the same token ids (one tokenizer, checked above), so their prompts are the same.
+    think, own_template = prompt_with_think_prefix(tokenizer, cfg)
     rows = prompt_dataset(inputs[cfg.input].dataset(), cfg, tokenizer)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -96,7 +99,9 @@ def build_trainer(cfg: Config, inputs, out):
     )
     trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=rows,
                                   processing_class=tokenizer, peft_config=peft_config(cfg.lora))
-    return trainer, {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows)}
+    trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
+    return trainer, {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
+                     "think_prefix": think}
 
 
 def check_same_tokenizer(student, teacher, student_ref: str, teacher_ref: str) -> None:

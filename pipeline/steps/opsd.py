@@ -76,6 +76,10 @@ class RolloutConfig(TrainingConfig):
         default=DEFAULT_PROMPT_TEMPLATE,
         description="Student prompt (user message) for problems rows: {column} is replaced by that column "
                     "(at least {problem}); other braces, such as \\boxed{}, are kept.")
+    think_prefix: str | None = Field(
+        default=None, description="Text appended after the generation prompt of every rollout (and teacher) prompt, "
+                                  "e.g. '<think>\\n'. null: from the model's chat template, as sample and evaluate "
+                                  "decide it (pipeline.chat).")
     use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
     vllm_mode: Literal["colocate", "server"] = Field(
         default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
@@ -93,6 +97,18 @@ class RolloutConfig(TrainingConfig):
 def rollouts_fact(cfg: RolloutConfig) -> str:
     """The model card's line on how an on-policy step sampled its rollouts."""
     return f"rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}"
+
+
+def prompt_with_think_prefix(tokenizer, cfg: RolloutConfig) -> tuple[str, str]:
+    """Make the trainer's own prompt rendering (TRL renders rollout prompts itself) end with the think prefix that
+    `sample` and `evaluate` would append for this model; returns (the prefix, the model's template to save)."""
+    from pipeline.chat import template_appending, think_prefix
+
+    own_template = tokenizer.chat_template
+    think = think_prefix(tokenizer, cfg.think_prefix)
+    if think.appended:
+        tokenizer.chat_template = template_appending(own_template, think.appended)
+    return think.appended, own_template
 
 
 class Config(RolloutConfig):
@@ -160,7 +176,8 @@ def train(cfg: Config, inputs, out) -> dict:
     card = model_card(cfg, out.name, trained="trained by on-policy self-distillation (OPSD) in", batch_unit=" prompts",
                       facts=[f"base model: `{cfg.model}`", f"training data: step `{cfg.input}`", teacher,
                              rollouts_fact(cfg)])
-    stats = train_and_save(trainer, cfg, out, card, **data_stats)
+    stats = train_and_save(trainer, cfg, out, card, chat_template=trainer.own_chat_template,
+                           **data_stats)
     return {**stats, **logged_stats(trainer.state.log_history)}
 
 
@@ -178,7 +195,9 @@ def build_trainer(cfg: Config, inputs, out):
         raise UserError(f"opsd: model {cfg.model!r} is a LoRA adapter; merge it first (a merge step) and give the "
                         "merged model, so the frozen teacher is well defined")
     tokenizer = load_tokenizer(cfg, model_path)
+    think, own_template = prompt_with_think_prefix(tokenizer, cfg)
     rows, data_stats = opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)
+    data_stats.update(template_check_rows(rows, cfg, tokenizer), think_prefix=think)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
     args = SDFTConfig(
@@ -207,9 +226,25 @@ def build_trainer(cfg: Config, inputs, out):
                              leak_ngram=cfg.leak_ngram)
     # The teacher prompt is the longest; TRL would cut it from the left (losing the problem), so drop instead.
     trainer.train_dataset = drop_overlong_teacher_prompts(trainer, rows, cfg)
+    trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
     data_stats["dropped_truncated"] = len(rows) - len(trainer.train_dataset)
     data_stats["rows"] = len(trainer.train_dataset)
     return trainer, data_stats
+
+
+def template_check(cfg: Config, inputs, tokenizer) -> dict:
+    """The teacher's prompt of every row renders as the student's but for the privileged context
+    (`pipeline.template_check`), with the think prefix the rollouts get."""
+    prompt_with_think_prefix(tokenizer, cfg)
+    return template_check_rows(opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)[0], cfg, tokenizer)
+
+
+def template_check_rows(rows, cfg: Config, tokenizer) -> dict:
+    from pipeline.template_check import check_teacher_prompts, teacher_prompt
+
+    pairs = ((f"row {i}", row["prompt"], teacher_prompt(row["prompt"], row["privileged_context"], cfg.teacher_template))
+             for i, row in enumerate(rows))
+    return check_teacher_prompts(tokenizer, pairs, step=cfg.uses, dataset=cfg.input, model_ref=cfg.model)
 
 
 def opsd_dataset(dataset, cfg: Config, dataset_name: str):

@@ -9,7 +9,8 @@ Samples over the length limits are left out before pairing. In a `--dry-run`, if
 problem's first two samples stand in as chosen and rejected (whatever their labels) so that REDI after it still runs.
 
 Output: `id`, `prompt` (the chat messages sampled from), `chosen` and `rejected` ([assistant message],
-starting with the sample's think prefix if it had one).
+starting with the sample's think prefix if it had one), and how the chosen trace was sampled (`think_prefix`,
+`prompt_text`, `sampled_by`, where the samples record them; see `select`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pydantic import Field, model_validator
 
 from eval.answers import GRADED
 from pipeline.steps import StepConfig, require_columns
-from pipeline.steps.select import assistant_texts, rows_by_problem, token_counter, warn_dry_run_stand_ins
+from pipeline.steps.select import (SAMPLING_COLUMNS, assistant_texts, rows_by_problem, sampling_columns,
+                                   sampling_features, token_counter, warn_dry_run_stand_ins)
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
 REJECTABLE_LABELS = tuple(label for label in GRADED if label != "correct")  # incorrect, no_answer, truncated
@@ -61,6 +63,7 @@ class Config(StepConfig):
 
     path_fields: ClassVar = ()
     uses_seed: ClassVar = False
+    code_version: ClassVar = "2"  # carries the sampling columns (think_prefix, prompt_text, sampled_by)
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []
@@ -71,7 +74,7 @@ def run(cfg: Config, inputs, out):
 
     graded = inputs[cfg.input].dataset()
     require_columns(graded, REQUIRED_COLUMNS, step="pairs", source=cfg.input, reads="the output of a verify step")
-    optional = [c for c in ("think_prefix",) if c in graded.column_names]
+    optional = [c for c in SAMPLING_COLUMNS if c in graded.column_names]
     columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
     ids, labels, sample_idx = columns["id"], columns["label"], columns["sample_idx"]
     texts = assistant_texts(columns)
@@ -116,9 +119,11 @@ def run(cfg: Config, inputs, out):
         "prompt": [list(columns["prompt"][chosen]) for _, chosen, _ in pairs],
         "chosen": [message(chosen) for _, chosen, _ in pairs],
         "rejected": [message(rejected) for _, _, rejected in pairs],
+        **sampling_columns(columns, [chosen for _, chosen, _ in pairs]),
     }
     messages = graded.features["prompt"]
-    features = Features({"id": graded.features["id"], "prompt": messages, "chosen": messages, "rejected": messages})
+    features = Features({"id": graded.features["id"], "prompt": messages, "chosen": messages, "rejected": messages,
+                         **sampling_features(graded.features)})
     return out.write_dataset(
         Dataset.from_dict(data, features=features),
         samples_in=len(ids),

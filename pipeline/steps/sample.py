@@ -2,9 +2,15 @@
 `samples` contract.
 
 Each problem row comes out n times, contiguous and in input order, with all its columns plus
-`sample_idx`, `prompt` (the chat messages sent), `completion`, `finish_reason`, `prompt_tokens`,
-`completion_tokens`, `model` (the reference as the recipe wrote it) and `think_prefix` (text the prompt
-ended with that the completion continues; verify and select read it).
+`sample_idx`, `prompt` (the chat messages sent), `prompt_text` (the prompt as the model read it: the chat
+template's rendering plus the think prefix; null with `backend: openai`, where the server renders it),
+`completion`, `reasoning` and `response` (the completion's think span and what follows it, see
+`pipeline.chat.split_reasoning`), `finish_reason`, `prompt_tokens`, `completion_tokens`, `model` (the reference
+as the recipe wrote it) and `think_prefix` (text the completion continues: the prefix appended to the prompt, or
+the `<think>\n` the chat template wrote itself; verify, select and the training checks read it).
+
+The think prefix comes from the model's chat template (`pipeline.chat.think_prefix`, the same rule as `evaluate`,
+`opsd` and `onpolicy`) unless `think_prefix` is set.
 
 Resume: problems are generated in chunks of `chunk_size`; each finished chunk is written atomically as
 a shard into the step's scratch dir, so after a kill (even -9) a re-run generates only the chunks that
@@ -23,8 +29,11 @@ token where the rounding tips a draw (float32 weights did not, in our measuremen
 one request per sample with at most `max_concurrency` in flight, and saves the same shards as chunks
 finish; the API key comes from the environment variable named by `api_key_env` and is written nowhere.
 A think prefix cannot be forced through the chat completions API, so that backend refuses `think_prefix`:
-a server whose chat template opens `<think>` itself (R1 distills under `vllm serve`) needs none, and the
-completion then holds the whole reasoning.
+a server whose chat template opens `<think>` itself (R1 distills under `vllm serve`) needs none. A server that
+parses the reasoning out (the DeepSeek API; `vllm serve --reasoning-parser ...`) returns it in
+`reasoning_content` or `reasoning`: the completion is then `<think>\n{reasoning}\n</think>\n\n{content}`, and a
+reply cut off while still reasoning keeps its think span open, so it grades as truncated. A reply whose text
+closes `</think>` without opening it (the template opened it in the prompt) gets the opener back.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ from pipeline.errors import UserError
 from pipeline.steps import StepConfig
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-SAMPLE_COLUMNS = ("sample_idx", "prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens",
-                  "model", "think_prefix")
+SAMPLE_COLUMNS = ("sample_idx", "prompt", "prompt_text", "completion", "reasoning", "response", "finish_reason",
+                  "prompt_tokens", "completion_tokens", "model", "think_prefix")
 SHARD_DIR = "shards"
 # {name} placeholders; braces holding anything else ("\boxed{}", "\frac{a}{b}") stay as written.
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -81,9 +90,10 @@ class Config(StepConfig):
     system_prompt: str | None = Field(
         default=None, description="System message sent before the user message; none if unset "
                                   "(the model's chat template may add its own default).")
-    think_prefix: str = Field(
-        default="", description="Text appended after the chat template's generation prompt, e.g. '<think>\\n' "
-                                "for R1-style models. It is part of the prompt, not of the completion.")
+    think_prefix: str | None = Field(
+        default=None, description="Text appended after the chat template's generation prompt, e.g. '<think>\\n' "
+                                  "for R1-style models; part of the prompt, not of the completion. null: from the "
+                                  "model's chat template ('<think>\\n' when it expects the reply to open it).")
     max_model_len: int | None = Field(
         default=None, ge=1, description="Longest prompt + completion in tokens; default: the model's own limit.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -107,7 +117,9 @@ class Config(StepConfig):
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
     path_fields: ClassVar = ()
     libraries: ClassVar = ("vllm", "torch", "transformers")
-    code_version: ClassVar = "2"  # one seeded request per sample (was: an engine seed per chunk)
+    # 2: one seeded request per sample (was: an engine seed per chunk). 3: think prefix from the chat template,
+    # reasoning returned apart kept in the completion, prompt_text / reasoning / response columns.
+    code_version: ClassVar = "3"
 
     def model_refs(self) -> list[str]:
         return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
@@ -144,12 +156,22 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from tqdm.auto import tqdm
 
+    from pipeline import chat
     from pipeline.generation import Completion, chunk_ranges, generate, generate_openai
     from pipeline.models import resolve_model
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
     prompts = [chat_messages(cfg, row) for row in problems]
+    if cfg.backend == "vllm":
+        from transformers import AutoTokenizer
+
+        model_path = resolve_model(cfg.model, inputs)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        think = chat.think_prefix(tokenizer, cfg.think_prefix)
+        prompt_texts = [chat.generation_prompt(tokenizer, p) + think.appended for p in prompts]
+    else:  # the server renders the prompt; what it appends is its template's business
+        think, prompt_texts = chat.ThinkPrefix("", ""), [None] * len(prompts)
     ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
     chunks = chunk_ranges([len(ids)], cfg.chunk_size)
     chunk_ids = [ids[rows.start:rows.stop] for rows in chunks]
@@ -178,8 +200,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                 max_retries=cfg.max_retries, request_timeout=cfg.request_timeout, **sampling)
         else:
             generations = generate(
-                resolve_model(cfg.model, inputs), prompts, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                think_prefix=cfg.think_prefix, tensor_parallel_size=cfg.tensor_parallel_size,
+                model_path, prompts, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+                think_prefix=think.appended, tensor_parallel_size=cfg.tensor_parallel_size,
                 data_parallel_size=cfg.data_parallel_size,
                 distributed_executor_backend=cfg.distributed_executor_backend, **sampling)
     seconds = time.perf_counter() - started
@@ -187,15 +209,20 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
     completions = [c for samples_of_problem in per_problem for c in samples_of_problem]
     samples = problems.select([row for row in range(len(problems)) for _ in range(cfg.n)])
+    reasoning, response = zip(*(chat.split_reasoning(think.completion_prefix + c["text"]) for c in completions)) \
+        if completions else ((), ())
     new_columns = {
         "sample_idx": [i for _ in range(len(problems)) for i in range(cfg.n)],
         "prompt": [p for p in prompts for _ in range(cfg.n)],
+        "prompt_text": [t for t in prompt_texts for _ in range(cfg.n)],
         "completion": [c["text"] for c in completions],
+        "reasoning": list(reasoning),
+        "response": list(response),
         "finish_reason": [c["finish_reason"] for c in completions],
         "prompt_tokens": [c["prompt_tokens"] for c in completions],
         "completion_tokens": [c["completion_tokens"] for c in completions],
         "model": [cfg.model] * len(completions),
-        "think_prefix": [cfg.think_prefix] * len(completions),
+        "think_prefix": [think.completion_prefix] * len(completions),
     }
     for name, values in new_columns.items():
         samples = samples.add_column(name, values)

@@ -1,7 +1,10 @@
 """`select`: graded samples -> SFT data, verified traces in TRL's conversational format.
 
 Reads the graded dataset (samples + `correct`) and writes `id` and `messages` = the prompt the sample
-was generated from + the assistant's completion. Policies, per problem, over its correct samples:
+was generated from + the assistant's completion, and, where the samples record them, how the trace was sampled
+(`SAMPLING_COLUMNS`: the think prefix, the prompt text the model read, and the model as `sampled_by`), which the
+training steps' template check compares with the prompt they train on. Policies, per problem, over its correct
+samples:
 
     first_correct   the one with the lowest sample_idx (the REDI paper's stage-1 choice)
     all_correct     all of them, in sample_idx order
@@ -24,6 +27,8 @@ from pydantic import Field, model_validator
 from pipeline.steps import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
+# Sample columns carried into training data (as named here): how each trace was sampled.
+SAMPLING_COLUMNS = {"think_prefix": "think_prefix", "prompt_text": "prompt_text", "model": "sampled_by"}
 
 
 class Config(StepConfig):
@@ -54,6 +59,7 @@ class Config(StepConfig):
 
     path_fields: ClassVar = ()
     uses_seed: ClassVar = False
+    code_version: ClassVar = "2"  # carries the sampling columns (think_prefix, prompt_text, sampled_by)
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []
@@ -81,7 +87,7 @@ def run(cfg: Config, inputs, out):
     graded = inputs[cfg.input].dataset()
     require_columns(graded, REQUIRED_COLUMNS, step="select", source=cfg.input, reads="the output of a verify step")
 
-    optional = [c for c in ("think_prefix", "completion_tokens") if c in graded.column_names]
+    optional = [c for c in ("completion_tokens", *SAMPLING_COLUMNS) if c in graded.column_names]
     columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
     ids, sample_idx = columns["id"], columns["sample_idx"]
     texts = assistant_texts(columns)
@@ -115,9 +121,11 @@ def run(cfg: Config, inputs, out):
         "id": [ids[row] for row in kept_rows],
         "messages": [list(columns["prompt"][row]) + [{"role": "assistant", "content": texts[row]}]
                      for row in kept_rows],
+        **sampling_columns(columns, kept_rows),
     }
     # Explicit features so that a selection with no rows still has the right schema.
-    features = Features({"id": graded.features["id"], "messages": graded.features["prompt"]})
+    features = Features({"id": graded.features["id"], "messages": graded.features["prompt"],
+                         **sampling_features(graded.features)})
     return out.write_dataset(
         Dataset.from_dict(selected, features=features),
         samples_in=len(ids),
@@ -126,6 +134,16 @@ def run(cfg: Config, inputs, out):
         **({"dropped_too_long": too_long} if cfg.max_tokens is not None else {}),
         **({"dry_run_stand_ins": len(kept_rows)} if dry_run_stand_ins else {}),
     )
+
+
+def sampling_columns(columns: dict, rows: list[int]) -> dict:
+    """The `SAMPLING_COLUMNS` the samples have, for `rows`, under their training-data names."""
+    return {name: [columns[column][row] for row in rows] for column, name in SAMPLING_COLUMNS.items()
+            if column in columns}
+
+
+def sampling_features(features) -> dict:
+    return {name: features[column] for column, name in SAMPLING_COLUMNS.items() if column in features}
 
 
 def rows_by_problem(ids: list, sample_idx: list[int]) -> dict:

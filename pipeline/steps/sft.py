@@ -10,6 +10,10 @@ than `max_length` are dropped before tokenization and counted (`dropped_truncate
 distinct from eos; a batch without a single trained token stops the run instead of adding a silent zero loss.
 Checkpoints go to the step's scratch dir; a killed step resumes from the last one.
 
+Before the model is loaded, every row goes through `pipeline.template_check` with the tokenizer and chat template the
+trainer uses (think spans kept, the loss mask exactly the completion and its end of turn, the prompt the one the model
+generates from); a row that would train wrongly stops the step with exit code 2, naming it.
+
 What every training step shares (`TrainingConfig`, the Trainer arguments, resume and save, the model card, and the
 `accelerate launch` path for several GPUs) is in `pipeline.training`.
 
@@ -66,6 +70,7 @@ def build_trainer(cfg: Config, inputs, out):
     model_path = resolve_model(cfg.model, inputs)
     tokenizer = load_tokenizer(cfg, model_path)
     conversations = prompt_completion_dataset(inputs[cfg.input].dataset(), cfg.input)
+    checked = template_check(cfg, inputs, tokenizer)
     train_data = drop_overlong(conversations, tokenizer, cfg, ("completion",), cfg.input)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
@@ -87,7 +92,16 @@ def build_trainer(cfg: Config, inputs, out):
             f"sft: {missing_eos} row(s) of dataset {cfg.input!r} have no eos token {tokenizer.eos_token!r} in their "
             f"trained tokens; check that the chat template of {cfg.model!r} ends an assistant turn with eos"
         )
-    return trainer, {"rows": len(train_data), "dropped_truncated": len(conversations) - len(train_data)}
+    return trainer, {"rows": len(train_data), "dropped_truncated": len(conversations) - len(train_data), **checked}
+
+
+def template_check(cfg: Config, inputs, tokenizer) -> dict:
+    """Every row through the chat template as the trainer will tokenize it (`pipeline.template_check`)."""
+    from pipeline.chat import think_prefix
+    from pipeline.template_check import check_rows, training_rows
+
+    return check_rows(tokenizer, training_rows(inputs[cfg.input].dataset()), step=cfg.uses, dataset=cfg.input,
+                      think=think_prefix(tokenizer), model_ref=cfg.model)
 
 
 @functools.cache
