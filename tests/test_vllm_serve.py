@@ -37,7 +37,8 @@ def start_server(model_dir, *extra, timeout_s=600):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+            errors = [line for line in process.stderr.read().splitlines() if "Error" in line]
+            raise RuntimeError(f"vllm serve exited with {process.returncode}: {errors[-5:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
@@ -81,11 +82,27 @@ def test_plain_vllm_server_seeded_samples(tmp_path):
     assert sample_seed(7, "q0", 0) != sample_seed(7, "q0", 1)
 
 
+def with_think_tokens(model_dir, dest):
+    """builtin:tiny-random with <think> and </think> as tokens of their own, as reasoning models have them (vLLM's
+    reasoning parsers look their ids up)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
 @pytest.mark.slow
 def test_vllm_server_with_a_reasoning_parser_keeps_the_reasoning(tmp_path):
     # deepseek_r1: text before </think> is reasoning; random weights never close it, so every reply is cut off
     # while reasoning and the server returns no content at all
-    process, base_url = start_server(resolve_model("builtin:tiny-random"), "--reasoning-parser", "deepseek_r1")
+    model_dir = with_think_tokens(resolve_model("builtin:tiny-random"), tmp_path / "thinking-tiny")
+    process, base_url = start_server(model_dir, "--reasoning-parser", "deepseek_r1")
     try:
         samples = run_sample(tmp_path, base_url, "reasoning")
     finally:
