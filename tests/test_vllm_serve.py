@@ -4,6 +4,7 @@ from the content. Slow: each server takes about a minute to start on two cores."
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,9 @@ def start_server(model_dir, *extra, timeout_s=600):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
                "--max-model-len", "512", "--no-enable-chunked-prefill", *extra]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its own process group: the server starts an engine-core process and workers, which must all go with it
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
@@ -45,8 +48,17 @@ def start_server(model_dir, *extra, timeout_s=600):
                     return process, f"http://127.0.0.1:{port}/v1"
         except OSError:
             time.sleep(2)
-    process.kill()
+    stop_server(process)
     raise RuntimeError("vllm serve did not answer /health in time")
+
+
+def stop_server(process) -> None:
+    """Kill the server and every process it started (they share its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def run_sample(tmp_path, base_url, name):
@@ -70,8 +82,7 @@ def test_plain_vllm_server_seeded_samples(tmp_path):
         first = run_sample(tmp_path, base_url, "first")
         again = run_sample(tmp_path, base_url, "again")
     finally:
-        process.kill()
-        process.wait()
+        stop_server(process)
     assert first["id"] == [p["id"] for p in PROBLEMS for _ in range(2)] and first["sample_idx"] == [0, 1] * 3
     assert all(1 <= tokens <= 8 for tokens in first["completion_tokens"])
     assert set(first["finish_reason"]) <= {"stop", "length"} and all(first["completion"])
@@ -106,8 +117,7 @@ def test_vllm_server_with_a_reasoning_parser_keeps_the_reasoning(tmp_path):
     try:
         samples = run_sample(tmp_path, base_url, "reasoning")
     finally:
-        process.kill()
-        process.wait()
+        stop_server(process)
     assert set(samples["finish_reason"]) == {"length"}
     for completion, reasoning, response in zip(samples["completion"], samples["reasoning"], samples["response"]):
         assert completion.startswith("<think>\n") and "</think>" not in completion  # kept open: truncated
