@@ -69,7 +69,7 @@ def test_trainer_loss_is_the_formula_in_one_forward_without_a_reference(pairs, t
     # fp32, so the trainer's loss can be compared with a hand computation to 1e-4
     trainer, data_stats, _ = redi.build_trainer(config(lora=None, bf16=False), {"pairs": pairs}, output(tmp_path))
     assert trainer.ref_model is None and not trainer.is_peft  # full fine-tuning, and still no reference model
-    assert data_stats == {"rows": 8, "dropped_truncated": 0}
+    assert (data_stats["rows"], data_stats["dropped_truncated"]) == (8, 0)
     model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
@@ -185,3 +185,185 @@ def test_an_adapter_model_with_new_lora_settings_is_refused(pairs, sft_adapter, 
     with pytest.raises(UserError, match="is a LoRA adapter"):
         redi.build_trainer(config(model="step:sft", lora={"r": 4}), {"pairs": pairs, "sft": sft_adapter},
                            output(tmp_path))
+
+
+# ---- long traces: the completion log-probs in chunks (pipeline.token_logprobs) -------------------------------------
+
+
+def full_logits_logprobs(hidden, weight, bias, labels):
+    """The unchunked computation: log_softmax of the full logits, gathered at the labels, 0 where labels is -100."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    gathered = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return gathered * (labels != -100)
+
+
+def random_head_inputs(with_bias, rows=3, length=10, hidden_size=16, vocab=50):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, length, hidden_size, generator=generator, requires_grad=True)
+    weight = (0.5 * torch.randn(vocab, hidden_size, generator=generator)).requires_grad_()
+    bias = torch.randn(vocab, generator=generator, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, vocab, (rows, length), generator=generator)
+    labels[0, :4] = -100  # a prompt
+    labels[2, -2:] = -100  # padding
+    upstream = torch.randn(rows, length, generator=generator)  # weights each log-prob's gradient differently
+    return hidden, weight, bias, labels, upstream
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 5, 7, 100])  # 24 scored positions: divided, not divided, one chunk
+def test_chunked_logprobs_and_gradients_equal_the_full_logits(chunk_size, with_bias):
+    from pipeline.token_logprobs import token_logprobs
+
+    hidden, weight, bias, labels, upstream = random_head_inputs(with_bias)
+    assert (labels != -100).sum() == 24
+    params = [hidden, weight] + ([bias] if with_bias else [])
+
+    chunked = token_logprobs(hidden, weight, bias, labels, chunk_size)
+    chunked_grads = torch.autograd.grad((chunked * upstream).sum(), params)
+    full = full_logits_logprobs(hidden, weight, bias, labels)
+    full_grads = torch.autograd.grad((full * upstream).sum(), params)
+
+    assert chunked.dtype == torch.float32 and chunked.shape == labels.shape
+    assert torch.all(chunked[labels == -100] == 0)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    for chunked_grad, full_grad in zip(chunked_grads, full_grads):
+        assert full_grad.abs().max() > 0.1  # gradients large enough for a 1e-5 tolerance to mean something
+        torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=0)
+    assert torch.all(chunked_grads[0][labels == -100] == 0)  # unscored positions get no gradient
+
+
+def test_chunked_logprobs_never_hold_the_logits_of_every_position():
+    """No tensor made in forward or backward is as large as the logits of all scored positions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.token_logprobs import token_logprobs
+
+    class LargestOutput(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(tensor, torch.Tensor):
+                    self.numel = max(self.numel, tensor.numel())
+            return result
+
+    hidden, weight, bias, labels, upstream = random_head_inputs(False, rows=4, length=32, vocab=2000)
+    scored, chunk_size = int((labels != -100).sum()), 8
+    for compute, chunk_bound in ((lambda: token_logprobs(hidden, weight, None, labels, chunk_size), True),
+                                 (lambda: full_logits_logprobs(hidden, weight, None, labels), False)):
+        with LargestOutput() as largest:
+            (compute() * upstream).sum().backward()
+        if chunk_bound:  # a chunk's logits, or the weight's gradient
+            assert largest.numel <= max(chunk_size * weight.shape[0], weight.numel())
+        else:  # the check can fail: the unchunked computation makes the logits of every position (and more)
+            assert largest.numel >= scored * weight.shape[0]
+
+
+def test_chunked_logprobs_under_bf16_autocast():
+    from pipeline.token_logprobs import token_logprobs
+
+    hidden, weight, bias, labels, upstream = random_head_inputs(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = token_logprobs(hidden, weight, bias, labels, chunk_size=5)
+        full = full_logits_logprobs(hidden, weight, bias, labels)  # the model's own head: bf16 logits
+    chunked_grads = torch.autograd.grad((chunked * upstream).sum(), [hidden, weight, bias])
+    full_grads = torch.autograd.grad((full * upstream).sum(), [hidden, weight, bias])
+    exact = full_logits_logprobs(hidden, weight, bias, labels)  # float32
+
+    assert chunked.dtype == torch.float32
+    assert [grad.dtype for grad in chunked_grads] == [torch.float32] * 3
+    # The projection ran in bf16 like the model's own head (off float32 by bf16 rounding), the rest in float32.
+    assert 1e-4 < (chunked - exact).abs().max() < 0.1
+    torch.testing.assert_close(chunked, full, atol=0.05, rtol=0)
+    for chunked_grad, full_grad in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(chunked_grad, full_grad, atol=0.05, rtol=0.02)
+
+
+def test_heads_the_chunks_would_get_wrong_are_refused():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    add_token_logprob_forward(LlamaForCausalLM(config))
+    with_head_adapter = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(UnsupportedHead, match="peft.*not a plain torch.nn.Linear"):  # its LoRA would be skipped
+        add_token_logprob_forward(with_head_adapter.get_base_model())
+    config.final_logit_softcapping = 30.0  # Gemma 2's logits: 30 * tanh(logits / 30)
+    with pytest.raises(UnsupportedHead, match="final_logit_softcapping=30.0"):
+        add_token_logprob_forward(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_path, monkeypatch, lora):
+    # 7 positions per chunk: the completions' token counts are not multiples of it, and each spans several chunks.
+    monkeypatch.setattr(redi, "LOGPROB_CHUNK_SIZE", 7)
+    trainer, _, _ = redi.build_trainer(config(lora=lora, bf16=False), {"pairs": pairs}, output(tmp_path))
+    model = trainer.model
+    base = model.get_base_model() if trainer.is_peft else model
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied: both uses add up
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+    loss = trainer.compute_loss(model, batch)
+    chunked_grads = torch.autograd.grad(loss, [param for _, param in trained])
+
+    # The old way: the model's own forward, full logits, log-softmax, gathered; the REDI formula on top.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logps, lengths = (token_logps * (labels != -100)).sum(1), (labels != -100).sum(1)
+    assert lengths.max() > 2 * 7
+    expected = redi.redi_loss(logps[:4], lengths[:4], logps[4:], lengths[4:], alpha=0.8)
+    full_grads = torch.autograd.grad(expected, [param for _, param in trained])
+
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    largest = max(grad.abs().max() for grad in full_grads)
+    assert largest > 1e-2
+    for (name, _), chunked_grad, full_grad in zip(trained, chunked_grads, full_grads):
+        torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+def test_an_adapter_on_the_output_head_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="leave lm_head out of target_modules"):
+        config(lora={"r": 4, "target_modules": ["q_proj", "lm_head"]})
+    config(lora={"r": 4, "target_modules": "all-linear"})  # every linear layer but the head
+
+
+@pytest.mark.filterwarnings("ignore:`use_liger_kernel=True` is deprecated:FutureWarning")  # TRL's, on every use
+def test_use_liger_kernel_trains_the_redi_loss(pairs, tmp_path, monkeypatch):
+    """With use_liger_kernel, Liger's kernels go into the layers and the loss optimised is still REDI's: DPOTrainer
+    keeps Liger's fused linear cross-entropy off, and no DPO loss is computed."""
+    import transformers.trainer
+    import transformers.utils
+
+    with pytest.raises(UserError, match="redi: use_liger_kernel needs the liger-kernel package"):
+        redi.build_trainer(config(lora=None, use_liger_kernel=True), {"pairs": pairs}, output(tmp_path, "missing"))
+
+    applied = []  # liger-kernel's Triton kernels need a GPU: here the Trainer's call to apply them is recorded
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: applied.append(config))
+    cfg = config(lora=None, bf16=False, use_liger_kernel=True, batch_size=8, max_steps=1)
+    trainer, _, _ = redi.build_trainer(cfg, {"pairs": pairs}, output(tmp_path))
+    assert trainer.args.use_liger_kernel
+
+    # The REDI loss of all 8 pairs (the one step's batch) before the step, from full logits.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logps, lengths = (token_logps * (labels != -100)).sum(1), (labels != -100).sum(1)
+    expected = redi.redi_loss(logps[:8], lengths[:8], logps[8:], lengths[8:], alpha=0.8).item()
+    dpo_loss = -torch.nn.functional.logsigmoid(torch.tensor(0.0)).item()  # DPO's loss at the start: log 2
+
+    trainer.train()
+    assert applied == [{"fused_linear_cross_entropy": False}]
+    logged = trainer.state.log_history[0]
+    assert logged["loss"] == pytest.approx(expected, abs=2e-4) and abs(expected - dpo_loss) > 0.1
+    assert "redi/margin" in logged and not any(key.startswith("rewards/") for key in logged)

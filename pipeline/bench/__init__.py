@@ -5,7 +5,7 @@
     verify   the grading pool with 1 and 2 workers, graded samples/s on MATH-500/GSM8K completions, clean and with
              5% pathological ones; and on 10k-100k-character teacher-like traces, ours vs plain math-verify
     train    SFT tokens/s packed and padding-free vs padded, on log-normal lengths; REDI vs TRL's DPO with a
-             reference model, peak memory
+             reference model, peak memory; with --lengths, REDI vs DPO+ref on long pairs, length by length
     cache    a finished recipe re-run in a fresh process, wall seconds
     decode   matmul GFLOP/s and copy GB/s on this machine: the bounds on decode tokens/s (`sample` includes it)
 
@@ -103,6 +103,19 @@ def child_main(cases: dict) -> None:
     stdout.flush()
 
 
+def token_lengths(text: str) -> list[int]:
+    """`--lengths 512,1024`: increasing token counts, each at least 128 (room for the prompt and template)."""
+    import argparse
+
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated token counts: {text!r}") from None
+    if sorted(set(lengths)) != lengths or lengths[0] < 128:
+        raise argparse.ArgumentTypeError(f"lengths must increase and be at least 128: {text!r}")
+    return lengths
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="+", choices=[*BENCHMARKS, "all"], metavar="{sample,verify,train,cache,"
                         "decode,all}", help="benchmarks to run (all: every one)")
@@ -121,6 +134,10 @@ def add_arguments(parser) -> None:
     train.add_argument("--rows", type=int, default=64, help="log-normal-length rows (pairs / conversations)")
     train.add_argument("--batch-size", type=int, default=4, help="rows per training step")
     train.add_argument("--max-length", type=int, default=1024, help="longest training row in tokens")
+    train.add_argument("--lengths", type=token_lengths, metavar="N,N,...",
+                       help="instead of the default cases: REDI vs DPO+ref peak memory on pairs of each of these "
+                       "lengths in tokens (chosen and rejected each), batch 1, e.g. 512,1024,2048,4096")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="train every case with it")
     cache = parser.add_argument_group("cache")
     cache.add_argument("--recipe", default="recipes/smoke.yaml", help="recipe to run, then re-run from cache")
     decode = parser.add_argument_group("decode")

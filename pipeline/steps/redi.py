@@ -8,19 +8,29 @@ where log pi(y|x) sums the completion's token log-probs and |y| is that completi
 prompt excluded). It is reference-free: no reference model is loaded and no reference forward ever runs.
 
 Built on TRL's DPOTrainer, which gives the preference-data tokenization (chat template, prompt/completion split), the
-collator that stacks [chosen; rejected] so both are scored in one forward pass, the fused log-prob head, peft and
-DeepSpeed/FSDP handling. `RediTrainer` replaces its loss: the policy's log-probs only. For a full fine-tune TRL would
-load a reference copy of the model unless reference log-probs are "precomputed"; the step sets that flag and the
-trainer's precompute does nothing (under FSDP, where TRL would still load the copy for that precompute, the load is
-replaced by none). Logged each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean
-length-normalised log-probs) and `redi/margin` (their difference).
+collator that stacks [chosen; rejected] so both are scored in one forward pass, peft and DeepSpeed/FSDP handling.
+`RediTrainer` replaces its loss: the policy's log-probs only. For a full fine-tune TRL would load a reference copy of
+the model unless reference log-probs are "precomputed"; the step sets that flag and the trainer's precompute does
+nothing (under FSDP, where TRL would still load the copy for that precompute, the load is replaced by none). Logged
+each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean length-normalised log-probs) and `redi/margin`
+(their difference).
+
+Long traces: the completion tokens' log-probs come from `pipeline.token_logprobs`, which projects the final hidden
+states onto the vocabulary `LOGPROB_CHUNK_SIZE` positions at a time and recomputes each chunk in backward, so no
+full-vocabulary logits of the whole sequence ever exist, and prompt and padding positions are not projected at all.
+TRL's fused LM head (what DPOTrainer uses) tiles too, but in 4,096-position x 32,768-entry tiles, scores every
+position where Triton is missing, and there its torch fallback holds ~4 GiB of tile temporaries in backward. What
+remains and grows with the length is the transformer's own activations: `gradient_checkpointing` bounds those (see
+BENCHMARKS.md, "REDI on long pairs"). `use_liger_kernel` swaps Liger's kernels into the layers only: DPOTrainer turns
+Liger's fused linear cross-entropy off, and REDI's log-probs never go through the model's head module anyway.
 
 Input: TRL preference data, `id`, `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), as
 the `pairs` step writes. Pairs with a side longer than `max_length` are dropped and counted, never cut.
 
 Model: usually `step:<sft step>`. When that is a LoRA adapter, the adapter is loaded onto its base model and trained
 further (`lora` must then be unset); the output is again an adapter on the same base, which `merge` folds in. A full
-model is trained in full (`lora: null`, the default) or gets a new adapter (`lora: {r: ...}`).
+model is trained in full (`lora: null`, the default) or gets a new adapter (`lora: {r: ...}`). An adapter on the
+output head itself (lm_head in its target modules) is refused: the chunked log-probs use the head's own weight.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import functools
 import json
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.errors import UserError
 from pipeline.steps import require_columns
@@ -37,6 +47,9 @@ from pipeline.training import (LoraSettings, TrainingConfig, drop_overlong, load
                                train_and_save, train_here_or_launch, training_arguments)
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
+# Positions whose full-vocabulary logits exist at once (pipeline.token_logprobs): 192 MiB of float32 logits per copy
+# at SmolLM2's 49,152 entries, a few copies at a time; more positions per chunk are fewer, larger matrix products.
+LOGPROB_CHUNK_SIZE = 1024
 
 
 class Config(TrainingConfig):
@@ -54,6 +67,19 @@ class Config(TrainingConfig):
     learning_rate: float = Field(default=1e-6, gt=0, description="Peak learning rate (paper: 1e-6, full fine-tuning).")
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
     batch_size: int = Field(default=4, ge=1, description="Pairs per device per forward pass (2 sequences each).")
+
+    @field_validator("lora")
+    @classmethod
+    def _no_adapter_on_the_head(cls, lora: LoraSettings | None) -> LoraSettings | None:
+        # TRL and pipeline.token_logprobs refuse any adapter on the head when the trainer is built; this names the
+        # usual way in, before anything runs.
+        if lora is not None:
+            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+            if "lm_head" in targets:
+                raise ValueError("redi cannot train an adapter on the output head: its log-probs are computed in "
+                                 "chunks from lm_head's own weight (pipeline.token_logprobs); leave lm_head out of "
+                                 "target_modules")
+        return lora
 
 
 def redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, alpha: float = 0.8):
@@ -98,6 +124,7 @@ def build_trainer(cfg: Config, inputs, out):
     model_path = resolve_model(cfg.model, inputs)
     tokenizer = load_tokenizer(cfg, model_path)
     pairs = preference_dataset(inputs[cfg.input].dataset(), cfg.input)
+    checked = template_check(cfg, inputs, tokenizer)
     train_data = drop_overlong(pairs, tokenizer, cfg, ("chosen", "rejected"), cfg.input)
 
     adapter_dir = Path(model_path) if (Path(model_path) / "adapter_config.json").exists() else None
@@ -138,7 +165,17 @@ def build_trainer(cfg: Config, inputs, out):
     if missing_eos:
         raise UserError(f"redi: {missing_eos} pair(s) of dataset {cfg.input!r} have a completion without the eos token "
                         f"{tokenizer.eos_token!r}; check that the chat template ends an assistant turn with eos")
-    return trainer, {"rows": len(train_data), "dropped_truncated": len(pairs) - len(train_data)}, lineage
+    return trainer, {"rows": len(train_data), "dropped_truncated": len(pairs) - len(train_data), **checked}, lineage
+
+
+def template_check(cfg: Config, inputs, tokenizer) -> dict:
+    """Both completions of every pair through the chat template as the trainer will tokenize them
+    (`pipeline.template_check`)."""
+    from pipeline.chat import think_prefix
+    from pipeline.template_check import check_rows, training_rows
+
+    return check_rows(tokenizer, training_rows(inputs[cfg.input].dataset(), ("chosen", "rejected")), step=cfg.uses,
+                      dataset=cfg.input, think=think_prefix(tokenizer), model_ref=cfg.model)
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> None:
@@ -158,6 +195,9 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
 def redi_trainer():
     """The DPOTrainer subclass with the REDI loss; built on first use, so importing this module never imports TRL."""
     from trl import DPOTrainer
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
 
     class RediTrainer(DPOTrainer):
         _tag_names = ["trl", "redi", "distillery"]
@@ -172,6 +212,13 @@ def redi_trainer():
             # there is nothing to precompute; REDI has no reference, so that load is replaced by "no model".
             with mock.patch.object(dpo_module, "create_model_from_path", lambda *args, **kwargs: None):
                 super().__init__(*args, **kwargs)
+            # The completion log-probs in chunks (pipeline.token_logprobs), patched into the model under the peft
+            # wrapper so the call still goes through every wrapper's forward; ZeRO-3 gathers the head's weight for it.
+            try:
+                add_token_logprob_forward(self.model.get_base_model() if self.is_peft else self.model,
+                                          full_params=maybe_gather_lm_head_ctx)
+            except UnsupportedHead as error:
+                raise UserError(f"redi: {error}") from None
 
         @property
         def is_peft(self) -> bool:
@@ -184,13 +231,12 @@ def redi_trainer():
             mode = "train" if self.model.training else "eval"
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            # One forward over [chosen; rejected] (the collator stacks them); log-probs only on completion tokens.
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                            use_cache=False, fused_lm_head=True)
-            shift_mask = completion_mask[:, 1:]
-            per_token_logps = outputs.log_probs[:, -shift_mask.size(1):]
-            logps = (per_token_logps * shift_mask).sum(dim=1)
-            lengths = shift_mask.sum(dim=1)
+            # One forward over [chosen; rejected] (the collator stacks them); log-probs only on completion tokens,
+            # 0 elsewhere.
+            per_token_logps = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    labels=labels, logprob_chunk_size=LOGPROB_CHUNK_SIZE)
+            logps = per_token_logps.sum(dim=1)
+            lengths = completion_mask[:, 1:].sum(dim=1)
             if (lengths == 0).any():
                 raise UserError("redi: a pair has a completion with no tokens left to score")
             chosen_logps, rejected_logps = logps.chunk(2)
@@ -207,7 +253,7 @@ def redi_trainer():
                 self._total_train_tokens += self.accelerator.gather_for_metrics(
                     inputs["attention_mask"].sum()).sum().item()
             metrics["num_tokens"] = [self._total_train_tokens]
-            return (loss, outputs) if return_outputs else loss
+            return (loss, per_token_logps) if return_outputs else loss
 
     return RediTrainer
 
