@@ -79,6 +79,8 @@ def generate(
     chunks: Sequence[range] | None = None,
     skip_chunks: Collection[int] = (),
     on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_samples: Callable[[int], None] | None = None,
 ) -> Generations:
     """Sample `n` completions for each chat prompt with vLLM (`n`: one count for every prompt, or one per prompt).
 
@@ -96,6 +98,10 @@ def generate(
     see `chunk_ranges`), each generated as one batch on the one engine. `on_chunk(c, completions, seconds)`
     is called in this process as chunk c finishes. Chunks in `skip_chunks` (finished by an earlier run) are
     not generated; the returned list holds [] for their prompts.
+
+    `on_phase(text)` is called in this process as the engine moves from one phase to the next: "loading model" (the
+    engine's start-up: vLLM's import, the weights, the KV cache), then "generating"; `on_samples(finished)` as samples
+    of the chunk being generated finish (`finished`: how many so far), so progress shows within a long chunk.
     """
     counts, ids, chunks, todo = _plan(prompts, n, ids, chunks, skip_chunks)
     completions: list[list[Completion]] = [[] for _ in prompts]
@@ -131,6 +137,12 @@ def generate(
                 completions[rows.start:rows.stop] = chunk_completions
                 if on_chunk is not None:
                     on_chunk(chunk, chunk_completions, seconds)
+            elif kind == "phase":
+                if on_phase is not None:
+                    on_phase(payload[0])
+            elif kind == "samples":
+                if on_samples is not None:
+                    on_samples(payload[0])
             elif kind == "error":
                 raise payload[0]
             else:  # done
@@ -174,7 +186,8 @@ def _plan(prompts, n, ids, chunks, skip_chunks) -> tuple[list[int], list[str], l
 
 
 def _child_main(conn, parent_pid: int, request: dict) -> None:
-    """Entry point of the spawned engine process: stream ("chunk", ...) messages, then ("done", ...)."""
+    """Entry point of the spawned engine process: stream ("phase", text), ("samples", finished) and ("chunk", ...)
+    messages, then ("done", ...)."""
     _die_with_parent(parent_pid)
     try:
         _generate_in_this_process(conn, **request)
@@ -204,6 +217,7 @@ def _generate_in_this_process(
     conn, *, model, prompts, counts, ids, seed, think_prefix, sampling, engine, chunks, todo,
 ) -> None:
     """The body of `generate`, run inside the spawned child process."""
+    conn.send(("phase", "loading model"))
     for name, value in engine_env_defaults().items():
         os.environ.setdefault(name, value)
     # vLLM's import trips torch deprecation warnings that say nothing to a pipeline user.
@@ -220,9 +234,11 @@ def _generate_in_this_process(
         **({"enable_chunked_prefill": False} if on_cpu else {}),
     )
     generate_seconds = 0.0
+    finished_samples_bar = _finished_samples_bar(conn)
     try:
         tokenizer = llm.get_tokenizer()
         load_seconds = time.perf_counter() - started
+        conn.send(("phase", "generating"))
         for chunk in todo:
             # Each chunk starts from an empty prefix cache, so it computes from its own requests only (its
             # samples of one prompt still share that prompt's KV): a prefix cached by an earlier chunk was
@@ -238,7 +254,7 @@ def _generate_in_this_process(
                     requests.append(TokensPrompt(prompt_token_ids=token_ids))
                     params.append(SamplingParams(n=1, seed=sample_seed(seed, ids[p], k), **sampling))
             chunk_started = time.perf_counter()
-            outputs = iter(llm.generate(requests, params, use_tqdm=len(todo) == 1))  # in request order
+            outputs = iter(llm.generate(requests, params, use_tqdm=finished_samples_bar))  # in request order
             seconds = time.perf_counter() - chunk_started
             generate_seconds += seconds
             per_prompt = [[_completion(next(outputs)) for _ in range(counts[p])] for p in rows]
@@ -248,6 +264,29 @@ def _generate_in_this_process(
         # leaving it to exit handlers deadlocks: this process waits for the engine, the engine for it.
         llm.llm_engine.engine_core.shutdown()
     conn.send(("done", load_seconds, generate_seconds))
+
+
+def _finished_samples_bar(conn):
+    """A tqdm class for vLLM's `use_tqdm`: a bar drawn nowhere that sends the parent how many samples (requests) of
+    the chunk have finished, for the step's progress row (pipeline.console) to move within a chunk."""
+    from tqdm import tqdm
+
+    class FinishedSamples(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.devnull = open(os.devnull, "w")
+            # on whatever TQDM_DISABLE says: vLLM reads the bar's elapsed time, which a disabled bar does not keep
+            super().__init__(*args, **{**kwargs, "disable": False, "file": self.devnull})
+
+        def close(self):
+            super().close()
+            self.devnull.close()
+
+        def update(self, n=1):
+            shown = super().update(n)
+            conn.send(("samples", self.n))
+            return shown
+
+    return FinishedSamples
 
 
 def _completion(output) -> Completion:

@@ -9,6 +9,9 @@ anything runs.
 
 The runner only ever replaces what it wrote: a directory with a step's name is replaced only if it holds a
 Distillery manifest, and a workdir that is a non-empty directory not made by `distill` is refused.
+
+While a step runs, the console shows its progress row and nothing else (`pipeline.console`): what the step and its
+libraries write goes to `<step>/log.txt` (`.<step>.scratch/log.txt` when it fails); each step ends with one line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import time
 import traceback
@@ -26,19 +30,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline import __version__
 from pipeline.artifacts import (COMPLETE, MANIFEST, Artifact, Output, complete_key, publish, read_manifest,
                                 write_json_atomic)
+from pipeline.console import environment, step_console
 from pipeline.env import library_versions
 from pipeline.errors import UserError
 from pipeline.fingerprints import CACHE_FILE, Fingerprints
 from pipeline.models import STEP_PREFIX, hub_revision, is_hub_id, model_identity
 from pipeline.recipe import Recipe
 from pipeline.steps import STEP_MODULES, StepConfig, step_module
+from pipeline.training import RUN_NAME_ENV
 
 RUN_FILE = "recipe.json"  # step order and resolved recipe of the last run, read by `distill status`
 WORKDIR_MARK = ".distillery"  # written into every workdir distill creates: only such a dir is ever written into
+LOG_FILE = "log.txt"  # what a step and its libraries wrote while it ran, in its dir (in its scratch dir if it failed)
 
 
 @dataclass
@@ -268,10 +276,13 @@ def workdir_lock(workdir: Path):
 
 
 def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
-               console: Console | None = None, share_from: list[Path] = (), label: str = "") -> dict[str, StepOutcome]:
+               console: Console | None = None, share_from: list[Path] = (), label: str = "", verbose: bool = False,
+               run_name_prefix: str | None = None) -> dict[str, StepOutcome]:
     """Run what `plan` says must run. `share_from`: other workdirs (the other seeds of `distill run --seeds`); a
     step whose complete output with the same key is there is copied from it instead of run again. `label`
-    starts every step's progress line (which seed is running)."""
+    starts every step's progress line (which seed is running). `verbose`: what steps and their libraries write
+    is shown as it comes instead of going to their log files. A step's run in experiment trackers is named
+    `<run_name_prefix>/<step>` (default prefix: the recipe's name)."""
     console = console or Console()
     workdir = workdir_for(recipe, dry_run)
     fingerprints = Fingerprints(workdir / CACHE_FILE)
@@ -295,7 +306,8 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
                                                    "document": recipe.document})
             fingerprints.save()
             for position, step in enumerate(steps, 1):
-                step_label = f"{label}[{position}/{len(steps)}] {step.name} ({step.cfg.uses})"
+                step_title = f"{label}[{position}/{len(steps)}] {step.name}"  # its progress row's
+                step_label = f"{step_title} ({step.cfg.uses})"
                 if step.action == "skip":
                     artifact = Artifact.from_dir(workdir / step.name)
                     outcomes[step.name] = StepOutcome(step.name, "skipped", artifact, 0.0)
@@ -309,11 +321,25 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
                     console.print(f"[dim]✓ {step_label}: same key {step.key} as {same}, copied "
                                   f"({_rows(artifact)})[/dim]")
                     continue
-                console.rule(f"[bold]▶ {step_label}")
-                console.print(f"[dim]runs because: {'; '.join(step.reasons)}[/dim]")
-                artifact, seconds = _run_step(step, recipe, workdir, outcomes, dry_run)
+                if verbose:  # library output follows: say whose
+                    console.rule(f"[bold]▶ {escape(step_label)}")
+                run_name = f"{run_name_prefix or recipe.name}/{step.name}"
+                started = time.time()
+                try:
+                    artifact, seconds = _run_step(step, recipe, workdir, outcomes, dry_run, title=step_title,
+                                                  run_name=run_name, verbose=verbose)
+                except UserError:
+                    raise
+                except Exception:
+                    log = "" if verbose else f"; its output: {workdir / f'.{step.name}.scratch' / LOG_FILE}"
+                    console.print(f"[red]✗ {escape(step_label)}: failed after {time.time() - started:.1f}s[/red]"
+                                  f"{escape(log)}", soft_wrap=True)
+                    raise
                 outcomes[step.name] = StepOutcome(step.name, "ran", artifact, seconds)
-                console.print(f"[green]✓ {step_label}: done in {seconds:.1f}s[/green] ({_rows(artifact)})")
+                # why a step with an output runs again; a step with none yet just runs
+                why = f"; runs because: {'; '.join(step.reasons)}" if step.reasons != ["no output yet"] else ""
+                console.print(f"[green]✓ {escape(step_label)}: done in {seconds:.1f}s[/green] "
+                              f"({_rows(artifact)}){escape(why)}", soft_wrap=True)
     except UserError:
         if created is not None and not outcomes:
             shutil.rmtree(created, ignore_errors=True)  # a refused run leaves nothing behind
@@ -331,7 +357,8 @@ def _copy_step(source: Path, workdir: Path, name: str) -> Artifact:
     return Artifact.from_dir(workdir / name)
 
 
-def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) -> tuple[Artifact, float]:
+def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run, *, title: str, run_name: str,
+              verbose: bool) -> tuple[Artifact, float]:
     name, cfg, key = step.name, step.cfg, step.key
     parents = recipe.dependencies(name)
     tmp_dir = workdir / f".{name}.tmp"
@@ -354,7 +381,9 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) 
     inputs = {p: outcomes[p].artifact for p in parents}
     started = time.time()
     try:
-        artifact = module.run(cfg, inputs, out)
+        with step_console(title, None if verbose else tmp_dir / LOG_FILE), environment(**{RUN_NAME_ENV: run_name}):
+            print(f"{title} ({cfg.uses}), key {key}, runs because: {'; '.join(step.reasons)}", flush=True)
+            artifact = module.run(cfg, inputs, out)
     except UserError:
         # Bad input, not a crash: nothing of this attempt is worth keeping but the work saved to resume from.
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -364,6 +393,10 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) 
     except Exception as e:
         write_json_atomic(tmp_dir / "error.json", {"step": name, "key": key, "error": repr(e),
                                                    "traceback": traceback.format_exc()})
+        _keep_log(tmp_dir, scratch)
+        raise
+    except KeyboardInterrupt:
+        _keep_log(tmp_dir, scratch)
         raise
     seconds = time.time() - started
 
@@ -392,6 +425,12 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run) 
     publish(tmp_dir, final_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     return Artifact.from_dir(final_dir), seconds
+
+
+def _keep_log(tmp_dir: Path, scratch: Path) -> None:
+    """A failed attempt's tmp dir is emptied when the step next starts; its log stays with the work saved to resume."""
+    if (tmp_dir / LOG_FILE).exists():
+        os.replace(tmp_dir / LOG_FILE, scratch / LOG_FILE)
 
 
 def _rows(artifact: Artifact) -> str:

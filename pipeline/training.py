@@ -12,6 +12,8 @@ Read top to bottom:
   `peft_config`;
 - `train_and_save`: train, resuming from the last checkpoint in the step's scratch dir, then save the model, the
   tokenizer and the model card, and return the manifest stats;
+- experiment tracking (`report_to`: TensorBoard, Trackio, W&B; `tracking_run` names the run) and
+  `progress_callback`, which shows training on the step's progress row (`pipeline.console`);
 - `model_card` (with `schedule_line`): the README saved with a trained model;
 - several GPUs: `launch_distributed` writes the step's config, inputs and output dirs to a payload file and runs
   `python -m pipeline.training <payload>` under `accelerate launch` (`launch_command`); in each process
@@ -22,7 +24,9 @@ Importing this module imports no torch, transformers, TRL or peft: the functions
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +43,13 @@ from pipeline.steps import StepConfig
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 # Written by the main process of an `accelerate launch`ed step: the stats the parent puts in the manifest.
 LAUNCH_RESULT = "launch_result.json"
+# The trainer's log (loss and metrics per logging step), beside model/ in the step dir; `distill report` plots it.
+LOG_HISTORY = "log_history.json"
+TRACKERS = ("tensorboard", "trackio", "wandb")  # what `report_to` takes, besides none
+# Set by the runner while a step runs: its run's name in experiment trackers, <recipe>/<step> (<recipe>/seed-N/<step>
+# under `distill run --seeds`). In the environment, `accelerate launch`ed processes see it too.
+RUN_NAME_ENV = "DISTILL_RUN_NAME"
+TENSORBOARD_DIR = "runs"  # TensorBoard's event files, in the step's dir
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
@@ -87,7 +98,9 @@ class TrainingConfig(StepConfig):
     logging_steps: int = Field(default=10, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(default=100, ge=1, description="Checkpoint every this many steps (for resume).")
     report_to: str | list[str] = Field(
-        default="none", description="Trackers for the Trainer logs: none, tensorboard, wandb, ... (transformers)."
+        default="none", description="Experiment trackers for the training logs (loss, learning rate, ...): none, "
+        "tensorboard (event files in the step's runs/), trackio (a local database, $TRACKIO_DIR), wandb, or a list. "
+        "The run is named <recipe>/<step>."
     )
     gradient_checkpointing: bool = Field(
         default=False,
@@ -97,6 +110,11 @@ class TrainingConfig(StepConfig):
         default=None,
         description="bfloat16 mixed precision (weights stay float32). null: on where the hardware has it (a CUDA GPU with "
         "bf16, a CPU with AVX-512 BF16 or AMX), else float32.",
+    )
+    use_liger_kernel: bool = Field(
+        default=False,
+        description="Liger's Triton kernels in the model's layers (RMSNorm, RoPE, SwiGLU, ...): less activation memory "
+        "and time on a CUDA GPU. Needs liger-kernel (the gpu extra). TRL deprecates it for Hub kernels.",
     )
     chat_template: str | None = Field(
         default=None,
@@ -118,6 +136,14 @@ class TrainingConfig(StepConfig):
         if path is not None and not Path(path).exists():
             raise ValueError(f"file not found: {path} (relative paths are read from {Path.cwd()})")
         return path
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, report_to: str | list[str]) -> str | list[str]:
+        return check_report_to(report_to)
+
+    def check_inputs(self) -> None:
+        check_trackers_installed(self.report_to, self.uses)
 
     def model_refs(self) -> list[str]:
         return [self.model]
@@ -144,11 +170,16 @@ class TrainingConfig(StepConfig):
 def train_here_or_launch(cfg: TrainingConfig, inputs, out):
     """A training step's `run`: its `train` in this process, or in `accelerate launch` processes when the step
     asks for several (or names an accelerate config)."""
-    if runs_distributed(cfg):
-        return launch_distributed(cfg, inputs, out)
+    from pipeline.console import environment
     from pipeline.steps import step_module
 
-    return out.model_written(**step_module(cfg.uses).train(cfg, inputs, out))
+    project, _ = tracking_run(out)
+    # transformers' TensorBoard and W&B callbacks read their dir and project from the environment
+    with environment(TENSORBOARD_LOGGING_DIR=str(out.dir / TENSORBOARD_DIR),
+                     WANDB_PROJECT=os.environ.get("WANDB_PROJECT", project)):
+        if runs_distributed(cfg):
+            return launch_distributed(cfg, inputs, out)
+        return out.model_written(**step_module(cfg.uses).train(cfg, inputs, out))
 
 
 # ---- building a trainer -----------------------------------------------------------------------------------------
@@ -168,6 +199,13 @@ def training_arguments(cfg: TrainingConfig, out) -> dict:
     import torch
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_supported()
+    project, run_name = tracking_run(out)
+    if cfg.use_liger_kernel:
+        from transformers.utils import is_liger_kernel_available
+
+        if not is_liger_kernel_available():
+            raise UserError(f"{cfg.uses}: use_liger_kernel needs the liger-kernel package (the gpu extra, on a CUDA "
+                            "machine); install it or set use_liger_kernel: false")
     return dict(
         output_dir=str(out.scratch / "checkpoints"),
         seed=out.seed,
@@ -184,8 +222,12 @@ def training_arguments(cfg: TrainingConfig, out) -> dict:
         save_steps=cfg.save_steps,
         save_total_limit=2,
         report_to=cfg.report_to,
+        project=project,  # Trackio's
+        run_name=run_name,
+        disable_tqdm=True,  # the step's progress row shows training (`progress_callback`); the logs go to its log file
         bf16=bf16,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        use_liger_kernel=cfg.use_liger_kernel,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 without CUDA unless told it is CPU
         include_num_input_tokens_seen="non_padding",
@@ -261,20 +303,30 @@ def peft_config(lora: LoraSettings | None):
 # ---- training and saving ----------------------------------------------------------------------------------------
 
 
-def train_and_save(trainer, cfg: TrainingConfig, out, card: str, **stats) -> dict:
-    """Train (resuming from the last checkpoint in scratch), save model + tokenizer + card, return manifest stats."""
+def train_and_save(trainer, cfg: TrainingConfig, out, card: str, *, chat_template: str | None = None, **stats) -> dict:
+    """Train (resuming from the last checkpoint in scratch), save model + tokenizer + card, return manifest stats.
+
+    `chat_template`: the template to save with the model when training rendered prompts with another (the on-policy
+    steps append the think prefix to the generation prompt for their rollouts; the model keeps its own template)."""
     from transformers.trainer_utils import get_last_checkpoint
+
+    from pipeline.console import progress
 
     checkpoints = Path(trainer.args.output_dir)
     last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     started = time.time()
-    trainer.train(resume_from_checkpoint=last_checkpoint)
+    with progress("training", unit="steps") as bar:
+        trainer.add_callback(progress_callback()(bar))
+        trainer.train(resume_from_checkpoint=last_checkpoint)
     seconds = time.time() - started
 
     trainer.save_model(str(out.model_dir))  # every rank takes part (ZeRO-3 gathers); the main process writes
     if trainer.is_world_process_zero():
+        if chat_template is not None:
+            trainer.processing_class.chat_template = chat_template
         trainer.processing_class.save_pretrained(str(out.model_dir))
         (out.model_dir / "README.md").write_text(card)
+        (out.dir / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     tokens_this_run = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     return dict(
@@ -291,6 +343,67 @@ def train_and_save(trainer, cfg: TrainingConfig, out, card: str, **stats) -> dic
         bf16=trainer.args.bf16,
         processes=trainer.args.world_size,
     )
+
+
+# ---- experiment tracking and the progress row -------------------------------------------------------------------
+
+
+def check_report_to(report_to: str | list[str]) -> str | list[str]:
+    """`report_to` as given, if it names known trackers (a recipe error otherwise)."""
+    names = [report_to] if isinstance(report_to, str) else report_to
+    unknown = [name for name in names if name not in (*TRACKERS, "none")]
+    if unknown:
+        raise ValueError(f"unknown tracker(s) {', '.join(map(repr, unknown))}; report_to takes "
+                         f"{', '.join(TRACKERS)}, a list of them, or none")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"report_to lists none with trackers: {names}")
+    return report_to
+
+
+def trackers(report_to: str | list[str]) -> list[str]:
+    return [name for name in ([report_to] if isinstance(report_to, str) else report_to) if name != "none"]
+
+
+def check_trackers_installed(report_to: str | list[str], step: str) -> None:
+    import importlib.util
+
+    for name in trackers(report_to):
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"{step}: report_to {name} needs the {name} package, which is not installed "
+                            f"(pip install {name}, or remove it from report_to)")
+
+
+def tracking_run(out) -> tuple[str, str]:
+    """The project and the name of a step's run in experiment trackers: the recipe and <recipe>/<step> under `distill
+    run` (RUN_NAME_ENV); elsewhere distillery and the step's name."""
+    run_name = os.environ.get(RUN_NAME_ENV) or out.name
+    return (run_name.split("/")[0] if "/" in run_name else "distillery"), run_name
+
+
+@functools.cache
+def progress_callback():
+    """The TrainerCallback class below; built on first use, so importing this module never imports transformers."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Optimizer steps done of max_steps, and the last logged loss, on a progress row (`pipeline.console`)."""
+
+        def __init__(self, bar):
+            self.bar = bar
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # resumed: global_step is the checkpoint's
+                self.bar.update(total=state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar.update(completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                self.bar.update(note=f"loss {logs['loss']:.4g}")
+
+    return ProgressCallback
 
 
 # ---- the model card ---------------------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ class Config(StepConfig):
         "Engine replicas, each on its own GPUs, sharing the prompts (vLLM data parallelism)."))
     distributed_executor_backend: str | None = Field(default=None, description=(
         "vLLM's executor for multi-GPU runs: 'mp' (one node) or 'ray' (across nodes); null = vLLM's choice."))
+    report_to: str | list[str] = Field(default="none", description=(
+        "Experiment trackers the results go to, with the step's config: none, tensorboard (event files in the "
+        "step's runs/), trackio (a local database, $TRACKIO_DIR), wandb, or a list. Logged: pass@1 and its "
+        "stderr per model and benchmark, and each model's paired difference to the baseline. The run is named "
+        "<recipe>/<step>."))
 
     produces: ClassVar[str] = "report"
     dry_run_overrides: ClassVar[dict] = {"limit": 2, "n": 2, "max_tokens": 16}
@@ -130,6 +135,18 @@ class Config(StepConfig):
         if isinstance(data, dict) and data.get("preset", "r1") in PRESETS:
             return {**PRESETS[data.get("preset", "r1")], **data}  # what the user set wins
         return data
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, report_to: str | list[str]) -> str | list[str]:
+        from pipeline.training import check_report_to
+
+        return check_report_to(report_to)
+
+    def check_inputs(self) -> None:
+        from pipeline.training import check_trackers_installed
+
+        check_trackers_installed(self.report_to, self.uses)
 
     @field_validator("models", "benchmarks")
     @classmethod
@@ -180,6 +197,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     models = {ref: resolve_model(ref, inputs) for ref in cfg.models}
     results = evaluate_models(cfg, models, out.dir, out.scratch, out.seed)
     print_table(results)
+    report_to_trackers(cfg, results, out)
     summary = {f"{ref} {spec} pass@1": scores["pass@1"]
                for ref, per_bench in results["models"].items() for spec, scores in per_bench.items()}
     return out.report_written(samples=sum(s["samples"] for p in results["models"].values() for s in p.values()),
@@ -255,19 +273,23 @@ def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
     from eval.grading_pool import iter_grades
     from eval.metrics import benchmark_scores, compare_to_baseline, removed_problems
     from eval.report import write_report
-    from rich.progress import track
+    from pipeline.console import progress
 
     completions = [meta["models"][r["model"]]["completion_prefix"] + r["completion"] for r in rows]
     gold_format = [meta["benchmarks"][r["benchmark"]]["gold_is_latex"] for r in rows]
-    for gold_is_latex in dict.fromkeys(gold_format):  # one worker pool per gold format
-        indices = [i for i, is_latex in enumerate(gold_format) if is_latex == gold_is_latex]
-        grades = iter_grades([completions[i] for i in indices], [rows[i]["answer"] for i in indices],
-                             workers=meta["grader"]["workers"], timeout_s=meta["grader"]["timeout_s"],
-                             finish_reasons=[rows[i]["finish_reason"] for i in indices], gold_is_latex=gold_is_latex)
-        for position, grade in track(grades, total=len(indices), description="grading", transient=True):
-            rows[indices[position]].update(extracted=grade.extracted, label=grade.label, correct=grade.correct,
-                                           grade_error=grade.error)
-    groups = _answer_groups(rows, meta["grader"])
+    with progress("grading", total=len(rows), unit="samples") as bar:
+        for gold_is_latex in dict.fromkeys(gold_format):  # one worker pool per gold format
+            indices = [i for i, is_latex in enumerate(gold_format) if is_latex == gold_is_latex]
+            grades = iter_grades([completions[i] for i in indices], [rows[i]["answer"] for i in indices],
+                                 workers=meta["grader"]["workers"], timeout_s=meta["grader"]["timeout_s"],
+                                 finish_reasons=[rows[i]["finish_reason"] for i in indices],
+                                 gold_is_latex=gold_is_latex)
+            for position, grade in grades:
+                rows[indices[position]].update(extracted=grade.extracted, label=grade.label, correct=grade.correct,
+                                               grade_error=grade.error)
+                bar.advance()
+        bar.phase("grouping equivalent answers (maj@k)")
+        groups = _answer_groups(rows, meta["grader"])
 
     results: dict[str, dict[str, dict]] = {label: {} for label in meta["models"]}
     for spec, n in meta["n"].items():
@@ -341,9 +363,8 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     """
     from dataclasses import asdict
 
-    from tqdm.auto import tqdm
-
     from pipeline import generation
+    from pipeline.console import progress
 
     problems = [row for spec in cfg.benchmarks for row in suites[spec][1]]
     prompts = [[{"role": "user", "content": render_prompt(cfg.template_text, row)}] for row in problems]
@@ -363,16 +384,19 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     shards = {chunk: json.loads(path.read_text()) for chunk, path in enumerate(paths) if path.exists()}
     (scratch / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
-    with tqdm(total=len(chunks), initial=len(shards), unit="chunk", desc=f"{label} ({cfg.chunk_size} problems/chunk)",
-              disable=len(shards) == len(chunks)) as progress:
+    saved = sum(counts[p] for chunk in shards for p in chunks[chunk])  # samples in saved chunks, for the progress row
+    with progress(label, total=sum(counts), unit="samples", completed=saved) as bar:
         def save(chunk: int, completions: list[list[generation.Completion]], seconds: float) -> None:
+            nonlocal saved
             shards[chunk] = {"ids": [ids[p] for p in chunks[chunk]], "seconds": seconds,
                              "samples": [[asdict(c) for c in per_problem] for per_problem in completions]}
             write_json_atomic(paths[chunk], shards[chunk])
-            progress.update(1)
+            saved += sum(counts[p] for p in chunks[chunk])
+            bar.update(completed=saved)
 
         generations = generation.generate(model, prompts, n=counts, ids=ids, chunks=chunks, skip_chunks=set(shards),
-                                          on_chunk=save, **request)
+                                          on_chunk=save, on_phase=bar.phase,
+                                          on_samples=lambda finished: bar.update(completed=saved + finished), **request)
     per_problem = [samples for chunk in range(len(chunks)) for samples in shards[chunk]["samples"]]
     samples, start = {}, 0
     for spec in cfg.benchmarks:
@@ -381,6 +405,48 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     # generate: summed over every run that saved a chunk; load: this run's engine start (0 when all were saved)
     return samples, {"load": generations.load_seconds,
                      "generate": sum(shard["seconds"] for shard in shards.values())}
+
+
+def report_to_trackers(cfg: Config, document: dict, out: Output) -> None:
+    """The results' `tracked_metrics`, with the step's config and seed, to each tracker in `report_to`, as one run
+    named like a training step's (`pipeline.training.tracking_run`)."""
+    import importlib
+
+    from pipeline.training import TENSORBOARD_DIR, tracking_run, trackers
+
+    metrics = tracked_metrics(document)
+    config = {**cfg.model_dump(mode="json"), "seed": out.seed}
+    project, run_name = tracking_run(out)
+    for tracker in trackers(cfg.report_to):
+        if tracker == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(log_dir=str(out.dir / TENSORBOARD_DIR)) as writer:
+                writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```")
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value, global_step=0)
+        else:  # trackio's API is wandb's
+            client = importlib.import_module(tracker)
+            client.init(project=project, name=run_name, config=config)
+            client.log(metrics)
+            client.finish()
+
+
+def tracked_metrics(document: dict) -> dict[str, float]:
+    """`<benchmark>/pass@1/<model>` and its stderr for every model, `<benchmark>/minus_<baseline>/<model>` (the paired
+    difference, in [-1, 1]) and its stderr for every other model: the numbers a tracker plots and compares."""
+    metrics = {}
+    for label, per_bench in document["models"].items():
+        for spec, scores in per_bench.items():
+            metrics[f"{spec}/pass@1/{label}"] = scores["pass@1"]
+            if scores["stderr"] is not None:
+                metrics[f"{spec}/pass@1_stderr/{label}"] = scores["stderr"]
+    for spec, rows in document.get("comparisons", {}).items():
+        for label, row in rows.items():
+            metrics[f"{spec}/minus_{row['baseline']}/{label}"] = row["difference"]
+            if row["stderr"] is not None:
+                metrics[f"{spec}/minus_{row['baseline']}_stderr/{label}"] = row["stderr"]
+    return metrics
 
 
 def describe_model(model: str, think_prefix: str | None) -> dict:
@@ -421,8 +487,9 @@ def _sha256_files(paths: list[Path]) -> str:
 
 def print_table(document: dict) -> None:
     """Models x benchmarks, pass@1 ± stderr in percent; then each model minus the baseline, paired."""
-    from rich.console import Console
     from rich.table import Table
+
+    from pipeline.console import user_console
 
     results = document["models"]
     specs = list(next(iter(results.values())))
@@ -437,7 +504,7 @@ def print_table(document: dict) -> None:
             stderr = f" ± {100 * scores['stderr']:.1f}" if scores["stderr"] is not None else ""
             cells.append(f"{100 * scores['pass@1']:.1f}{stderr}  (n={scores['n']})")
         table.add_row(ref, *cells)
-    console = Console()
+    console = user_console()  # the run's headline: on the terminal, also while the step's output goes to its log
     console.print(table)
     comparisons = document.get("comparisons")
     if not comparisons:

@@ -154,9 +154,8 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from tqdm.auto import tqdm
-
     from pipeline import chat
+    from pipeline.console import progress
     from pipeline.generation import Completion, chunk_ranges, generate, generate_openai
     from pipeline.models import resolve_model
 
@@ -182,14 +181,16 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     resumed = len(shards)
 
     started = time.perf_counter()
-    with tqdm(total=len(chunk_ids), initial=resumed, unit="chunk", desc=f"sample ({cfg.chunk_size} problems/chunk)",
-              disable=resumed == len(chunk_ids)) as progress:
+    saved = cfg.n * sum(len(chunk_ids[chunk]) for chunk in shards)  # samples in shards, for the progress row
+    with progress(total=cfg.n * len(ids), unit="samples", completed=saved) as bar:
         def save(chunk: int, completions: list[list[Completion]], seconds: float) -> None:
+            nonlocal saved
             shard = {"chunk": chunk, "ids": chunk_ids[chunk], "generate_seconds": seconds,
                      "completions": [[vars(c) for c in per_problem] for per_problem in completions]}
             write_json_atomic(shard_dir / f"chunk-{chunk:06d}.json", shard)
             shards[chunk] = shard
-            progress.update(1)
+            saved += cfg.n * len(chunk_ids[chunk])
+            bar.update(completed=saved)
 
         sampling = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_tokens, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
@@ -203,7 +204,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                 model_path, prompts, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
                 think_prefix=think.appended, tensor_parallel_size=cfg.tensor_parallel_size,
                 data_parallel_size=cfg.data_parallel_size,
-                distributed_executor_backend=cfg.distributed_executor_backend, **sampling)
+                distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase,
+                on_samples=lambda finished: bar.update(completed=saved + finished), **sampling)
     seconds = time.perf_counter() - started
 
     per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
