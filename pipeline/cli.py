@@ -20,15 +20,24 @@ console = Console()
 
 def cmd_run(args) -> int:
     from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
+    from pipeline.runner import run_recipe, workdir_for
 
     recipe = load_recipe(args.recipe, args.override)
     force = [name for value in args.force for name in value.split(",") if name]
     if args.seeds is not None:
         return _run_seeds(recipe, _parse_seeds(args.seeds), args, force)
-    outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console)
+    outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console,
+                          verbose=args.verbose)
     _print_outcomes(recipe, outcomes)
+    _write_report(workdir_for(recipe, args.dry_run))
     return 0
+
+
+def _write_report(workdir: Path) -> None:
+    """The run's page (`distill report`), written after every run so it shows the latest state."""
+    from pipeline.run_report import write_run_report
+
+    console.print(f"run page → {write_run_report(workdir)}", soft_wrap=True)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -57,9 +66,11 @@ def _run_seeds(recipe, seeds: list[int], args, force: list[str]) -> int:
                          document={**recipe.document, "seed": seed, "workdir": str(parent / f"seed-{seed}")})
         console.rule(f"[bold]seed {seed} ({position}/{len(seeds)})")
         outcomes = run_recipe(seeded, until=args.until, force=force, dry_run=args.dry_run, console=console,
-                              share_from=workdirs, label=f"seed {seed} ({position}/{len(seeds)}) ")
+                              share_from=workdirs, label=f"seed {seed} ({position}/{len(seeds)}) ",
+                              verbose=args.verbose, run_name_prefix=f"{recipe.name}/seed-{seed}")
         _print_outcomes(seeded, outcomes, prefix=f"seed {seed}: ")
         workdirs.append(workdir_for(seeded, args.dry_run))
+        _write_report(workdirs[-1])
     comparison = compare_paths(workdirs)
     if comparison["evaluations"]:
         print_comparison(comparison, console)
@@ -163,6 +174,13 @@ def _status_of_recipe(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.run_report import write_run_report
+
+    console.print(f"report → {write_run_report(Path(args.workdir))}", soft_wrap=True)
+    return 0
+
+
 def cmd_env(args) -> int:
     from pipeline import __version__
     from pipeline.env import device, library_versions
@@ -228,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", metavar="S1,S2,...", help=(
         "run the recipe once per seed, each in <workdir>/seed-S (steps that draw no random numbers, or whose "
         "`seed` is pinned, are shared), then compare the evaluations across seeds"))
+    run.add_argument("-v", "--verbose", action="store_true", help=(
+        "show what steps and their libraries (vLLM, transformers, datasets, TRL) write as it comes, instead of one "
+        "progress row per step with that output in <workdir>/<step>/log.txt"))
     run.set_defaults(func=cmd_run)
 
     compare = commands.add_parser("compare", help="aggregate evaluations across seeds or runs: mean ± sd, pooled, "
@@ -246,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="as for `distill run`: status of the recipe with this key overridden")
     stat.add_argument("--dry-run", action="store_true", help="status of the recipe's --dry-run workdir")
     stat.set_defaults(func=cmd_status)
+
+    report = commands.add_parser("report", help="write a run's page: the recipe graph, data funnel, training curves, "
+                                                "evaluations and samples, in WORKDIR/run-report/index.html")
+    report.add_argument("workdir", metavar="WORKDIR", help=(
+        "the workdir of a `distill run`; the page (self-contained, opens from disk) and its data files go in "
+        "WORKDIR/run-report/, which is replaced on each report"))
+    report.set_defaults(func=cmd_report)
 
     check = commands.add_parser("check", help="check every training row against its student's chat template, "
                                               "before training")
