@@ -66,7 +66,8 @@ def test_step_output_goes_to_its_log_and_the_console_shows_progress_and_one_line
     assert not any(text in done.stdout for text in HIDDEN), done.stdout
     assert "\x1b" not in done.stdout and "\r" not in done.stdout  # no control characters without a terminal
     lines = done.stdout.splitlines()
-    assert lines[-1] == f"console: 2 step(s) ran, 0 skipped → {tmp_path / 'runs'}"
+    assert lines[-2:] == [f"console: 2 step(s) ran, 0 skipped → {tmp_path / 'runs'}",
+                          f"run page → {tmp_path / 'runs' / 'run-report' / 'index.html'}"]
     for position, step in enumerate(("first", "second"), 1):
         own = [line for line in lines if f"[{position}/2] {step}" in line]
         # its progress as plain lines (a tenth of the count or 10 s apart), then its one summary line
@@ -76,7 +77,7 @@ def test_step_output_goes_to_its_log_and_the_console_shows_progress_and_one_line
         log = (tmp_path / "runs" / step / "log.txt").read_text()
         assert log.startswith(f"[{position}/2] {step} (tests.test_console), key ")
         assert all(text in log for text in HIDDEN), log
-    assert len(lines) == len([line for line in lines if "first" in line or "second" in line]) + 1
+    assert len(lines) == len([line for line in lines if "first" in line or "second" in line]) + 2  # + the last two
 
 
 def test_a_failed_step_keeps_its_log_and_says_where(tmp_path):
