@@ -44,11 +44,16 @@ import types
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # positions whose full-vocabulary logits exist at once
 # Config attributes of models whose logits are not the plain projection hidden @ weight.T + bias.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
+
+
+# Forward arguments about what a model output holds; the chunked log-probs return a tensor, whatever they say.
+OUTPUT_FLAGS = ("use_cache", "return_dict", "output_attentions", "output_hidden_states")
 
 
 class UnsupportedHead(ValueError):
@@ -143,9 +148,15 @@ def token_logprobs(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torc
 
 def add_token_logprob_forward(model, full_params=no_gathering) -> None:
     """Patch `model`, a transformers causal LM (under its peft wrapper, if any: patch `get_base_model()`), so that
-    `model(..., labels=labels, logprob_chunk_size=n)` returns `token_logprobs` of labels[:, 1:] from the final hidden
-    states at positions [:-1], [batch, length - 1], n positions at a time. Without `logprob_chunk_size` the forward is
-    the one it replaces. `full_params` is passed on to `ChunkedTokenLogProbs`.
+    `model(input_ids=..., attention_mask=..., labels=labels, logprob_chunk_size=n)` returns `token_logprobs` of
+    labels[:, 1:] from the final hidden states at positions [:-1], [batch, length - 1], n positions at a time. Without
+    `logprob_chunk_size` the forward is the one it replaces. `full_params` is passed on to `ChunkedTokenLogProbs`.
+
+    With `one_sequence_at_a_time=True` each sequence of the batch (cut after its last attended position) runs through
+    the model on its own inside activation checkpointing (`torch.utils.checkpoint`, non-reentrant): the forward keeps
+    only the sequences' token ids, and the backward recomputes one sequence's activations at a time, so they are held
+    for one sequence instead of the whole batch, for one more forward pass. It is one call of the model and one
+    backward, whatever wraps the model (DDP, FSDP, DeepSpeed see an ordinary forward).
 
     Raises UnsupportedHead for a head this cannot score exactly (see the module docstring).
     """
@@ -164,19 +175,42 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
                               "chunked log-probs do not")
     replaced_forward = model.forward
 
-    # The original signature, for whatever inspects it (the Trainer, to pick the dataset columns to keep).
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, logprob_chunk_size: int | None = None, labels=None, **kwargs):
-        if logprob_chunk_size is None:
-            return replaced_forward(*args, labels=labels, **kwargs)
-        kwargs["use_cache"] = False
-        hidden_states = self.get_decoder()(*args, **kwargs).last_hidden_state
+    def score(self, input_ids, attention_mask, labels, chunk_size):
+        hidden_states = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           use_cache=False).last_hidden_state
         # Looked up on every call: FSDP and DeepSpeed replace or partition the head's parameters after patching.
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards: project with the whole matrix
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
-        return token_logprobs(hidden_states[:, :-1], weight, bias, labels[:, 1:], logprob_chunk_size, full_params)
+        return token_logprobs(hidden_states[:, :-1], weight, bias, labels[:, 1:], chunk_size, full_params)
+
+    # The original signature, for whatever inspects it (the Trainer, to pick the dataset columns to keep).
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, logprob_chunk_size: int | None = None, labels=None, one_sequence_at_a_time: bool = False,
+                **kwargs):
+        if logprob_chunk_size is None:
+            return replaced_forward(*args, labels=labels, **kwargs)
+        input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask", None)
+        # Wrappers (peft) pass their defaults along; the flags are moot, as no model output is returned.
+        unused = sorted(name for name, value in kwargs.items() if value is not None and name not in OUTPUT_FLAGS)
+        if args or unused:
+            raise TypeError("the chunked log-prob forward takes input_ids, attention_mask and labels by keyword, not "
+                            f"{len(args)} positional arguments and {unused}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not one_sequence_at_a_time:
+            return score(self, input_ids, attention_mask, labels, logprob_chunk_size)
+        length = input_ids.shape[1]
+        rows = []
+        for row in range(len(input_ids)):
+            attended = attention_mask[row].nonzero()
+            end = int(attended[-1]) + 1 if len(attended) else 1  # padding after the last attended position is cut
+            cut = slice(row, row + 1), slice(0, end)
+            logprobs = checkpoint(score, self, input_ids[cut], attention_mask[cut],
+                                  labels[cut], logprob_chunk_size, use_reentrant=False)
+            rows.append(torch.nn.functional.pad(logprobs, (0, length - end)))
+        return torch.cat(rows)
 
     model.forward = types.MethodType(forward, model)

@@ -297,15 +297,20 @@ def test_heads_the_chunks_would_get_wrong_are_refused():
         add_token_logprob_forward(LlamaForCausalLM(config))
 
 
+@pytest.mark.parametrize("one_sequence_at_a_time", [False, True], ids=["batch", "sequences"])
 @pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
-def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_path, monkeypatch, lora):
+def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_path, monkeypatch, lora,
+                                                                     one_sequence_at_a_time):
     # 7 positions per chunk: the completions' token counts are not multiples of it, and each spans several chunks.
     monkeypatch.setattr(redi, "LOGPROB_CHUNK_SIZE", 7)
-    trainer, _, _ = redi.build_trainer(config(lora=lora, bf16=False), {"pairs": pairs}, output(tmp_path))
+    cfg = config(lora=lora, bf16=False, one_sequence_at_a_time=one_sequence_at_a_time)
+    trainer, _, _ = redi.build_trainer(cfg, {"pairs": pairs}, output(tmp_path))
     model = trainer.model
     base = model.get_base_model() if trainer.is_peft else model
     assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied: both uses add up
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    # Padded: one sequence at a time cuts each after its last token, so that cut is checked too.
+    assert (batch["attention_mask"] == 0).any()
     trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
     loss = trainer.compute_loss(model, batch)

@@ -67,6 +67,12 @@ class Config(TrainingConfig):
     learning_rate: float = Field(default=1e-6, gt=0, description="Peak learning rate (paper: 1e-6, full fine-tuning).")
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
     batch_size: int = Field(default=4, ge=1, description="Pairs per device per forward pass (2 sequences each).")
+    one_sequence_at_a_time: bool = Field(
+        default=True,
+        description="Run each sequence of a batch (chosen and rejected of each pair) through the model on its own "
+        "inside activation checkpointing: backward holds the layer activations of one sequence instead of "
+        "2 x batch_size, for one more forward pass. false: one forward over the whole batch, as DPO does.",
+    )
 
     @field_validator("lora")
     @classmethod
@@ -155,7 +161,7 @@ def build_trainer(cfg: Config, inputs, out):
         precompute_ref_log_probs=adapter is None,
     )
     trainer = redi_trainer()(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
-                             peft_config=adapter, alpha=cfg.alpha)
+                             peft_config=adapter, alpha=cfg.alpha, one_sequence_at_a_time=cfg.one_sequence_at_a_time)
     if adapter_dir is not None:
         load_adapter_weights(trainer.model, adapter_dir)
 
@@ -202,12 +208,12 @@ def redi_trainer():
     class RediTrainer(DPOTrainer):
         _tag_names = ["trl", "redi", "distillery"]
 
-        def __init__(self, *args, alpha: float, **kwargs):
+        def __init__(self, *args, alpha: float, one_sequence_at_a_time: bool = False, **kwargs):
             from unittest import mock
 
             import trl.trainer.dpo_trainer as dpo_module
 
-            self.alpha = alpha
+            self.alpha, self.one_sequence_at_a_time = alpha, one_sequence_at_a_time
             # Under FSDP, DPOTrainer loads a full reference copy for its log-prob precompute even when, as here,
             # there is nothing to precompute; REDI has no reference, so that load is replaced by "no model".
             with mock.patch.object(dpo_module, "create_model_from_path", lambda *args, **kwargs: None):
@@ -231,10 +237,11 @@ def redi_trainer():
             mode = "train" if self.model.training else "eval"
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            # One forward over [chosen; rejected] (the collator stacks them); log-probs only on completion tokens,
-            # 0 elsewhere.
+            # One model call over [chosen; rejected] (the collator stacks them), each sequence on its own inside it
+            # when one_sequence_at_a_time; log-probs only on completion tokens, 0 elsewhere.
             per_token_logps = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                    labels=labels, logprob_chunk_size=LOGPROB_CHUNK_SIZE)
+                                    labels=labels, logprob_chunk_size=LOGPROB_CHUNK_SIZE,
+                                    one_sequence_at_a_time=self.one_sequence_at_a_time)
             logps = per_token_logps.sum(dim=1)
             lengths = completion_mask[:, 1:].sum(dim=1)
             if (lengths == 0).any():
