@@ -132,18 +132,94 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 None, None, None)
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """position_loss(logits of hidden[i], targets[i], context[i]) for each row i of hidden [N, H], `chunk_size` rows at
+    a time: a per-position loss other than one token's log-prob (a divergence from a teacher's distribution, whose
+    hidden states come in `context`), with no full-vocabulary logits of every position.
+
+    `position_loss(logits [n, V] float32, targets [n], context [n, ...]) -> [n]` must treat rows independently (the
+    chunks are cut anywhere). Forward runs it without a graph; backward recomputes each chunk's logits and
+    differentiates `position_loss` with autograd, so only the hidden states are kept in between, as in
+    `ChunkedTokenLogProbs`, whose closed-form backward is cheaper for the log-prob alone.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, context, position_loss, chunk_size: int, full_params=no_gathering):
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else hidden.dtype)
+        losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        with full_params(weight, bias):
+            compute_weight = weight.to(compute_dtype)
+            compute_bias = None if bias is None else bias.to(compute_dtype)
+            for start in range(0, len(hidden), chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = chunk_logits(hidden[rows], compute_weight, compute_bias)
+                losses[rows] = position_loss(logits, targets[rows], context[rows])
+        ctx.save_for_backward(hidden, weight, bias, targets, context)
+        ctx.position_loss, ctx.chunk_size, ctx.compute_dtype, ctx.full_params = (position_loss, chunk_size,
+                                                                                 compute_dtype, full_params)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, targets, context = ctx.saved_tensors
+        wants = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants[0] else None
+        with ctx.full_params(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wants[2] else None
+            for start in range(0, len(hidden), ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                with torch.enable_grad():
+                    leaves = [None if tensor is None else tensor.detach().requires_grad_(want)
+                              for tensor, want in zip((hidden[rows], weight, bias), wants)]
+                    chunk_hidden, chunk_weight, chunk_bias = leaves
+                    logits = chunk_logits(chunk_hidden, chunk_weight.to(ctx.compute_dtype),
+                                          None if chunk_bias is None else chunk_bias.to(ctx.compute_dtype))
+                    losses = ctx.position_loss(logits, targets[rows], context[rows])
+                    differentiated = [leaf for leaf, want in zip(leaves, wants) if want]
+                    grads = iter(torch.autograd.grad(losses, differentiated, grad_losses[rows].float()))
+                if wants[0]:
+                    grad_hidden[rows] = next(grads)
+                if wants[1]:
+                    grad_weight += next(grads)
+                if wants[2]:
+                    grad_bias += next(grads)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None)
+
+
 def token_logprobs(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   full_params=no_gathering) -> torch.Tensor:
+                   labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, full_params=no_gathering,
+                   position_loss=None, context: torch.Tensor | None = None) -> torch.Tensor:
     """log p(labels[b, t]) under the logits of hidden_states[b, t] @ weight.T + bias: [batch, length] float32.
 
     `labels` [batch, length] are the tokens to score at each position (already shifted: the token after position t),
     -100 where nothing is scored; those positions are 0 and cost nothing, not even a chunk of logits.
+    With `position_loss`, each scored position gets position_loss(logits, label, context[b, t]) instead (see
+    `ChunkedHeadLoss`); `context` [batch, length, ...] is aligned with `labels`.
     """
     scored = labels != -100
-    logprobs = ChunkedTokenLogProbs.apply(hidden_states[scored], weight, bias, labels[scored], chunk_size, full_params)
+    if position_loss is None:
+        values = ChunkedTokenLogProbs.apply(hidden_states[scored], weight, bias, labels[scored], chunk_size,
+                                            full_params)
+    else:
+        values = ChunkedHeadLoss.apply(hidden_states[scored], weight, bias, labels[scored], context[scored],
+                                       position_loss, chunk_size, full_params)
     # masked_scatter keeps the result on the graph even when no position is scored: a zero loss that still backprops.
-    return logprobs.new_zeros(scored.shape).masked_scatter(scored, logprobs)
+    return values.new_zeros(scored.shape).masked_scatter(scored, values)
+
+
+def head_params(head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias, whole: FSDP2 shards them (DTensor), and a projection needs every row."""
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    return weight, bias
 
 
 def add_token_logprob_forward(model, full_params=no_gathering) -> None:
@@ -157,6 +233,11 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
     only the sequences' token ids, and the backward recomputes one sequence's activations at a time, so they are held
     for one sequence instead of the whole batch, for one more forward pass. It is one call of the model and one
     backward, whatever wraps the model (DDP, FSDP, DeepSpeed see an ordinary forward).
+
+    With `position_loss` (and `position_context`, [batch, length, ...] aligned with `labels`), each scored position
+    gets position_loss(logits, label, context) instead of its log-prob (`ChunkedHeadLoss`). With
+    `only_final_hidden_states=True` the call returns the transformer's final hidden states [batch, length, H], no
+    logits (a teacher's, for the context of another model's `position_loss`). Patching a patched model does nothing.
 
     Raises UnsupportedHead for a head this cannot score exactly (see the module docstring).
     """
@@ -173,24 +254,26 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
         raise UnsupportedHead(f"this {text_config.model_type} model transforms its logits after the head "
                               f"({', '.join(f'{name}={value}' for name, value in transforms.items())}), which the "
                               "chunked log-probs do not")
+    if getattr(model.forward, "chunked_logprobs", False):
+        return
     replaced_forward = model.forward
 
-    def score(self, input_ids, attention_mask, labels, chunk_size):
-        hidden_states = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).last_hidden_state
+    def final_hidden_states(self, input_ids, attention_mask):
+        return self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+
+    def score(self, input_ids, attention_mask, labels, chunk_size, position_loss, context):
+        hidden_states = final_hidden_states(self, input_ids, attention_mask)
         # Looked up on every call: FSDP and DeepSpeed replace or partition the head's parameters after patching.
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards: project with the whole matrix
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        return token_logprobs(hidden_states[:, :-1], weight, bias, labels[:, 1:], chunk_size, full_params)
+        weight, bias = head_params(self.get_output_embeddings())
+        return token_logprobs(hidden_states[:, :-1], weight, bias, labels[:, 1:], chunk_size, full_params,
+                              position_loss, None if context is None else context[:, 1:])
 
     # The original signature, for whatever inspects it (the Trainer, to pick the dataset columns to keep).
     @functools.wraps(type(model).forward)
     def forward(self, *args, logprob_chunk_size: int | None = None, labels=None, one_sequence_at_a_time: bool = False,
-                **kwargs):
-        if logprob_chunk_size is None:
+                position_loss=None, position_context=None, only_final_hidden_states: bool = False, **kwargs):
+        if logprob_chunk_size is None and not only_final_hidden_states:
             return replaced_forward(*args, labels=labels, **kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask", None)
         # Wrappers (peft) pass their defaults along; the flags are moot, as no model output is returned.
@@ -200,17 +283,21 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
                             f"{len(args)} positional arguments and {unused}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if only_final_hidden_states:
+            return final_hidden_states(self, input_ids, attention_mask)
         if not one_sequence_at_a_time:
-            return score(self, input_ids, attention_mask, labels, logprob_chunk_size)
+            return score(self, input_ids, attention_mask, labels, logprob_chunk_size, position_loss, position_context)
         length = input_ids.shape[1]
         rows = []
         for row in range(len(input_ids)):
             attended = attention_mask[row].nonzero()
             end = int(attended[-1]) + 1 if len(attended) else 1  # padding after the last attended position is cut
             cut = slice(row, row + 1), slice(0, end)
-            logprobs = checkpoint(score, self, input_ids[cut], attention_mask[cut],
-                                  labels[cut], logprob_chunk_size, use_reentrant=False)
+            logprobs = checkpoint(score, self, input_ids[cut], attention_mask[cut], labels[cut], logprob_chunk_size,
+                                  position_loss, None if position_context is None else position_context[cut],
+                                  use_reentrant=False)
             rows.append(torch.nn.functional.pad(logprobs, (0, length - end)))
         return torch.cat(rows)
 
+    forward.chunked_logprobs = True
     model.forward = types.MethodType(forward, model)

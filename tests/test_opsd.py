@@ -174,6 +174,37 @@ def test_gradients_reach_only_the_student(problems, tmp_path):
     assert sum(p.grad.abs().sum() for p in trainer.model.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.parametrize("settings", [dict(beta=0.5), dict(beta=0.0, divergence_cap=0.05), dict(support="topk", topk=5),
+                                      dict(support="sampled_token", beta=1.0), dict(lora=None, beta=1.0)],
+                         ids=["jsd", "forward-kl-capped", "topk", "sampled-token", "full-finetune-frozen-copy"])
+def test_chunked_loss_and_gradients_equal_trls_full_logits(problems, tmp_path, monkeypatch, settings):
+    """compute_loss scores 3 positions at a time from hidden states; TRL's loss from the full logits is the same."""
+    monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 3)
+    trainer, _ = opsd.build_trainer(config(bf16=False, **settings), problems, output(tmp_path))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(4)])
+    assert batch["completion_mask"].sum() > 4 * 3  # several chunks
+    trained = [(name, param) for name, param in trainer.model.named_parameters() if param.requires_grad]
+
+    loss = trainer.compute_loss(trainer.model, batch)
+    chunked_grads = torch.autograd.grad(loss, [param for _, param in trained])
+
+    logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch)
+    if trainer.divergence_cap is None:
+        expected = trainer._compute_self_distillation_loss(trainer.model, batch, logits)  # TRL's own
+    else:
+        per_token = opsd.per_token_divergence(logits.student_logits, logits.teacher_logits, 0.0, 0.05)
+        mask = logits.loss_mask
+        expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    full_grads = torch.autograd.grad(expected, [param for _, param in trained])
+
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    assert max(grad.abs().max() for grad in full_grads) > 1e-3  # large enough for the tolerance to mean something
+    for (name, _), chunked_grad, full_grad in zip(trained, chunked_grads, full_grads):
+        torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
 def test_training_lowers_the_divergence_and_leaves_the_frozen_teacher_unchanged(problems, tmp_path):
     # float32: bf16 autocast (on where the CPU has it) would round the two forwards differently.
     trainer, _ = opsd.build_trainer(config(max_steps=16, divergence_cap=0.05, bf16=False), problems, output(tmp_path))

@@ -20,6 +20,12 @@ generalized JSD; over the full vocabulary, the student's top-k tokens, or the sa
 divergence (the paper's final setting: forward KL, cap 0.05), and a leak check. Rollouts are never reused
 (one pass per batch), so TRL's importance-sampling correction for stale rollouts is off.
 
+Long traces: TRL's loss materialises the student's and the teacher's logits for every completion position,
+[batch, completion, vocabulary] in float32 each, plus their log-softmaxes (at 16k tokens and a 152k vocabulary,
+10 GiB per copy). `OpsdTrainer.compute_loss` computes the same per-token losses (TRL's functions, or the capped
+divergence) from the final hidden states instead, `SCORE_CHUNK_SIZE` positions at a time, recomputed in backward
+(`pipeline.token_logprobs.ChunkedHeadLoss`): the teacher's forward returns its hidden states only.
+
 Logged each logging step: `self_distillation/distillation_loss` (the divergence), `completions/mean_length`, and
 `opsd/leak_share`: the share of rollouts that copy `leak_ngram` or more consecutive tokens of their privileged text
 verbatim (the student should learn to reason, not recite the teacher's hint). The manifest gets the first and last
@@ -49,6 +55,11 @@ from pipeline.steps import require_columns
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
 from pipeline.training import (TrainingConfig, load_tokenizer, model_card, peft_config, train_and_save,
                                train_here_or_launch, training_arguments)
+
+# Completion positions whose student and teacher logits exist at once (pipeline.token_logprobs.ChunkedHeadLoss). Each
+# chunk holds ~10 float32 copies of [positions, vocabulary] while its divergence is differentiated: 0.5 GiB at 256
+# positions and SmolLM2's 49,152 entries, 1.5 GiB at Qwen's 151,936.
+SCORE_CHUNK_SIZE = 256
 
 # The paper's teacher instruction around the reference; the student prompt (with its \boxed{} request) comes first.
 DEFAULT_TEACHER_TEMPLATE = (
@@ -112,6 +123,7 @@ def prompt_with_think_prefix(tokenizer, cfg: RolloutConfig) -> tuple[str, str]:
 
 
 class Config(RolloutConfig):
+    code_version: ClassVar = "2"  # the loss from chunked hidden states (same value, other rounding)
     input: str = Field(description="Name of the step whose data is trained on: opsd data (prompt, "
                                    "privileged_context), graded samples (a verify step), or problems with "
                                    "context_template set.")
@@ -353,6 +365,16 @@ def per_token_divergence(student_logits, teacher_logits, beta: float, cap: float
     return terms.sum(-1)
 
 
+def gather_with(gather, teacher_head, weight, bias):
+    """`gather` (TRL's ZeRO-3 gathering context) over the student head's parameters and the teacher head's, each
+    once (with a LoRA student the teacher is the same model)."""
+    params = []
+    for param in (weight, bias, teacher_head.weight, teacher_head.bias):
+        if param is not None and not any(param is seen for seen in params):
+            params.append(param)
+    return gather(*params)
+
+
 @functools.cache
 def opsd_trainer():
     """The SDFTTrainer subclass below; built on first use, so importing this module never imports TRL."""
@@ -366,9 +388,25 @@ def opsd_trainer():
         _tag_names = ["trl", "sdft", "opsd", "distillery"]
 
         def __init__(self, *args, divergence_cap: float | None, leak_ngram: int, **kwargs):
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+            from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
+
             self.divergence_cap = divergence_cap
             self.leak_ngram = leak_ngram
             super().__init__(*args, **kwargs)
+            # The chunked scoring (compute_loss) patched into the student and the teacher, under their peft and
+            # DeepSpeed wrappers; the teacher's head is read inside the student's chunks, so ZeRO-3 gathers both.
+            student, teacher = (self.accelerator.unwrap_model(model) for model in (self.model, self.teacher_model))
+            student, teacher = (model.get_base_model() if hasattr(model, "peft_config") else model
+                                for model in (student, teacher))
+            self.teacher_head = teacher.get_output_embeddings()
+            try:
+                for model in (student, teacher):
+                    add_token_logprob_forward(model, full_params=functools.partial(
+                        gather_with, maybe_gather_lm_head_ctx, self.teacher_head))
+            except UnsupportedHead as error:
+                raise UserError(f"opsd: {error}") from None
 
         def _prepare_training_batch(self, inputs):
             batch = super()._prepare_training_batch(inputs)
@@ -392,18 +430,67 @@ def opsd_trainer():
                 model.delete_adapter("teacher")
             super().save_model(output_dir, _internal_call)
 
-        def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
-            if self.divergence_cap is None:
-                return super()._compute_self_distillation_loss(model, inputs, distillation_logits)
-            mask = distillation_logits.loss_mask
-            per_token = per_token_divergence(distillation_logits.student_logits, distillation_logits.teacher_logits,
-                                             self.args.distillation_alpha, self.divergence_cap)
-            # As TRL: mean over each completion's tokens, then over completions; the log is the token mean.
-            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-            token_mean = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """TRL's loss (SDFTTrainer.compute_loss: the per-token loss averaged over each completion's scored tokens,
+            then over completions), without the logits of every position: see the module docstring."""
+            if return_outputs or self.use_teacher_server:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            length = completion_ids.size(1)
+            loss_mask = completion_mask.clone()
+            loss_mask[:, :self.num_loss_tokens_to_skip] = 0  # as TRL: the first tokens, where teacher-prompt artifacts
+            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+                teacher_hidden = self.teacher_model(input_ids=inputs["teacher_input_ids"],
+                                                    attention_mask=inputs["teacher_attention_mask"],
+                                                    only_final_hidden_states=True)
+            student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+            # Each completion token's label, and the teacher's hidden state before that token as its context.
+            labels = torch.full_like(student_ids, -100)
+            labels[:, -length:] = completion_ids.masked_fill(loss_mask == 0, -100)
+            context = teacher_hidden.new_zeros(*student_ids.shape, teacher_hidden.size(-1))
+            context[:, -length:] = teacher_hidden[:, :-1][:, -length:]
+            device_type = student_ids.device.type
+            teacher_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                             else teacher_hidden.dtype)
+            per_token = model(input_ids=student_ids,
+                              attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+                              labels=labels, logprob_chunk_size=SCORE_CHUNK_SIZE,
+                              position_loss=functools.partial(self.position_loss, teacher_dtype=teacher_dtype),
+                              position_context=context)[:, -length:]
+            loss = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+            token_mean = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
             mode = "train" if model.training else "eval"
             self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
-            return loss
+            return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
+
+        def position_loss(self, student_logits, completion_ids, teacher_hidden, *, teacher_dtype):
+            """The per-token loss of some completion positions, from the student's logits [n, V] and the teacher's
+            final hidden states [n, H]: TRL's for `distillation_mode`, or the capped full-vocabulary divergence."""
+            from trl.experimental.sdft.loss_utils import (compute_full_logit_self_distillation_loss,
+                                                          compute_sampled_token_self_distillation_loss,
+                                                          compute_topk_self_distillation_loss)
+
+            from pipeline.token_logprobs import chunk_logits, head_params
+
+            teacher_weight, teacher_bias = head_params(self.teacher_head)
+            teacher_logits = chunk_logits(teacher_hidden, teacher_weight.detach().to(teacher_dtype),
+                                          None if teacher_bias is None else teacher_bias.detach().to(teacher_dtype))
+            # TRL's loss functions take [batch, positions, vocabulary] logits divided by the sampling temperature.
+            student, teacher = student_logits[None] / self.temperature, teacher_logits[None] / self.temperature
+            args = self.args
+            if args.distillation_mode == "topk_logits":
+                per_token = compute_topk_self_distillation_loss(
+                    student, teacher, distillation_topk=args.distillation_topk,
+                    distillation_alpha=args.distillation_alpha, distillation_add_tail=args.distillation_add_tail)
+            elif args.distillation_mode == "sampled_token":
+                per_token = compute_sampled_token_self_distillation_loss(
+                    student, teacher, completion_ids[None], distillation_alpha=args.distillation_alpha)
+            elif self.divergence_cap is not None:
+                per_token = per_token_divergence(student, teacher, args.distillation_alpha, self.divergence_cap)
+            else:
+                per_token = compute_full_logit_self_distillation_loss(student, teacher,
+                                                                      distillation_alpha=args.distillation_alpha)
+            return per_token[0]
 
     return OpsdTrainer
 
