@@ -19,6 +19,15 @@ any device, and tiled along positions only: each chunk sees the whole vocabulary
 no running logsumexp across vocabulary tiles. At most a few copies of one chunk's logits exist at any time
 (chunk_size x V floats each: 192 MiB at 1,024 x 49,152), so the memory it adds does not grow with the length.
 
+Other per-position losses: `ChunkedHeadLoss` does the same for any loss of one position's logits (with that
+position's context, e.g. a teacher's final hidden state, from which the teacher's logits are recomputed in the chunk
+too): on-policy self-distillation's divergence between the student's and the teacher's distributions (`opsd`). Its
+backward differentiates each recomputed chunk with autograd instead of a closed form.
+
+Activations: a long batch's layer activations outgrow all of the above. `one_sequence_at_a_time` runs the batch's
+sequences through the model one by one inside non-reentrant activation checkpointing, so backward holds one
+sequence's activations (see `add_token_logprob_forward`).
+
 Precision: under autocast (bf16 on a CPU with AMX or a GPU) the projections run in the autocast dtype, as the model's
 own lm_head would; log-softmax and the gradients' accumulation run in float32. Without autocast everything runs in the
 inputs' dtype, and the result is log_softmax(hidden @ weight.T + bias).gather(target) (tests/test_redi.py checks it

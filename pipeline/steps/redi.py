@@ -20,8 +20,10 @@ states onto the vocabulary `LOGPROB_CHUNK_SIZE` positions at a time and recomput
 full-vocabulary logits of the whole sequence ever exist, and prompt and padding positions are not projected at all.
 TRL's fused LM head (what DPOTrainer uses) tiles too, but in 4,096-position x 32,768-entry tiles, scores every
 position where Triton is missing, and there its torch fallback holds ~4 GiB of tile temporaries in backward. What
-remains and grows with the length is the transformer's own activations: `gradient_checkpointing` bounds those (see
-BENCHMARKS.md, "REDI on long pairs"). `use_liger_kernel` swaps Liger's kernels into the layers only: DPOTrainer turns
+remains and grows with the length is the transformer's own activations. REDI's loss is a sum of per-sequence terms, so
+by default (`one_sequence_at_a_time`) each sequence goes through the model on its own inside activation
+checkpointing and backward holds one sequence's activations instead of 2 x batch_size (one more forward pass);
+`gradient_checkpointing` bounds them further, to each layer's input (see BENCHMARKS.md, "REDI on long pairs"). `use_liger_kernel` swaps Liger's kernels into the layers only: DPOTrainer turns
 Liger's fused linear cross-entropy off, and REDI's log-probs never go through the model's head module anyway.
 
 Input: TRL preference data, `id`, `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), as
