@@ -131,7 +131,7 @@ def _settings(meta: dict) -> list[str]:
     return lines
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -143,7 +143,7 @@ def _pyplot():
 def plot_accuracy(models: dict[str, dict], path: Path, comparisons: dict | None = None) -> Path:
     """Grouped bars: pass@1 (%) per benchmark, one bar per model, standard-error whiskers. With comparisons, a
     second panel: each model's paired difference to the baseline per benchmark, 95% bootstrap interval whiskers."""
-    plt = _pyplot()
+    plt = pyplot()
     benchmarks = _benchmarks(models)
     width = 0.8 / len(models)
     panel_width = max(4.0, 1.6 * len(benchmarks) * max(1, len(models) / 2))
@@ -185,7 +185,7 @@ def plot_accuracy(models: dict[str, dict], path: Path, comparisons: dict | None 
 
 def plot_lengths(samples: list[dict], labels: list[str], benchmarks: list[str], path: Path) -> Path:
     """Histograms of completion tokens, correct vs not, one panel per model (rows) x benchmark (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     tokens: dict[tuple[str, str, bool], list[int]] = defaultdict(list)
     for s in samples:
         tokens[(s["model"], s["benchmark"], bool(s["correct"]))].append(s["completion_tokens"])

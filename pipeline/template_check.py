@@ -62,15 +62,21 @@ def _ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
 
-def completion_token_ids(tokenizer, prompt: list[dict], completion: str) -> list[int]:
-    """The tokens the loss covers, as TRL's SFT and DPO trainers tokenize a conversational prompt-completion row: what
-    follows the longest common prefix of the prompt (with the generation prompt) and prompt + reply (a token merging
-    across the boundary moves the start back by that token)."""
+def trained_token_ids(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], int]:
+    """The tokens of prompt + reply as TRL's SFT and DPO trainers tokenize a conversational prompt-completion row,
+    and where the trained ones start: after the longest common prefix of the prompt (with the generation prompt) and
+    prompt + reply (a token merging across the boundary moves the start back by that token)."""
     prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
     full_ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": completion}])
     shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
                   min(len(prompt_ids), len(full_ids)))
-    return full_ids[shared:]
+    return full_ids, shared
+
+
+def completion_token_ids(tokenizer, prompt: list[dict], completion: str) -> list[int]:
+    """The tokens the loss covers (`trained_token_ids`)."""
+    full_ids, start = trained_token_ids(tokenizer, prompt, completion)
+    return full_ids[start:]
 
 
 def row_problem(tokenizer, row: TrainingRow, think: ThinkPrefix, model_ref: str) -> str | None:

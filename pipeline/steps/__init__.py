@@ -28,6 +28,7 @@ STEP_MODULES = {
     "onpolicy": "onpolicy",
     "merge": "merge",
     "evaluate": "evaluate",
+    "teachers": "teachers",
 }
 
 
