@@ -205,6 +205,41 @@ def test_chunked_loss_and_gradients_equal_trls_full_logits(problems, tmp_path, m
         torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
 
 
+def test_chunked_loss_never_holds_the_logits_of_every_completion_position(problems, tmp_path, monkeypatch):
+    """No tensor made in compute_loss's forward or backward has vocabulary-wide rows for more positions than a chunk;
+    TRL's own loss (the control, so the check can fail) makes them for every completion position."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestLogits(TorchDispatchMode):
+        positions = 0  # the most rows of vocabulary width in one tensor
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else (result,):
+                # [hidden, vocab] is the head's weight transposed for the projection, not logits
+                if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == vocab \
+                        and tuple(tensor.shape) != (hidden, vocab):
+                    self.positions = max(self.positions, tensor.numel() // vocab)
+            return result
+
+    monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 4)
+    trainer, _ = opsd.build_trainer(config(bf16=False), problems, output(tmp_path))
+    vocab, hidden = trainer.model.config.vocab_size, trainer.model.config.hidden_size
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(4)])
+    completion_positions = int(batch["completion_mask"].sum())
+    assert completion_positions > 3 * 4
+
+    with LargestLogits() as chunked:
+        trainer.compute_loss(trainer.model, batch).backward()
+    with LargestLogits() as full:
+        logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch)
+        trainer._compute_self_distillation_loss(trainer.model, batch, logits).backward()
+    assert chunked.positions <= 4
+    assert full.positions >= completion_positions
+
+
 def test_training_lowers_the_divergence_and_leaves_the_frozen_teacher_unchanged(problems, tmp_path):
     # float32: bf16 autocast (on where the CPU has it) would round the two forwards differently.
     trainer, _ = opsd.build_trainer(config(max_steps=16, divergence_cap=0.05, bf16=False), problems, output(tmp_path))
