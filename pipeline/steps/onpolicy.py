@@ -1,4 +1,5 @@
-"""`onpolicy`: on-policy distillation from a separate teacher (GKD, arXiv 2306.13649), with TRL's DistillationTrainer.
+"""`onpolicy`: on-policy distillation from a separate teacher (GKD, arXiv 2306.13649), with TRL's DistillationTrainer,
+or TRL's GOLDTrainer when the teacher has another tokenizer.
 
 The student samples its own completions; the teacher scores every token of them; the loss is the per-token
 generalized JSD between the two next-token distributions over the full vocabulary (`beta`: 0 forward KL, 1 reverse
@@ -6,10 +7,18 @@ KL), averaged over the completion tokens, with the gradient through the student 
 generate, or vLLM with `use_vllm`), the chunked divergence and the logging (`loss` is the divergence;
 `completions/mean_length`).
 
-Both distributions are compared token id by token id, so the teacher must use the student's tokenizer. TRL checks
-only that the vocabulary sizes agree, and a teacher whose ids mean other tokens (or whose end-of-turn is another
-token) would train on silent garbage; this step refuses any difference in the vocabulary or the special tokens, naming
-both models. For teachers of another family, distil from their samples instead (sample -> verify -> select -> sft).
+That divergence compares the two distributions token id by token id, so it needs the student's tokenizer in the
+teacher. TRL checks only that the vocabulary sizes agree, and a teacher whose ids mean other tokens (or whose
+end-of-turn is another token) would train on silent garbage, so this step compares the vocabularies and the special
+tokens itself. A teacher that differs in any of them (another model family) is, with `cross_tokenizer: true` (the
+default), trained from with TRL's GOLD (General Online Logit Distillation, `trl.experimental.gold`): each rollout is
+decoded to text and re-tokenized with the teacher's tokenizer, the two tokenizations are aligned on byte offsets (both
+ByteLevel BPE; else by position, as the original ULD), and the loss is GOLD's hybrid ULD loss: `matched_weight` times
+the generalized JSD (`beta`) over the tokens both vocabularies hold (the same string), plus 1 - `matched_weight` times
+ULD's L1 distance between the sorted probabilities of the tokens they do not share (logged: `matched_loss`,
+`unmatched_loss`). The teacher reads the student's rendered prompt as text (its own chat template is not applied:
+GOLD's design). `cross_tokenizer: false` refuses such a teacher instead, naming both models and the differences;
+distil from its samples then (sample -> verify -> select -> sft).
 
 Input: rows with `prompt` (chat messages or text, e.g. opsd data) or problems (`problem`, rendered with
 `prompt_template`). Prompts longer than `max_length - max_tokens` tokens are dropped and counted, never cut.
@@ -17,6 +26,8 @@ Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full m
 """
 
 from __future__ import annotations
+
+import functools
 
 from pydantic import Field
 
@@ -33,11 +44,25 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
 class Config(RolloutConfig):
     input: str = Field(description="Name of the step whose prompts are trained on: rows with `prompt` (chat "
                                    "messages or text) or problems (`problem`).")
-    teacher: str = Field(description="Teacher model (builtin:NAME, step:NAME, a local dir or a hub id); it must have "
-                                     "the student's tokenizer (vocabulary and special tokens).")
+    teacher: str = Field(description="Teacher model (builtin:NAME, step:NAME, a local dir or a hub id). With the "
+                                     "student's tokenizer (vocabulary and special tokens) it trains with TRL's "
+                                     "DistillationTrainer; with another one, see cross_tokenizer.")
     beta: float = Field(default=1.0, ge=0.0, le=1.0,
                         description="Divergence: 0 forward KL(teacher||student), 1 reverse KL(student||teacher), "
-                                    "in between the generalized JSD (0.5: JSD).")
+                                    "in between the generalized JSD (0.5: JSD). A cross-tokenizer teacher: the "
+                                    "divergence over the tokens both vocabularies share.")
+    cross_tokenizer: bool = Field(
+        default=True,
+        description="A teacher whose tokenizer differs from the student's (vocabulary or special tokens). true: "
+                    "train with TRL's GOLDTrainer (hybrid ULD loss over the two aligned tokenizations); false (or "
+                    "off): refuse it (exit code 2), so that every run compares the two models id by id "
+                    "(DistillationTrainer).")
+    matched_weight: float | None = Field(
+        default=0.6, ge=0.0, le=1.0,
+        description="Cross-tokenizer teacher: weight of the divergence over the tokens both vocabularies share; the "
+                    "L1 distance of the sorted probabilities of the other tokens gets 1 - it (TRL's "
+                    "uld_hybrid_matched_weight / _unmatched_weight; 0.6 is TRL's example). null: TRL's adaptive "
+                    "weight, the share of the teacher's vocabulary that the student's holds.")
 
     def model_refs(self) -> list[str]:
         return [self.model, self.teacher]
@@ -49,8 +74,10 @@ def run(cfg: Config, inputs, out):
 
 def train(cfg: Config, inputs, out) -> dict:
     trainer, data_stats = build_trainer(cfg, inputs, out)
+    loss_fact = (f"loss: GOLD hybrid ULD (matched weight {cfg.matched_weight}, {data_stats['alignment']} alignment)"
+                 if data_stats["trl_trainer"] == "GOLDTrainer" else "loss: generalized JSD over the shared vocabulary")
     card = model_card(cfg, out.name, trained="trained by on-policy distillation in", batch_unit=" prompts",
-                      facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher}` (beta {cfg.beta})",
+                      facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher}` (beta {cfg.beta})", loss_fact,
                              f"prompts: step `{cfg.input}`", rollouts_fact(cfg)])
     stats = train_and_save(trainer, cfg, out, card, chat_template=trainer.own_chat_template,
                            **data_stats)
@@ -63,10 +90,10 @@ def train(cfg: Config, inputs, out) -> dict:
 
 
 def build_trainer(cfg: Config, inputs, out):
-    """A DistillationTrainer (student + frozen teacher) over the prompts, and the data stats."""
+    """A DistillationTrainer, or for a teacher with another tokenizer a GOLDTrainer (student + frozen teacher) over
+    the prompts, and the data stats."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import DistillationConfig, DistillationTrainer
 
     from pipeline.models import resolve_model
 
@@ -75,17 +102,27 @@ def build_trainer(cfg: Config, inputs, out):
     teacher_path = resolve_model(cfg.teacher, inputs)
     tokenizer = load_tokenizer(cfg, model_path)
     # The raw tokenizers: load_tokenizer may pick a pad token, which is the step's choice, not the model's.
-    check_same_tokenizer(AutoTokenizer.from_pretrained(model_path), AutoTokenizer.from_pretrained(teacher_path),
-                         cfg.model, cfg.teacher)
-    # Teacher and student read the same token ids (one tokenizer, checked above), so their prompts are the same.
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    differences = tokenizer_differences(AutoTokenizer.from_pretrained(model_path), teacher_tokenizer)
+    if differences and not cfg.cross_tokenizer:
+        raise UserError(
+            f"onpolicy: teacher {cfg.teacher!r} and student {cfg.model!r} have different tokenizers "
+            f"({'; '.join(differences)}, student vs teacher) and cross_tokenizer is false. The divergence compares "
+            "their next-token distributions id by id, so they must share one tokenizer: set cross_tokenizer: true "
+            "(TRL's GOLD aligns the two tokenizations), pick a teacher of the student's family, or distil from the "
+            "teacher's samples (sample -> verify -> select -> sft)"
+        )
     think, own_template = prompt_with_think_prefix(tokenizer, cfg)
     rows = prompt_dataset(inputs[cfg.input].dataset(), cfg, tokenizer)
+    data_stats = {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
+                  "think_prefix": think}
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     teacher.requires_grad_(False)
-    args = DistillationConfig(
-        # Rollout batches are lists, which the Trainer cannot count tokens of; TRL counts them itself.
+    rollout_arguments = dict(
+        # Rollout batches are built by TRL, which the Trainer cannot count tokens of; TRL (DistillationTrainer) or
+        # the GOLD subclass below counts them.
         **{**training_arguments(cfg, out), "include_num_input_tokens_seen": "no"},
         beta=cfg.beta,
         max_completion_length=cfg.max_tokens,
@@ -97,15 +134,82 @@ def build_trainer(cfg: Config, inputs, out):
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         vllm_max_model_length=cfg.max_length,
     )
-    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=rows,
-                                  processing_class=tokenizer, peft_config=peft_config(cfg.lora))
+    if differences:
+        trainer, alignment = gold_trainer_for(cfg, model, teacher, teacher_path, teacher_tokenizer, tokenizer, rows,
+                                              rollout_arguments)
+        data_stats.update(trl_trainer="GOLDTrainer", alignment=alignment)
+    else:
+        from trl import DistillationConfig, DistillationTrainer
+
+        # Teacher and student read the same token ids (one tokenizer, checked above), so their prompts are the same.
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=DistillationConfig(**rollout_arguments),
+                                      train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(cfg.lora))
+        data_stats.update(trl_trainer="DistillationTrainer")
     trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
-    return trainer, {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
-                     "think_prefix": think}
+    return trainer, data_stats
 
 
-def check_same_tokenizer(student, teacher, student_ref: str, teacher_ref: str) -> None:
-    """Refuse a teacher whose tokenizer differs from the student's in vocabulary or special tokens."""
+def gold_trainer_for(cfg: Config, model, teacher, teacher_path: str, teacher_tokenizer, tokenizer, rows,
+                     rollout_arguments: dict):
+    """TRL's GOLDTrainer for a teacher with another tokenizer, and how it aligns the two tokenizations."""
+    from trl.experimental.gold import GOLDConfig
+    from trl.experimental.utils import is_byte_level_tokenizer
+
+    # GOLD aligns tokens on byte offsets only when both tokenizers are ByteLevel BPE (Llama 3, Qwen, SmolLM, ...);
+    # TRL asks for the positional alignment of the original ULD otherwise (SentencePiece, slow tokenizers).
+    byte_level = all(tok.is_fast and is_byte_level_tokenizer(tok.backend_tokenizer)
+                     for tok in (tokenizer, teacher_tokenizer))
+    args = GOLDConfig(
+        **rollout_arguments,
+        max_length=cfg.max_length,
+        lmbda=1.0,  # every batch is the student's own rollouts: the prompt rows carry no completion to train on
+        teacher_tokenizer_name_or_path=teacher_path,
+        use_uld_loss=True,
+        use_extended_uld=byte_level,
+        uld_use_hybrid_loss=True,
+        uld_hybrid_matched_weight=cfg.matched_weight,
+        uld_hybrid_unmatched_weight=None if cfg.matched_weight is None else 1.0 - cfg.matched_weight,
+        # The rollout temperature scales the logits the loss compares, as DistillationTrainer's `temperature` does.
+        uld_student_temperature=cfg.temperature,
+        uld_teacher_temperature=cfg.temperature,
+    )
+    # GOLD's dataset needs a completion per prompt; with lmbda 1 every batch is replaced by rollouts before any loss,
+    # so an empty one is never trained on. The prompt goes in as text, rendered with the generation prompt (and the
+    # think prefix): of chat rows GOLD keeps only the text the prompt shares with the rendered whole conversation,
+    # which leaves out a think prefix.
+    rendered = rows.map(lambda row: {"prompt": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                                                             tokenize=False),
+                                     "completion": ""}, keep_in_memory=True)
+    trainer = gold_trainer()(model=model, teacher_model=teacher, args=args, train_dataset=rendered,
+                             processing_class=tokenizer, peft_config=peft_config(cfg.lora))
+    return trainer, "byte-offset" if byte_level else "positional"
+
+
+@functools.cache
+def gold_trainer():
+    """The GOLDTrainer subclass below; built on first use, so importing this module never imports TRL."""
+    from trl.experimental.gold import GOLDTrainer
+
+    class OnpolicyGoldTrainer(GOLDTrainer):
+        """GOLDTrainer that logs what DistillationTrainer logs and GOLD does not: the rollouts' mean length
+        (`completions/mean_length`) and the student's tokens (prompt + rollout) in num_input_tokens_seen."""
+
+        _tag_names = ["trl", "gold", "distillery"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                completion_lengths = (inputs["labels"] != -100).sum(-1).float()
+                tokens = inputs["attention_mask"].sum()
+                self._metrics["train"]["completions/mean_length"].append(
+                    self.accelerator.gather(completion_lengths).mean().item())
+                self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return OnpolicyGoldTrainer
+
+
+def tokenizer_differences(student, teacher) -> list[str]:
+    """How the teacher's tokenizer differs from the student's in vocabulary or special tokens (empty: the same)."""
     differences = []
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
@@ -118,13 +222,7 @@ def check_same_tokenizer(student, teacher, student_ref: str, teacher_ref: str) -
     if set(student.all_special_tokens) != set(teacher.all_special_tokens):
         only = sorted(set(student.all_special_tokens) ^ set(teacher.all_special_tokens))
         differences.append(f"special tokens in only one of them: {', '.join(map(repr, only[:5]))}")
-    if differences:
-        raise UserError(
-            f"onpolicy: teacher {teacher_ref!r} and student {student_ref!r} have different tokenizers "
-            f"({'; '.join(differences)}, student vs teacher). The divergence compares their next-token "
-            "distributions id by id, so they must share one tokenizer: pick a teacher of the student's family, or "
-            "distil from the teacher's samples (sample -> verify -> select -> sft)"
-        )
+    return differences
 
 
 def prompt_dataset(dataset, cfg: Config, tokenizer):
