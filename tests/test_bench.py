@@ -94,3 +94,44 @@ def test_training_rows_have_long_tailed_lengths():
     assert max(words) > 5 * statistics.median(words)
     assert statistics.mean(words) > 1.3 * statistics.median(words)
     assert len({r["id"] for r in rows}) == 400
+
+
+def test_data_benchmark_times_every_step_at_each_size(tmp_path):
+    from pipeline.bench.data import CASES
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "data", "--data-rows", "40,400", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["data"]
+
+    assert set(data["sizes"]) == {"40", "400"} and set(data["per_row_time_growth"]) == set(CASES)
+    small, large = (data["sizes"][size] for size in ("40", "400"))
+    assert large["inputs"]["samples"] == 400 and large["inputs"]["problems"] == 100
+    assert 1000 <= large["inputs"]["mean_completion_chars"] <= 4000
+    for case in CASES:
+        result = large["cases"][case]
+        assert result["seconds"] > 0 and result["peak_rss_gib"] > result["baseline_anon_gib"] > 0
+        assert result["rows_in"] == 400 and result["stats"]
+    cases = large["cases"]
+    # verify took every grade from its progress file; select and pairs made one row per problem at most
+    assert cases["verify"]["rows_out"] == 400 and cases["verify"]["stats"]["problems"] == 100
+    assert 0 < cases["select"]["rows_out"] <= 100 and 0 < cases["pairs"]["rows_out"] <= 100
+    # the planted duplicates (1% exact, 3% near) are found among load's 400 problems
+    removed = cases["filter_problems"]["stats"]
+    assert removed["removed_duplicate"] >= 1 and removed["removed_near_duplicate"] >= 5
+    assert cases["filter"]["stats"]["removed_truncated"] > 0 and small["cases"]["load"]["rows_out"] == 40
+
+
+def test_synthetic_problems_share_phrasing_and_plant_duplicates():
+    from pipeline.bench.data import problem_texts
+    from pipeline.steps.filter import ngrams
+
+    texts = problem_texts(2000, seed=0)
+    assert 150 <= statistics.mean(len(t) for t in texts) <= 250
+    normalised = [" ".join(t.lower().split()) for t in texts]
+    assert 5 <= len(normalised) - len(set(normalised)) <= 40  # ~1% exact duplicates
+    # common phrasing: the most shared 5-gram appears in hundreds of problems
+    counts: dict = {}
+    for text in texts:
+        for gram in ngrams(text, 5):
+            counts[gram] = counts.get(gram, 0) + 1
+    assert max(counts.values()) >= 200

@@ -77,3 +77,56 @@ def test_pass_rate_window_needs_verify_output_and_a_sane_window(tmp_path):
         run_filter(tmp_path, data, min_pass_rate=0.1)
     with pytest.raises(ValidationError, match="above"):
         filter_step.Config(uses="filter", input="graded", min_pass_rate=0.8, max_pass_rate=0.2)
+
+
+def exact_near_duplicates(problems: dict[str, str], threshold: float, n: int = 5) -> set[str]:
+    """The exact rule by brute force: each problem against every earlier kept one."""
+    kept: dict[str, set] = {}
+    dropped = set()
+    for problem_id, text in problems.items():
+        grams = filter_step.ngrams(text, n)
+        if any(grams and len(grams & other) / len(grams | other) >= threshold for other in kept.values() if other):
+            dropped.add(problem_id)
+        else:
+            kept[problem_id] = grams
+    return dropped
+
+
+def train_problems(count: int) -> dict[str, str]:
+    with open("data/train/gsm8k_train.jsonl") as f:
+        return {row["id"]: row["problem"] for row in map(json.loads, f.readlines()[:count])}
+
+
+def test_lsh_finds_a_planted_near_duplicate_and_keeps_distinct_problems(tmp_path):
+    problems = train_problems(200)
+    first_id, first = next(iter(problems.items()))
+    planted = first + " Give a whole number."  # 4 tokens more: Jaccard 0.88 with the first problem
+    data = [{"id": problem_id, "problem": text} for problem_id, text in problems.items()]
+    data.insert(100, {"id": "planted", "problem": planted})
+    artifact, kept, removed = run_filter(tmp_path, data, near_duplicate=0.8, decontaminate=[])
+
+    assert [(r["id"], r["reason"]) for r in removed] == [("planted", "near_duplicate")]
+    assert removed[0]["detail"].endswith(f"with {first_id}")
+    assert kept["id"] == list(problems)  # the 200 distinct problems, in input order
+    assert artifact.stats["removed_near_duplicate"] == 1
+
+
+def test_lsh_drops_what_the_exact_rule_drops(tmp_path):
+    problems = train_problems(300)
+    # near duplicates at several similarities: one word changed, a sentence added, a clause cut
+    variants = {}
+    for number, (problem_id, text) in enumerate(list(problems.items())[:60]):
+        words = text.split()
+        if number % 3 == 0:
+            variants[f"{problem_id}-word"] = " ".join(words[:len(words) // 2] + ["seven"] + words[len(words) // 2 + 1:])
+        elif number % 3 == 1:
+            variants[f"{problem_id}-added"] = text + " Answer in whole numbers."
+        else:
+            variants[f"{problem_id}-cut"] = " ".join(words[len(words) // 5:])
+    problems.update(variants)
+    for threshold in (0.5, 0.8):
+        expected = exact_near_duplicates(problems, threshold)
+        data = [{"id": problem_id, "problem": text} for problem_id, text in problems.items()]
+        _, _, removed = run_filter(tmp_path / str(threshold), data, near_duplicate=threshold, decontaminate=[])
+        assert {r["id"] for r in removed if r["reason"] == "near_duplicate"} == expected
+        assert len(expected) >= 25  # the variants are near duplicates at these thresholds, most of them

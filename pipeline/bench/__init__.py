@@ -8,6 +8,7 @@
              reference model, peak memory; with --lengths, REDI vs DPO+ref on long pairs, length by length
     cache    a finished recipe re-run in a fresh process, wall seconds
     decode   matmul GFLOP/s and copy GB/s on this machine: the bounds on decode tokens/s (`sample` includes it)
+    data     load, verify's bookkeeping, select, pairs and filter at 10k-1M synthetic rows: seconds and peak memory
 
 Each benchmark prints a table; `--json PATH` writes the headline numbers under fixed keys (null for a benchmark
 that was not run), the targets, and every raw number under the benchmark's own key.
@@ -27,7 +28,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-BENCHMARKS = ("sample", "verify", "train", "cache", "decode")
+BENCHMARKS = ("sample", "verify", "train", "cache", "decode", "data")
 # headline key -> (benchmark that measures it, target, whether higher is better); decode_fraction_of_bound has no
 # target: it says how much of the machine's compute the sampler turns into tokens.
 HEADLINES = {
@@ -118,7 +119,7 @@ def token_lengths(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="+", choices=[*BENCHMARKS, "all"], metavar="{sample,verify,train,cache,"
-                        "decode,all}", help="benchmarks to run (all: every one)")
+                        "decode,data,all}", help="benchmarks to run (all: every one)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to this file")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to sample and train")
     sample = parser.add_argument_group("sample")
@@ -142,3 +143,11 @@ def add_arguments(parser) -> None:
     cache.add_argument("--recipe", default="recipes/smoke.yaml", help="recipe to run, then re-run from cache")
     decode = parser.add_argument_group("decode")
     decode.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul for peak GFLOP/s")
+    from pipeline.bench.data import CASES, case_names, row_counts
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-rows", type=row_counts, default=[10_000, 100_000], metavar="N,N,...",
+                      help="sample rows per size (4 per problem), e.g. 10000,100000,1000000")
+    data.add_argument("--data-cases", type=case_names, default=list(CASES), metavar="CASE,...",
+                      help=f"steps to time, of {','.join(CASES)} (load and verify always run: they make the "
+                      "others' inputs)")

@@ -15,15 +15,15 @@ starting with the sample's think prefix if it had one), and how the chosen trace
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import ClassVar
 
 from pydantic import Field, model_validator
 
 from eval.answers import GRADED
 from pipeline.steps import StepConfig, require_columns
-from pipeline.steps.select import (SAMPLING_COLUMNS, assistant_texts, rows_by_problem, sampling_columns,
-                                   sampling_features, token_counter, warn_dry_run_stand_ins)
+from pipeline.steps.select import (SAMPLING_COLUMNS, arrow_columns, assistant_texts, message, message_list, numbers,
+                                   problem_index, ranks_in_problem, rows_by_problem, sampling_columns,
+                                   sampling_features, token_counter, token_counts, warn_dry_run_stand_ins, write_rows)
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
 REJECTABLE_LABELS = tuple(label for label in GRADED if label != "correct")  # incorrect, no_answer, truncated
@@ -70,67 +70,83 @@ class Config(StepConfig):
 
 
 def run(cfg: Config, inputs, out):
-    from datasets import Dataset, Features
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Features
 
     graded = inputs[cfg.input].dataset()
     require_columns(graded, REQUIRED_COLUMNS, step="pairs", source=cfg.input, reads="the output of a verify step")
-    optional = [c for c in SAMPLING_COLUMNS if c in graded.column_names]
-    columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
-    ids, labels, sample_idx = columns["id"], columns["label"], columns["sample_idx"]
-    texts = assistant_texts(columns)
+    # Pairs are matched on the small columns, in numpy; the traces are only read to measure and write them.
+    text_columns = [c for c in ("think_prefix", "completion") if c in graded.column_names]
+    columns = arrow_columns(graded, ["id", "correct", "label", "sample_idx"])
+    codes, problem_ids = problem_index(columns["id"])
+    sample_idx = numbers(columns["sample_idx"], np.int64)
 
-    too_long = [False] * len(ids)
+    too_long = np.zeros(len(codes), dtype=bool)
     if cfg.max_chars is not None:
-        too_long = [len(text) > cfg.max_chars for text in texts]
+        texts = assistant_texts(arrow_columns(graded, text_columns))
+        too_long = numbers(pc.utf8_length(texts), np.int64) > cfg.max_chars
     if cfg.tokenizer is not None:
         count = token_counter(cfg.tokenizer, inputs)
         if cfg.max_tokens is not None:
-            too_long = [long or tokens > cfg.max_tokens for long, tokens in zip(too_long, count(texts))]
+            too_long |= token_counts(count, graded.select_columns(text_columns), assistant_texts) > cfg.max_tokens
         if cfg.max_prompt_tokens is not None:
-            prompt_texts = ["\n".join(m["content"] for m in messages) for messages in columns["prompt"]]
-            too_long = [long or tokens > cfg.max_prompt_tokens for long, tokens in zip(too_long, count(prompt_texts))]
+            too_long |= token_counts(count, graded.select_columns(["prompt"]), prompt_texts) > cfg.max_prompt_tokens
 
-    chosen_rows: dict[str, list[int]] = defaultdict(list)
-    rejected_rows: dict[str, list[int]] = defaultdict(list)
-    for row in sorted(range(len(ids)), key=lambda r: sample_idx[r]):
-        if too_long[row]:
-            continue
-        if columns["correct"][row]:
-            chosen_rows[ids[row]].append(row)
-        elif labels[row] in cfg.rejected_labels:
-            rejected_rows[ids[row]].append(row)
-
-    problems_in = list(dict.fromkeys(ids))
-    pairs = []
-    for problem_id in problems_in:
-        matched = list(zip(chosen_rows[problem_id], rejected_rows[problem_id]))
-        pairs += [(problem_id, chosen, rejected) for chosen, rejected in matched[:cfg.max_pairs_per_problem]]
-    dry_run_stand_ins = not pairs and out.dry_run
+    usable = ~too_long
+    chosen = usable & numbers(columns["correct"], bool)
+    rejected = usable & ~chosen & pc.fill_null(pc.is_in(columns["label"], pa.array(cfg.rejected_labels)),
+                                               False).to_numpy(zero_copy_only=False)
+    # each problem's chosen and rejected rows in sample_idx order; the i-th of one goes with the i-th of the other
+    chosen_rows, rejected_rows = (rows[np.lexsort((rows, sample_idx[rows], codes[rows]))]
+                                  for rows in (np.flatnonzero(chosen), np.flatnonzero(rejected)))
+    chosen_count = np.bincount(codes[chosen_rows], minlength=len(problem_ids))
+    rejected_count = np.bincount(codes[rejected_rows], minlength=len(problem_ids))
+    pairs_of = np.minimum(np.minimum(chosen_count, rejected_count), cfg.max_pairs_per_problem)
+    pair_chosen = chosen_rows[ranks_in_problem(codes[chosen_rows]) < pairs_of[codes[chosen_rows]]]
+    pair_rejected = rejected_rows[ranks_in_problem(codes[rejected_rows]) < pairs_of[codes[rejected_rows]]]
+    dry_run_stand_ins = not len(pair_chosen) and out.dry_run
     if dry_run_stand_ins:  # each problem's first two samples as chosen and rejected (see select)
-        pairs = [(problem_id, rows[0], rows[1])
-                 for problem_id, rows in rows_by_problem(ids, sample_idx).items() if len(rows) > 1]
-        warn_dry_run_stand_ins("pairs", "no problem has both a correct and a rejected sample", len(pairs))
+        stand_ins = [rows[:2] for rows in rows_by_problem(codes.tolist(), sample_idx.tolist()).values()
+                     if len(rows) > 1]
+        pair_chosen = np.array([rows[0] for rows in stand_ins], dtype=np.int64)
+        pair_rejected = np.array([rows[1] for rows in stand_ins], dtype=np.int64)
+        warn_dry_run_stand_ins("pairs", "no problem has both a correct and a rejected sample", len(pair_chosen))
 
-    def message(row: int) -> list[dict]:
-        return [{"role": "assistant", "content": texts[row]}]
-
-    data = {
-        "id": [problem_id for problem_id, _, _ in pairs],
-        "prompt": [list(columns["prompt"][chosen]) for _, chosen, _ in pairs],
-        "chosen": [message(chosen) for _, chosen, _ in pairs],
-        "rejected": [message(rejected) for _, _, rejected in pairs],
-        **sampling_columns(columns, [chosen for _, chosen, _ in pairs]),
-    }
+    chosen_source = graded.select_columns(
+        ["id", "prompt", *text_columns, *(c for c in SAMPLING_COLUMNS if c in graded.column_names
+                                          and c not in text_columns)]).with_format("arrow")
+    rejected_source = graded.select_columns(text_columns).with_format("arrow")
     messages = graded.features["prompt"]
+    list_type = graded.features.arrow_schema.field("prompt").type
+
+    def batch(start: int, stop: int) -> pa.Table:
+        table = chosen_source[pair_chosen[start:stop]]
+        rejected_texts = assistant_texts(rejected_source[pair_rejected[start:stop]])
+        return pa.table({"id": table["id"], "prompt": table["prompt"],
+                         "chosen": message_list(message(assistant_texts(table), list_type.value_type), list_type),
+                         "rejected": message_list(message(rejected_texts, list_type.value_type), list_type),
+                         **sampling_columns(table)})
+
     features = Features({"id": graded.features["id"], "prompt": messages, "chosen": messages, "rejected": messages,
                          **sampling_features(graded.features)})
     return out.write_dataset(
-        Dataset.from_dict(data, features=features),
-        samples_in=len(ids),
-        problems_in=len(problems_in),
-        problems_paired=len(set(data["id"])),
-        problems_without_correct=sum(not chosen_rows[p] for p in problems_in),
-        problems_without_rejected=sum(not rejected_rows[p] for p in problems_in),
-        samples_too_long=sum(too_long),
-        **({"dry_run_stand_ins": len(pairs)} if dry_run_stand_ins else {}),
+        write_rows(len(pair_chosen), batch, features, out.scratch / "pairs.arrow"),
+        samples_in=len(codes),
+        problems_in=len(problem_ids),
+        problems_paired=len(np.unique(codes[pair_chosen])),
+        problems_without_correct=int((chosen_count == 0).sum()),
+        problems_without_rejected=int((rejected_count == 0).sum()),
+        samples_too_long=int(too_long.sum()),
+        **({"dry_run_stand_ins": len(pair_chosen)} if dry_run_stand_ins else {}),
     )
+
+
+def prompt_texts(table):
+    """Each prompt's message texts joined by newlines (Arrow), the text the prompt-length limit counts."""
+    import pyarrow.compute as pc
+
+    prompts = table["prompt"].combine_chunks()
+    contents = type(prompts).from_arrays(prompts.offsets, prompts.values.field("content"))
+    return pc.binary_join(contents, "\n")

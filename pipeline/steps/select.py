@@ -19,7 +19,6 @@ one, each problem's first sample stands in (whatever its label) so that the trai
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -65,10 +64,127 @@ class Config(StepConfig):
         return [self.tokenizer] if self.tokenizer else []
 
 
-def assistant_texts(columns: dict) -> list[str]:
-    """Assistant message per row: the think prefix the completion continues (if recorded), then the completion."""
-    prefixes = columns.get("think_prefix") or [""] * len(columns["completion"])
-    return [(prefix or "") + (completion or "") for prefix, completion in zip(prefixes, columns["completion"])]
+BATCH_ROWS = 2_000  # output rows built and written at a time: a batch of traces in memory, never all of them
+
+
+def arrow_columns(dataset, names: list[str]):
+    """`names` of `dataset` as a pyarrow Table (zero-copy over the memory-mapped data), for column-wise work."""
+    return dataset.select_columns(names).with_format("arrow")[:]
+
+
+def problem_index(ids) -> tuple:
+    """(each row's problem number, the problem ids): problems numbered 0, 1, ... in order of first appearance."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(ids)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    codes = np.concatenate([np.zeros(0, dtype=np.int64)]
+                           + [chunk.indices.to_numpy(zero_copy_only=False).astype(np.int64) for chunk in chunks])
+    return codes, (chunks[-1].dictionary.to_pylist() if chunks else [])
+
+
+def ranks_in_problem(codes):
+    """For rows sorted by problem: each row's place among its problem's rows (0, 1, ...)."""
+    import numpy as np
+
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, dtype=np.int64)
+    return np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
+
+
+def numbers(column, dtype):
+    """An Arrow column as a numpy array; nulls as 0 (False)."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(column, 0 if dtype is not bool else False).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def assistant_texts(table):
+    """Assistant message per row (Arrow): the think prefix the completion continues (if recorded), then the
+    completion."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def text(column):  # nulls as "" (a column of nothing but nulls has Arrow's null type)
+        return pc.fill_null(column.cast(pa.string()) if pa.types.is_null(column.type) else column, "")
+
+    if "think_prefix" not in table.column_names:
+        return text(table["completion"])
+    return pc.binary_join_element_wise(text(table["think_prefix"]), text(table["completion"]), "")
+
+
+def with_message(prompts, texts, role: str = "assistant"):
+    """Each row's chat messages with one more message (`role`, `texts`) at the end, built in Arrow: no Python
+    object per message."""
+    import pyarrow as pa
+
+    prompts = prompts.combine_chunks() if isinstance(prompts, pa.ChunkedArray) else prompts
+    return concat_lists(prompts, message_list(message(texts, prompts.type.value_type, role), prompts.type))
+
+
+def message(texts, message_type, role: str = "assistant"):
+    """Chat messages (`role`, `texts`) as an Arrow struct array of `message_type`; its other fields null."""
+    import pyarrow as pa
+
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    fields = {"role": pa.array([role] * len(texts)), "content": texts}
+    return pa.StructArray.from_arrays(
+        [fields[f.name].cast(f.type) if f.name in fields else pa.nulls(len(texts), f.type) for f in message_type],
+        fields=list(message_type))
+
+
+def message_list(messages, list_type):
+    """One-message lists, one per row, of Arrow type `list_type`."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = pa.array(np.arange(len(messages) + 1), type=pa.int64() if pa.types.is_large_list(list_type)
+                       else pa.int32())
+    return type(pa.array([], type=list_type)).from_arrays(offsets, messages, type=list_type)
+
+
+def concat_lists(first, second):
+    """Row-wise concatenation of two list arrays of the same type and length."""
+    import numpy as np
+    import pyarrow as pa
+
+    first_lengths = numbers(first.value_lengths(), np.int64)
+    second_lengths = numbers(second.value_lengths(), np.int64)
+    lengths = first_lengths + second_lengths
+    offsets = np.r_[0, np.cumsum(lengths)]
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(offsets[-1]) - offsets[:-1][row]
+    first_values, second_values = first.flatten(), second.flatten()
+    first_starts = np.r_[0, np.cumsum(first_lengths)][:-1]
+    second_starts = np.r_[0, np.cumsum(second_lengths)][:-1]
+    take = np.where(within < first_lengths[row], first_starts[row] + within,
+                    len(first_values) + second_starts[row] + within - first_lengths[row])
+    values = pa.concat_arrays([first_values, second_values]).take(pa.array(take))
+    offset_type = pa.int64() if pa.types.is_large_list(first.type) else pa.int32()
+    return type(first).from_arrays(pa.array(offsets, type=offset_type), values, type=first.type)
+
+
+def write_rows(count: int, make_batch, features, path):
+    """A Dataset of `count` rows made by `make_batch(start, stop) -> pyarrow Table`, BATCH_ROWS at a time, written
+    to an Arrow file at `path` (a scratch file: memory holds one batch) and memory-mapped back."""
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for start in range(0, count, BATCH_ROWS):
+            writer.write_table(make_batch(start, min(start + BATCH_ROWS, count)))
+        writer.finalize()
+    return Dataset.from_file(str(path))
+
+
+def token_counts(count, dataset, text_of):
+    """Tokens of `text_of(Arrow batch)` per row of `dataset`, counted BATCH_ROWS rows at a time."""
+    import numpy as np
+
+    batches = dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
+    return np.array([n for batch in batches for n in count(text_of(batch).to_pylist())], dtype=np.int64)
 
 
 def token_counter(model_ref: str, inputs):
@@ -82,64 +198,77 @@ def token_counter(model_ref: str, inputs):
 
 
 def run(cfg: Config, inputs, out):
-    from datasets import Dataset, Features
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Features
 
     graded = inputs[cfg.input].dataset()
     require_columns(graded, REQUIRED_COLUMNS, step="select", source=cfg.input, reads="the output of a verify step")
 
-    optional = [c for c in ("completion_tokens", *SAMPLING_COLUMNS) if c in graded.column_names]
-    columns = graded.select_columns(list(REQUIRED_COLUMNS) + optional).to_dict()
-    ids, sample_idx = columns["id"], columns["sample_idx"]
-    texts = assistant_texts(columns)
-    lengths = (token_counter(cfg.tokenizer, inputs)(texts) if cfg.max_tokens is not None
-               else columns.get("completion_tokens") or [len(t) for t in texts])
-
-    correct_rows: dict[str, list[int]] = defaultdict(list)  # problem id -> its eligible correct rows
+    # Which rows to keep is worked out on the small columns, in numpy; the traces are only read to write them.
+    text_columns = [c for c in ("think_prefix", "completion") if c in graded.column_names]
+    columns = arrow_columns(graded, ["id", "correct", "sample_idx"]
+                            + [c for c in ("completion_tokens",) if c in graded.column_names])
+    codes, problem_ids = problem_index(columns["id"])
+    sample_idx = numbers(columns["sample_idx"], np.int64)
+    eligible = numbers(columns["correct"], bool)
+    characters = None
+    if cfg.max_tokens is not None:
+        lengths = token_counts(token_counter(cfg.tokenizer, inputs), graded.select_columns(text_columns),
+                               assistant_texts)
+    elif "completion_tokens" in columns.column_names and len(codes):
+        lengths = numbers(columns["completion_tokens"], np.int64)
+    else:
+        characters = lengths = numbers(pc.utf8_length(assistant_texts(arrow_columns(graded, text_columns))),
+                                       np.int64)
     too_long = 0
-    for row, is_correct in enumerate(columns["correct"]):
-        if not is_correct:
-            continue
-        if cfg.max_tokens is not None and lengths[row] > cfg.max_tokens:
-            too_long += 1
-            continue
-        correct_rows[ids[row]].append(row)
+    if cfg.max_tokens is not None:
+        over = eligible & (lengths > cfg.max_tokens)
+        too_long = int(over.sum())
+        eligible &= ~over
 
-    problems_in = list(dict.fromkeys(ids))  # input order, each problem once
-    kept_rows = []
-    for problem_id in problems_in:
-        rows = sorted(correct_rows.get(problem_id, []), key=lambda r: sample_idx[r])
-        if cfg.keep == "first_correct":
-            rows = rows[:1]
-        elif cfg.keep == "shortest_k":
-            rows = sorted(rows, key=lambda r: (lengths[r], len(texts[r]), sample_idx[r]))[:cfg.k]
-        kept_rows += rows
-    dry_run_stand_ins = not kept_rows and out.dry_run
+    rows = np.flatnonzero(eligible)
+    if cfg.keep == "shortest_k":  # by length in tokens, then characters, then sample_idx
+        if characters is None:
+            characters = numbers(pc.utf8_length(assistant_texts(arrow_columns(graded, text_columns))), np.int64)
+        order = np.lexsort((rows, sample_idx[rows], characters[rows], lengths[rows], codes[rows]))
+    else:  # by sample_idx; problems in input order
+        order = np.lexsort((rows, sample_idx[rows], codes[rows]))
+    rows = rows[order]
+    per_problem = {"first_correct": 1, "shortest_k": cfg.k, "all_correct": len(rows)}[cfg.keep]
+    kept_rows = rows[ranks_in_problem(codes[rows]) < per_problem]
+    dry_run_stand_ins = not len(kept_rows) and out.dry_run
     if dry_run_stand_ins:
-        kept_rows = [rows[0] for rows in rows_by_problem(ids, sample_idx).values()]
+        kept_rows = np.array([problem_rows[0] for problem_rows
+                              in rows_by_problem(codes.tolist(), sample_idx.tolist()).values()])
         warn_dry_run_stand_ins("select", "no problem has a correct sample", len(kept_rows))
-    selected = {
-        "id": [ids[row] for row in kept_rows],
-        "messages": [list(columns["prompt"][row]) + [{"role": "assistant", "content": texts[row]}]
-                     for row in kept_rows],
-        **sampling_columns(columns, kept_rows),
-    }
+
+    source = graded.select_columns(["id", "prompt", *text_columns, *(c for c in SAMPLING_COLUMNS
+                                                                     if c in graded.column_names and
+                                                                     c not in text_columns)]).with_format("arrow")
+
+    def batch(start: int, stop: int) -> pa.Table:
+        table = source[kept_rows[start:stop]]
+        return pa.table({"id": table["id"], "messages": with_message(table["prompt"], assistant_texts(table)),
+                         **sampling_columns(table)})
+
     # Explicit features so that a selection with no rows still has the right schema.
     features = Features({"id": graded.features["id"], "messages": graded.features["prompt"],
                          **sampling_features(graded.features)})
     return out.write_dataset(
-        Dataset.from_dict(selected, features=features),
-        samples_in=len(ids),
-        problems_in=len(problems_in),
-        problems_kept=len(set(selected["id"])),
+        write_rows(len(kept_rows), batch, features, out.scratch / "selected.arrow"),
+        samples_in=len(codes),
+        problems_in=len(problem_ids),
+        problems_kept=len(np.unique(codes[kept_rows])),
         **({"dropped_too_long": too_long} if cfg.max_tokens is not None else {}),
         **({"dry_run_stand_ins": len(kept_rows)} if dry_run_stand_ins else {}),
     )
 
 
-def sampling_columns(columns: dict, rows: list[int]) -> dict:
-    """The `SAMPLING_COLUMNS` the samples have, for `rows`, under their training-data names."""
-    return {name: [columns[column][row] for row in rows] for column, name in SAMPLING_COLUMNS.items()
-            if column in columns}
+def sampling_columns(table) -> dict:
+    """The `SAMPLING_COLUMNS` an Arrow table of samples has, under their training-data names."""
+    return {name: table[column] for column, name in SAMPLING_COLUMNS.items() if column in table.column_names}
 
 
 def sampling_features(features) -> dict:

@@ -171,7 +171,7 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
 
     from pipeline.console import progress
     from pipeline.models import resolve_model
-    from pipeline.steps.select import assistant_texts
+    from pipeline.steps.select import arrow_columns, assistant_texts
     from pipeline.template_check import trained_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.student, inputs))
@@ -179,10 +179,9 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
         raise UserError(f"teachers: student {cfg.student!r} has no chat template to render the traces with")
     traces, lengths, unscored = [], {}, 0  # traces: ((teacher, row), token ids, first trained position)
     for name, dataset in graded.items():
-        columns = dataset.select_columns([c for c in ("prompt", "completion", "correct", "think_prefix")
-                                          if c in dataset.column_names]).to_dict()
-        for row, (prompt, text, correct) in enumerate(zip(columns["prompt"], assistant_texts(columns),
-                                                          columns["correct"])):
+        texts = assistant_texts(arrow_columns(dataset, [c for c in ("completion", "think_prefix")
+                                                        if c in dataset.column_names])).to_pylist()
+        for row, (prompt, text, correct) in enumerate(zip(dataset["prompt"], texts, dataset["correct"])):
             if not correct:
                 continue
             ids, start = trained_token_ids(tokenizer, list(prompt), text)

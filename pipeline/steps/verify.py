@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections import Counter
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
@@ -65,9 +67,12 @@ class Config(StepConfig):
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
+    import numpy as np
+    import pyarrow as pa
     from datasets import Value
 
     from eval.grading_pool import iter_grades
+    from pipeline.steps.select import arrow_columns, problem_index
 
     samples = inputs[cfg.input].dataset()
     require_columns(samples, REQUIRED_COLUMNS, step="verify", source=cfg.input)
@@ -76,59 +81,91 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
 
     progress = out.scratch / PROGRESS_FILE
     grades = _read_progress(progress, len(samples))
-    prefixes = samples["think_prefix"] if "think_prefix" in samples.column_names else [cfg.think_prefix] * len(samples)
-    completions = [(prefix or "") + (text or "") for prefix, text in zip(prefixes, samples["completion"])]
-    finish_reasons = samples["finish_reason"] if "finish_reason" in samples.column_names else None
+    columns = arrow_columns(samples, [c for c in ("id", "answer", "completion", "think_prefix", "finish_reason")
+                                      if c in samples.column_names])
+    if "think_prefix" in columns.column_names:
+        completions = LazyRows(lambda prefix, text: (prefix or "") + (text or ""), columns["think_prefix"],
+                               columns["completion"])
+    else:
+        completions = LazyRows(lambda text: cfg.think_prefix + (text or ""), columns["completion"])
+    finish_reasons = (LazyRows(lambda reason: reason, columns["finish_reason"])
+                      if "finish_reason" in columns.column_names else None)
     out.scratch.mkdir(parents=True, exist_ok=True)
     with open(progress, "a") as log:
         if log.tell() > 0:
             log.write("\n")  # a run killed mid-line left a torn line: keep it apart from the next one
-        for index, result in iter_grades(completions, samples["answer"], workers=cfg.workers,
-                                         timeout_s=cfg.timeout_s, finish_reasons=finish_reasons,
-                                         gold_is_latex=cfg.gold_is_latex, skip=set(grades)):
+        for index, result in iter_grades(completions, LazyRows(lambda gold: gold, columns["answer"]),
+                                         workers=cfg.workers, timeout_s=cfg.timeout_s, finish_reasons=finish_reasons,
+                                         gold_is_latex=cfg.gold_is_latex,
+                                         skip={i for i, grade in enumerate(grades) if grade is not None}):
             grades[index] = result
             log.write(json.dumps([index, result.label, result.correct, result.extracted, result.error]) + "\n")
-    ordered: list[Grade] = [grades[i] for i in range(len(samples))]
-    ids = samples["id"]
 
-    correct_samples, graded_samples = Counter(), Counter()
-    labels_of: dict[str, set[str]] = {}  # problem id -> its samples' labels, problems in input order
-    for problem_id, result in zip(ids, ordered):
-        labels_of.setdefault(problem_id, set()).add(result.label)
-        graded_samples[problem_id] += result.graded
-        correct_samples[problem_id] += result.correct
-    pass_rates = {pid: correct_samples[pid] / graded_samples[pid] if graded_samples[pid] else None
-                  for pid in labels_of}
-    rates = [rate for rate in pass_rates.values() if rate is not None]
+    # Per-problem counts in numpy over problem numbers, not per-row Python dicts.
+    codes, problem_ids = problem_index(columns["id"])
+    label_of = np.array([LABELS.index(grade.label) for grade in grades], dtype=np.int64)
+    correct = np.array([grade.correct for grade in grades], dtype=bool)
+    graded_per_problem = np.bincount(codes, weights=label_of < len(GRADED), minlength=len(problem_ids)).astype(int)
+    correct_per_problem = np.bincount(codes, weights=correct, minlength=len(problem_ids)).astype(int)
+    has_rate = graded_per_problem > 0
+    rate_of = np.divide(correct_per_problem, graded_per_problem, out=np.zeros(len(problem_ids)), where=has_rate)
+    rates = rate_of[has_rate].tolist()
     # a problem without a graded sample counts under the first of UNGRADED among its labels, as in eval.metrics
-    ungraded_problems = Counter(next(label for label in UNGRADED if label in labels)
-                                for pid, labels in labels_of.items() if pass_rates[pid] is None)
-    label_counts = Counter(g.label for g in ordered)
+    ungraded_problems, unassigned = Counter(), ~has_rate
+    for label in UNGRADED:
+        has_label = np.bincount(codes[label_of == LABELS.index(label)], minlength=len(problem_ids)) > 0
+        ungraded_problems[label] = int((has_label & unassigned).sum())
+        unassigned &= ~has_label
+    label_counts = np.bincount(label_of, minlength=len(LABELS))
+    error_rows = np.flatnonzero(label_of == LABELS.index("error"))[:MAX_LISTED_ERRORS].tolist()
 
     graded = (samples
-              .add_column("label", [g.label for g in ordered])
-              .add_column("correct", [g.correct for g in ordered])
-              .add_column("extracted", [g.extracted for g in ordered])
-              .add_column("grade_error", [g.error for g in ordered])
-              .add_column("graded_samples", [graded_samples[pid] for pid in ids])
+              .add_column("label", pa.array([grade.label for grade in grades], type=pa.string()))
+              .add_column("correct", pa.array(correct))
+              .add_column("extracted", pa.array([grade.extracted for grade in grades], type=pa.string()))
+              .add_column("grade_error", pa.array([grade.error for grade in grades], type=pa.string()))
+              .add_column("graded_samples", pa.array(graded_per_problem[codes], type=pa.int64()))
               # typed: a column of nothing but nulls (no problem graded) must still read as a float column
-              .add_column("pass_rate", [pass_rates[pid] for pid in ids], feature=Value("float64")))
+              .add_column("pass_rate", pa.array(rate_of[codes], mask=~has_rate[codes], type=pa.float64()),
+                          feature=Value("float64")))
     stats = {
-        "problems": len(pass_rates),
+        "problems": len(problem_ids),
         "problems_graded": len(rates),
         "mean_pass_rate": sum(rates) / len(rates) if rates else None,
         "problems_solved": sum(rate > 0 for rate in rates),
-        **{f"label_{label}": label_counts[label] for label in LABELS},
+        **{f"label_{label}": int(label_counts[LABELS.index(label)]) for label in LABELS},
         **{f"problems_ungraded_{label}": ungraded_problems[label] for label in UNGRADED},
-        "bad_gold_ids": sorted({pid for pid, g in zip(ids, ordered) if g.label == "bad_gold"}),
-        "grade_errors": [{"row": row, "id": pid, "error": g.error}
-                         for row, (pid, g) in enumerate(zip(ids, ordered)) if g.label == "error"][:MAX_LISTED_ERRORS],
+        "bad_gold_ids": sorted(problem_ids[code] for code in np.unique(codes[label_of == LABELS.index("bad_gold")])),
+        "grade_errors": [{"row": row, "id": problem_ids[codes[row]], "error": grades[row].error} for row in error_rows],
         "pass_rate_histogram": pass_rate_histogram(rates),
     }
     if cfg.audit:
-        stats.update(_audit(samples, completions, ordered, out.dir / AUDIT_FILE))
+        stats.update(_audit(samples, completions, grades, out.dir / AUDIT_FILE))
     _print_summary(stats)
     return out.write_dataset(graded, **stats)
+
+
+class LazyRows(Sequence):
+    """Row i of some Arrow columns, read when asked and passed through `make`: the grading pool takes its items a
+    batch at a time, so a million completions never sit in memory as Python strings all at once."""
+
+    def __init__(self, make, *columns):
+        import numpy as np
+
+        self._make, self._columns = make, columns
+        self._starts = [np.cumsum([0] + [len(chunk) for chunk in column.chunks]).tolist() for column in columns]
+
+    def __len__(self) -> int:
+        return len(self._columns[0])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        values = []
+        for column, starts in zip(self._columns, self._starts):
+            chunk = bisect_right(starts, index) - 1
+            values.append(column.chunks[chunk][index - starts[chunk]].as_py())
+        return self._make(*values)
 
 
 def pass_rate_histogram(rates: list[float]) -> dict[str, int]:
@@ -245,19 +282,21 @@ def _audit(samples, completions: list[str], grades: list, path) -> dict:
     return {"audit_disagreements": disagreements}
 
 
-def _read_progress(path, rows: int) -> dict[int, Grade]:
-    """Grades a killed run already wrote; a torn last line (killed mid-write) is dropped."""
+def _read_progress(path, rows: int) -> list[Grade | None]:
+    """Grades a killed run already wrote, by row (None: not graded yet); a torn last line (killed mid-write) is
+    dropped. Equal grades (most of a problem's samples) share one object."""
 
-    grades: dict[int, Grade] = {}
+    grades: list[Grade | None] = [None] * rows
     if not path.exists():
         return grades
+    shared: dict[tuple, Grade] = {}
     with open(path) as f:
         for line in f:
             try:
                 index, *fields = json.loads(line)  # label, correct, extracted, error
-                grade = Grade(*fields)
+                grade = shared.get(tuple(fields)) or shared.setdefault(tuple(fields), Grade(*fields))
             except (ValueError, TypeError):  # a torn or blank line
                 continue
-            if 0 <= index < rows:
+            if isinstance(index, int) and 0 <= index < rows:
                 grades[index] = grade
     return grades
