@@ -171,3 +171,44 @@ def test_score_traces_pads_a_batch_without_changing_a_score():
     assert [tokens for _, tokens in together] == [tokens for _, tokens in alone]
     for (nll, _), (nll_alone, _) in zip(together, alone):
         assert nll == pytest.approx(nll_alone, abs=1e-4)
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("best_teacher", {"p1": ("a", 0), "p2": ("a", 0)}),  # a ranks first; it never solved p3
+    ("b", {"p1": ("b", 0), "p2": ("b", 0), "p4": ("b", 0)}),
+    # a's first where it has a correct sample, else b's: p4 only b has
+    ("best_per_problem", {"p1": ("a", 0), "p2": ("a", 0), "p4": ("b", 0)}),
+])
+def test_select_from_a_teachers_step_picks_as_the_ranking_says(tmp_path, choice, expected):
+    from pipeline.steps import select
+
+    artifact, out = run(tmp_path, hand_made(tmp_path))
+    assert artifact.stats["ranking"] == ["a", "b"]
+    source = Artifact("teachers", "dataset", out.dir, stats=artifact.stats)
+    selected_out = Output(name="sft_data", kind="dataset", dir=tmp_path / "sel", scratch=tmp_path / "sel_scratch",
+                          seed=None)
+    cfg = select.Config.model_validate({"uses": "select", "input": "teachers", "from": choice})
+    selected = select.run(cfg, {"teachers": source}, selected_out)
+    rows = selected.dataset()
+    merged = artifact.dataset()
+    by_text = {}  # b's two p2 samples share a text: the first (sample_idx 0) names it
+    for row in merged:
+        by_text.setdefault(row["completion"], (row["teacher"], row["sample_idx"]))
+    picked = {row["id"]: by_text[row["messages"][-1]["content"]] for row in rows}
+    assert picked == expected
+    assert sum(selected.stats["problems_by_teacher"].values()) == len(expected)
+
+
+def test_select_from_refuses_what_is_not_a_teacher(tmp_path):
+    from pipeline.steps import select
+
+    artifact, out = run(tmp_path, hand_made(tmp_path))
+    source = Artifact("teachers", "dataset", out.dir, stats=artifact.stats)
+    selected_out = Output(name="s", kind="dataset", dir=tmp_path / "sel", scratch=tmp_path / "scr", seed=None)
+    with pytest.raises(UserError, match="'c' is not a teacher of step 'teachers' \\(teachers: a, b"):
+        select.run(select.Config.model_validate({"uses": "select", "input": "teachers", "from": "c"}),
+                   {"teachers": source}, selected_out)
+    graded = Artifact("a", "dataset", tmp_path / "a")
+    with pytest.raises(UserError, match="step 'a' is not a teachers step"):
+        select.run(select.Config.model_validate({"uses": "select", "input": "a", "from": "best_teacher"}),
+                   {"a": graded}, selected_out)

@@ -10,6 +10,11 @@ samples:
     all_correct     all of them, in sample_idx order
     shortest_k      the k shortest (completion_tokens, then characters; ties by sample_idx)
 
+From a `teachers` step (its samples of every teacher, ranked): `from: best_teacher` keeps the samples of the teacher
+it ranked first, `from: <teacher>` those of a named one, and `from: best_per_problem` each problem's samples of the
+highest-ranked teacher with an eligible correct sample for it (so a problem the best teacher never solved still gets
+the next one's trace); the policy then picks among them.
+
 `max_tokens` drops traces longer than that many tokens of the student's tokenizer before the policy
 picks. If the samples were generated after a think prefix (a `think_prefix` column, written by the
 sample step), the assistant message starts with it: the student learns to write what the teacher was
@@ -21,8 +26,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from pipeline.errors import UserError
 from pipeline.steps import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
@@ -31,7 +37,16 @@ SAMPLING_COLUMNS = {"think_prefix": "think_prefix", "prompt_text": "prompt_text"
 
 
 class Config(StepConfig):
-    input: str = Field(description="Name of the graded-samples step (the `verify` step) to select from.")
+    # `from` is a Python keyword: the field is `from_`, written `from` in recipes
+    model_config = ConfigDict(**StepConfig.model_config, populate_by_name=True)
+
+    input: str = Field(description="Name of the graded-samples step (the `verify` step, or a `teachers` step) to "
+                                   "select from.")
+    from_: str | None = Field(
+        default=None, alias="from",
+        description="With a teachers step as input, whose samples: best_teacher (its ranking's first), "
+                    "best_per_problem (per problem, the highest-ranked teacher with an eligible correct sample) or "
+                    "a teacher's name. null: every sample of the input.")
     keep: Literal["first_correct", "all_correct", "shortest_k"] = Field(
         default="first_correct",
         description="Which correct samples become SFT data, per problem. first_correct: the lowest sample_idx; "
@@ -227,6 +242,10 @@ def run(cfg: Config, inputs, out):
         over = eligible & (lengths > cfg.max_tokens)
         too_long = int(over.sum())
         eligible &= ~over
+    teachers_kept = {}
+    if cfg.from_ is not None:
+        from_teacher, teachers_kept = teacher_rows(cfg, inputs[cfg.input], graded, codes, eligible)
+        eligible &= from_teacher
 
     rows = np.flatnonzero(eligible)
     if cfg.keep == "shortest_k":  # by length in tokens, then characters, then sample_idx
@@ -263,7 +282,42 @@ def run(cfg: Config, inputs, out):
         problems_kept=len(np.unique(codes[kept_rows])),
         **({"dropped_too_long": too_long} if cfg.max_tokens is not None else {}),
         **({"dry_run_stand_ins": len(kept_rows)} if dry_run_stand_ins else {}),
+        **({"from": cfg.from_, "problems_by_teacher": teachers_kept} if cfg.from_ is not None else {}),
     )
+
+
+def teacher_rows(cfg: Config, source, graded, codes, eligible):
+    """Which rows of a teachers step's samples `from` keeps (a boolean mask), and how many problems each teacher
+    supplies."""
+    import numpy as np
+
+    if "teacher" not in graded.column_names or "ranking" not in source.stats:
+        raise UserError(f"select: `from: {cfg.from_}` picks among teachers, but step {cfg.input!r} is not a "
+                        "teachers step (its samples have no `teacher` column, its manifest no ranking)")
+    ranking = source.stats["ranking"]
+    teachers = numbers_of(arrow_columns(graded, ["teacher"])["teacher"], ranking)
+    if cfg.from_ == "best_per_problem":
+        # Per problem, the best rank among its eligible rows; rows of that teacher are kept.
+        best = np.full(codes.max() + 1 if len(codes) else 0, len(ranking))
+        np.minimum.at(best, codes[eligible], teachers[eligible])
+        keep = teachers == best[codes]
+    else:
+        name = ranking[0] if cfg.from_ == "best_teacher" else cfg.from_
+        if name not in ranking:
+            raise UserError(f"select: from: {cfg.from_!r} is not a teacher of step {cfg.input!r} (teachers: "
+                            f"{', '.join(ranking)}; or best_teacher, best_per_problem)")
+        keep = teachers == ranking.index(name)
+    supplied = np.unique(np.stack([codes[keep & eligible], teachers[keep & eligible]]), axis=1)
+    return keep, {name: int((supplied[1] == rank).sum()) for rank, name in enumerate(ranking)}
+
+
+def numbers_of(column, names: list[str]):
+    """Each row's position of its value in `names`, as numpy (len(names) for a value not among them)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return numbers(pc.fill_null(pc.index_in(column, value_set=pa.array(names)), len(names)), np.int64)
 
 
 def sampling_columns(table) -> dict:
