@@ -79,6 +79,21 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
+def projection_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the model's own head would project `hidden` in: autocast's where it is on, else hidden's."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def chunks_of_logits(hidden, weight, bias, chunk_size: int, compute_dtype):
+    """(rows, float32 logits [chunk, V] of hidden[rows]) for each `chunk_size` rows, projected in compute_dtype."""
+    compute_weight = weight.to(compute_dtype)
+    compute_bias = None if bias is None else bias.to(compute_dtype)
+    for start in range(0, len(hidden), chunk_size):
+        rows = slice(start, start + chunk_size)
+        yield rows, chunk_logits(hidden[rows], compute_weight, compute_bias)
+
+
 class ChunkedTokenLogProbs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T + bias)[i, targets[i]] for each row i of hidden [N, H], `chunk_size` rows at a
     time, in forward and (recomputed) in backward.
@@ -89,19 +104,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, full_params=no_gathering):
-        device_type = hidden.device.type
-        # The dtype the model's own head would project in: autocast's where it is on (forward only: a backward runs
-        # outside autocast, so it is kept for there).
-        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else hidden.dtype)
+        # Kept for backward, which runs outside autocast.
+        compute_dtype = projection_dtype(hidden)
         log_z = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         target_logits = torch.empty_like(log_z)
         with full_params(weight, bias):
-            compute_weight = weight.to(compute_dtype)
-            compute_bias = None if bias is None else bias.to(compute_dtype)
-            for start in range(0, len(hidden), chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = chunk_logits(hidden[rows], compute_weight, compute_bias)
+            for rows, logits in chunks_of_logits(hidden, weight, bias, chunk_size, compute_dtype):
                 log_z[rows] = torch.logsumexp(logits, dim=-1)
                 target_logits[rows] = logits.gather(-1, targets[rows, None])[:, 0]
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
@@ -154,16 +162,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, context, position_loss, chunk_size: int, full_params=no_gathering):
-        device_type = hidden.device.type
-        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else hidden.dtype)
+        compute_dtype = projection_dtype(hidden)
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         with full_params(weight, bias):
-            compute_weight = weight.to(compute_dtype)
-            compute_bias = None if bias is None else bias.to(compute_dtype)
-            for start in range(0, len(hidden), chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = chunk_logits(hidden[rows], compute_weight, compute_bias)
+            for rows, logits in chunks_of_logits(hidden, weight, bias, chunk_size, compute_dtype):
                 losses[rows] = position_loss(logits, targets[rows], context[rows])
         ctx.save_for_backward(hidden, weight, bias, targets, context)
         ctx.position_loss, ctx.chunk_size, ctx.compute_dtype, ctx.full_params = (position_loss, chunk_size,

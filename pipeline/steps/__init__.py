@@ -105,6 +105,11 @@ def _names_a_path(value: str) -> bool:
         and Path(value).expanduser().exists()
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names listed more than once, sorted (for validators of lists that must not repeat)."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def require_columns(dataset, columns, *, step: str, source: str, reads: str = "") -> None:
     """Refuse a dataset lacking columns a step needs, naming the step, the input step and what the dataset has."""
     missing = [column for column in columns if column not in dataset.column_names]

@@ -433,6 +433,8 @@ def opsd_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """TRL's loss (SDFTTrainer.compute_loss: the per-token loss averaged over each completion's scored tokens,
             then over completions), without the logits of every position: see the module docstring."""
+            from pipeline.token_logprobs import projection_dtype
+
             if return_outputs or self.use_teacher_server:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -449,9 +451,7 @@ def opsd_trainer():
             labels[:, -length:] = completion_ids.masked_fill(loss_mask == 0, -100)
             context = teacher_hidden.new_zeros(*student_ids.shape, teacher_hidden.size(-1))
             context[:, -length:] = teacher_hidden[:, :-1][:, -length:]
-            device_type = student_ids.device.type
-            teacher_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                             else teacher_hidden.dtype)
+            teacher_dtype = projection_dtype(teacher_hidden)
             per_token = model(input_ids=student_ids,
                               attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                               labels=labels, logprob_chunk_size=SCORE_CHUNK_SIZE,

@@ -23,8 +23,9 @@ position where Triton is missing, and there its torch fallback holds ~4 GiB of t
 remains and grows with the length is the transformer's own activations. REDI's loss is a sum of per-sequence terms, so
 by default (`one_sequence_at_a_time`) each sequence goes through the model on its own inside activation
 checkpointing and backward holds one sequence's activations instead of 2 x batch_size (one more forward pass);
-`gradient_checkpointing` bounds them further, to each layer's input (see BENCHMARKS.md, "REDI on long pairs"). `use_liger_kernel` swaps Liger's kernels into the layers only: DPOTrainer turns
-Liger's fused linear cross-entropy off, and REDI's log-probs never go through the model's head module anyway.
+`gradient_checkpointing` bounds them further, to each layer's input (see BENCHMARKS.md, "REDI on long pairs").
+`use_liger_kernel` swaps Liger's kernels into the layers only: DPOTrainer turns Liger's fused linear cross-entropy
+off, and REDI's log-probs never go through the model's head module anyway.
 
 Input: TRL preference data, `id`, `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), as
 the `pairs` step writes. Pairs with a side longer than `max_length` are dropped and counted, never cut.

@@ -42,7 +42,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from pipeline.errors import UserError
-from pipeline.steps import StepConfig, require_columns
+from pipeline.steps import StepConfig, repeated, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "label", "correct", "extracted", "sample_idx")
 TEACHERS_JSON, PROBLEMS_JSONL, REPORT_MD, PLOT_PNG = "teachers.json", "teacher_problems.jsonl", "report.md", \
@@ -76,9 +76,8 @@ class Config(StepConfig):
     @field_validator("teachers")
     @classmethod
     def _distinct(cls, teachers: list[str]) -> list[str]:
-        repeated = sorted({name for name in teachers if teachers.count(name) > 1})
-        if repeated:
-            raise ValueError(f"each teacher once: {', '.join(repeated)} repeated")
+        if repeated(teachers):
+            raise ValueError(f"each teacher once: {', '.join(repeated(teachers))} repeated")
         return teachers
 
     @field_validator("input")
