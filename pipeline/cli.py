@@ -86,10 +86,50 @@ def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
             from pipeline.steps.evaluate import print_table
 
             print_table(json.loads((outcome.artifact.path / "results.json").read_text()))
+    if recipe.rounds:
+        _print_rounds(recipe, outcomes)
     counts = {state: sum(o.state == state for o in outcomes.values()) for state in ("ran", "copied", "skipped")}
     copied = f", {counts['copied']} copied" if counts["copied"] else ""
     console.print(f"[bold]{prefix}{recipe.name}[/bold]: {counts['ran']} step(s) ran{copied}, {counts['skipped']} "
                   f"skipped → {outcomes[next(reversed(outcomes))].artifact.path.parent}")
+
+
+def _print_rounds(recipe, outcomes) -> None:
+    """For each evaluation after the rounds block that holds two or more of the rounds' models (round 0: the model
+    round 1 starts from): pass@1 by round and each round minus the one before, paired over problems."""
+    from pipeline.compare import compare_runs
+    from pipeline.models import STEP_PREFIX
+    from pipeline.recipe import round_step, split_round
+
+    rounds = recipe.rounds
+    by_round = [rounds.start] + [STEP_PREFIX + round_step(rounds.model, k) for k in range(1, rounds.count + 1)]
+    for outcome in outcomes.values():
+        if recipe.steps[outcome.name].uses != "evaluate" or split_round(outcome.name)[1] is not None:
+            continue  # an evaluate step inside the block already compares its round with the one before
+        results_path = outcome.artifact.path / "results.json"
+        document = json.loads(results_path.read_text())
+        evaluated = [(number, model) for number, model in enumerate(by_round) if model in document["models"]]
+        if len(evaluated) < 2:
+            continue
+        table = Table(title=f"{outcome.name}: pass@1 (%) by round; minus the round before, paired over problems")
+        for column in ("round", "model", "benchmark", "pass@1 ± stderr", "minus the round before [95%]", "MDD"):
+            # fold, not cut: a model's name and an interval are read whole even on a narrow terminal
+            table.add_column(column, justify="left" if column in ("model", "benchmark") else "right",
+                             overflow="fold")
+        for position, (number, model) in enumerate(evaluated):
+            before = evaluated[position - 1][1] if position else None
+            differences = compare_runs([(results_path, document)], before)["differences"] if before else {}
+            for benchmark, scores in document["models"][model].items():
+                stderr = "" if scores["stderr"] is None else f" ± {100 * scores['stderr']:.1f}"
+                paired = differences.get(model, {}).get(benchmark, {}).get("pooled")
+                versus = "–" if paired is None else (
+                    f"{100 * paired['difference']:+.1f}"
+                    + ("" if paired["stderr"] is None else f" ± {100 * paired['stderr']:.1f}")
+                    + f" [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+                    + ("" if paired["detectable"] else ", no detectable difference"))
+                mdd = "–" if paired is None or paired["mdd"] is None else f"{100 * paired['mdd']:.1f}"
+                table.add_row(str(number), model, benchmark, f"{100 * scores['pass@1']:.1f}{stderr}", versus, mdd)
+        console.print(table)
 
 
 def cmd_check(args) -> int:
@@ -144,13 +184,19 @@ def cmd_status(args) -> int:
     from pipeline.runner import status
 
     args.workdir = args.path
+    rows = status(Path(args.workdir))
+    with_rounds = any(row["round"] is not None for row in rows)  # a recipe with a rounds block
     table = Table(title=str(args.workdir))
-    for column in ("step", "type", "state", "rows", "seconds", "key"):
-        table.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
+    for column in ("step", "type", *(["round"] if with_rounds else []), "state", "rows", "seconds", "key"):
+        table.add_column(column, justify="right" if column in ("round", "rows", "seconds") else "left")
     colors = {"complete": "green", "failed": "red", "incomplete": "yellow", "pending": "dim"}
-    for row in status(Path(args.workdir)):
-        table.add_row(row["step"], row["uses"], f"[{colors[row['state']]}]{row['state']}",
-                      "" if row["rows"] is None else str(row["rows"]),
+    previous_round = None
+    for row in rows:
+        if with_rounds and row["round"] != previous_round:
+            table.add_section()  # a rule between rounds, and around the block
+        previous_round = row["round"]
+        table.add_row(row["step"], row["uses"], *([str(row["round"] or "")] if with_rounds else []),
+                      f"[{colors[row['state']]}]{row['state']}", "" if row["rows"] is None else str(row["rows"]),
                       "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["key"] or "")
     console.print(table)
     return 0
@@ -158,17 +204,23 @@ def cmd_status(args) -> int:
 
 def _status_of_recipe(args) -> int:
     """What `distill run RECIPE` would run and why, like `dvc status`; runs nothing."""
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe import load_recipe, split_round
     from pipeline.runner import plan, workdir_for
 
     recipe = load_recipe(args.path, args.override)
     steps = plan(recipe, dry_run=args.dry_run)
     console.print(f"[bold]{args.path}[/bold] → {workdir_for(recipe, args.dry_run)}")
+    previous_round = None
     for step in steps:
+        round_number = split_round(step.name)[1]  # only the steps of a rounds block have one
+        if round_number not in (None, previous_round):
+            console.print(f"[bold]{recipe.rounds.title(round_number)}[/bold]")
+        previous_round = round_number
         state = "[yellow]would run [/yellow]" if step.action == "run" else "[green]up to date[/green]"
         why = f": {'; '.join(step.reasons)}" if step.reasons else ""
+        indent = "  " if round_number is not None else ""  # a round's steps under its title
         # soft_wrap: a reason is never cut into pieces, so it can be copied and searched for
-        console.print(f"{state}  {step.name} ({step.cfg.uses}, key {step.key}){why}", soft_wrap=True)
+        console.print(f"{indent}{state}  {step.name} ({step.cfg.uses}, key {step.key}){why}", soft_wrap=True)
     would_run = sum(step.action == "run" for step in steps)
     console.print(f"{would_run} step(s) would run, {len(steps) - would_run} up to date")
     return 0

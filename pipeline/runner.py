@@ -40,7 +40,7 @@ from pipeline.env import library_versions
 from pipeline.errors import UserError
 from pipeline.fingerprints import CACHE_FILE, Fingerprints
 from pipeline.models import STEP_PREFIX, hub_revision, is_hub_id, model_identity
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, split_round
 from pipeline.steps import STEP_MODULES, StepConfig, step_module
 from pipeline.training import RUN_NAME_ENV
 
@@ -305,7 +305,12 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
             write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
                                                    "document": recipe.document})
             fingerprints.save()
+            previous_round = None
             for position, step in enumerate(steps, 1):
+                round_number = split_round(step.name)[1]  # only the steps of a rounds block have one
+                if round_number not in (None, previous_round):
+                    console.print(f"[bold]{escape(label + recipe.rounds.title(round_number))}[/bold]")
+                previous_round = round_number
                 step_title = f"{label}[{position}/{len(steps)}] {step.name}"  # its progress row's
                 step_label = f"{step_title} ({step.cfg.uses})"
                 if step.action == "skip":
@@ -438,7 +443,8 @@ def _rows(artifact: Artifact) -> str:
 
 
 def status(workdir: Path) -> list[dict]:
-    """One row per step of the last run in `workdir`: state, rows, seconds, key."""
+    """One row per step of the last run in `workdir`: type, round (None outside a rounds block), state, rows,
+    seconds, key."""
     run_file = workdir / RUN_FILE
     if not run_file.exists():
         raise UserError(f"{workdir}: not a Distillery workdir (no {RUN_FILE}); run a recipe first")
@@ -447,8 +453,8 @@ def status(workdir: Path) -> list[dict]:
     rows = []
     for name in steps:
         step_dir = workdir / name
-        row = {"step": name, "uses": document_steps.get(name, {}).get("uses", "?"), "state": "pending",
-               "rows": None, "seconds": None, "key": None}
+        row = {"step": name, "uses": document_steps.get(name, {}).get("uses", "?"), "round": split_round(name)[1],
+               "state": "pending", "rows": None, "seconds": None, "key": None}
         # A started-but-unfinished run outranks an older complete output of the same step.
         if (workdir / f".{name}.tmp" / "error.json").exists():
             row["state"] = "failed"
