@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -107,52 +108,94 @@ def generate(
     completions: list[list[Completion]] = [[] for _ in prompts]
     if not todo:
         return Generations(completions)
-    request = dict(
-        model=model, prompts=prompts, counts=counts, ids=ids, seed=seed, think_prefix=think_prefix,
+    logger.info("generating %d completions for %d prompts with %s", sum(counts), len(prompts), model)
+    engine = EngineProcess(
+        model, seed=seed, think_prefix=think_prefix, on_phase=on_phase, on_samples=on_samples,
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop),
         engine=dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                    data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend),
-        chunks=chunks, todo=todo,
-    )
-    logger.info("generating %d completions for %d prompts with %s", sum(counts), len(prompts), model)
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = context.Pipe(duplex=False)
-    process = context.Process(target=_child_main, args=(child_conn, os.getpid(), request))
-    process.start()
-    child_conn.close()
+                    data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend))
     try:
+        for chunk in todo:
+            rows = chunks[chunk]
+            chunk_completions, seconds = engine.generate_chunk(
+                [prompts[p] for p in rows], [ids[p] for p in rows], [counts[p] for p in rows])
+            completions[rows.start:rows.stop] = chunk_completions
+            if on_chunk is not None:
+                on_chunk(chunk, chunk_completions, seconds)
+    finally:
+        engine.close()
+    return Generations(completions, load_seconds=engine.load_seconds, generate_seconds=engine.generate_seconds)
+
+
+class EngineDied(RuntimeError):
+    """The engine process ended without an answer: killed, or out of memory."""
+
+
+class EngineProcess:
+    """A vLLM engine in a spawned child process that generates the chunks it is sent, one at a time, with
+    the per-sample seeds of `generate`. The local engine sends it every chunk of a step; a Ray replica
+    (pipeline.ray_engine) the chunks Ray Data hands it. `sampling` and `engine` are keyword arguments of
+    `vllm.SamplingParams` and `vllm.LLM`. `on_phase` and `on_samples` as in `generate`."""
+
+    def __init__(self, model: str, *, seed: int, think_prefix: str, sampling: dict, engine: dict,
+                 on_phase: Callable[[str], None] | None = None, on_samples: Callable[[int], None] | None = None):
+        import multiprocessing
+
+        self.model = model
+        self.load_seconds = 0.0  # engine start-up: weights, KV cache, warm-up
+        self.generate_seconds = 0.0  # the chunks' generate calls, summed
+        self._on_phase, self._on_samples = on_phase, on_samples
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        request = dict(model=model, seed=seed, think_prefix=think_prefix, sampling=sampling, engine=engine)
+        self._process = context.Process(target=_child_main, args=(child_conn, os.getpid(), request))
+        self._process.start()
+        child_conn.close()
+
+    def generate_chunk(self, prompts: list[list[dict]], ids: Sequence[str],
+                       counts: Sequence[int]) -> tuple[list[list[Completion]], float]:
+        """`counts[p]` completions of each prompt, computed as one batch, and the seconds that took."""
+        try:
+            self._conn.send(("chunk", prompts, list(ids), list(counts)))
+        except (BrokenPipeError, ConnectionResetError):
+            self._died()
         while True:
             try:
-                kind, *payload = parent_conn.recv()
-            except EOFError:
-                raise RuntimeError(
-                    f"the vLLM process for {model} died (out of memory? try a smaller max_model_len, "
-                    "or VLLM_CPU_KVCACHE_SPACE in GiB on CPU)"
-                ) from None
+                kind, *payload = self._conn.recv()
+            except (EOFError, ConnectionResetError):
+                self._died()
             if kind == "chunk":
-                chunk, chunk_completions, seconds = payload
-                rows = chunks[chunk]
-                completions[rows.start:rows.stop] = chunk_completions
-                if on_chunk is not None:
-                    on_chunk(chunk, chunk_completions, seconds)
+                completions, seconds = payload
+                self.generate_seconds += seconds
+                return completions, seconds
+            if kind == "loaded":
+                self.load_seconds = payload[0]
             elif kind == "phase":
-                if on_phase is not None:
-                    on_phase(payload[0])
+                if self._on_phase is not None:
+                    self._on_phase(payload[0])
             elif kind == "samples":
-                if on_samples is not None:
-                    on_samples(payload[0])
-            elif kind == "error":
+                if self._on_samples is not None:
+                    self._on_samples(payload[0])
+            else:  # error
                 raise payload[0]
-            else:  # done
-                load_seconds, generate_seconds = payload
-                return Generations(completions, load_seconds=load_seconds, generate_seconds=generate_seconds)
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join()
-        parent_conn.close()
+
+    def _died(self) -> NoReturn:
+        raise EngineDied(f"the vLLM process for {self.model} died (out of memory? try a smaller max_model_len, "
+                           "or VLLM_CPU_KVCACHE_SPACE in GiB on CPU)") from None
+
+    def close(self) -> None:
+        """Stop the engine and its process; after an error, or if stopping hangs, kill it."""
+        try:
+            if self._process.is_alive():
+                self._conn.send(("stop",))
+                self._process.join(timeout=60)
+        except OSError:  # the child is gone already: its end of the pipe is closed
+            pass
+        finally:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join()
+            self._conn.close()
 
 
 def sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
@@ -186,14 +229,17 @@ def _plan(prompts, n, ids, chunks, skip_chunks) -> tuple[list[int], list[str], l
 
 
 def _child_main(conn, parent_pid: int, request: dict) -> None:
-    """Entry point of the spawned engine process: stream ("phase", text), ("samples", finished) and ("chunk", ...)
-    messages, then ("done", ...)."""
+    """Entry point of the spawned engine process: ("phase", text) and ("loaded", seconds) as the engine starts,
+    then for each ("chunk", ...) received ("samples", finished) messages and the chunk's ("chunk", ...) result,
+    until ("stop",); ("error", exception) on failure."""
     _die_with_parent(parent_pid)
     try:
-        _generate_in_this_process(conn, **request)
+        _serve_chunks(conn, **request)
     except BaseException as error:  # noqa: BLE001 -- handed to the parent, which re-raises it
         try:
             conn.send(("error", error))
+        except OSError:  # the parent is gone
+            pass
         except Exception:  # not picklable: send its text
             conn.send(("error", RuntimeError(repr(error))))
     finally:
@@ -213,10 +259,8 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _generate_in_this_process(
-    conn, *, model, prompts, counts, ids, seed, think_prefix, sampling, engine, chunks, todo,
-) -> None:
-    """The body of `generate`, run inside the spawned child process."""
+def _serve_chunks(conn, *, model, seed, think_prefix, sampling, engine) -> None:
+    """The engine side of `EngineProcess`, run inside the spawned child process."""
     conn.send(("phase", "loading model"))
     for name, value in engine_env_defaults().items():
         os.environ.setdefault(name, value)
@@ -233,37 +277,34 @@ def _generate_in_this_process(
         # of its prompt ("CPU Generator does not use offset"); whole-prompt prefills never need that.
         **({"enable_chunked_prefill": False} if on_cpu else {}),
     )
-    generate_seconds = 0.0
     finished_samples_bar = _finished_samples_bar(conn)
     try:
         tokenizer = llm.get_tokenizer()
-        load_seconds = time.perf_counter() - started
+        conn.send(("loaded", time.perf_counter() - started))
         conn.send(("phase", "generating"))
-        for chunk in todo:
+        while (message := conn.recv())[0] == "chunk":
+            _, prompts, ids, counts = message
             # Each chunk starts from an empty prefix cache, so it computes from its own requests only (its
             # samples of one prompt still share that prompt's KV): a prefix cached by an earlier chunk was
             # computed in another batch, and a resumed run, without that chunk, would round it differently.
             if not llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache between chunks")
-            rows = chunks[chunk]
             requests, params = [], []
-            for p in rows:
-                token_ids = _render(tokenizer, prompts[p], think_prefix)
-                for k in range(counts[p]):
+            for messages, problem_id, count in zip(prompts, ids, counts):
+                token_ids = _render(tokenizer, messages, think_prefix)
+                for k in range(count):
                     # n = 1 each, seeded per sample: sample k draws the same numbers whatever n and the batch
                     requests.append(TokensPrompt(prompt_token_ids=token_ids))
-                    params.append(SamplingParams(n=1, seed=sample_seed(seed, ids[p], k), **sampling))
+                    params.append(SamplingParams(n=1, seed=sample_seed(seed, problem_id, k), **sampling))
             chunk_started = time.perf_counter()
             outputs = iter(llm.generate(requests, params, use_tqdm=finished_samples_bar))  # in request order
             seconds = time.perf_counter() - chunk_started
-            generate_seconds += seconds
-            per_prompt = [[_completion(next(outputs)) for _ in range(counts[p])] for p in rows]
-            conn.send(("chunk", chunk, per_prompt, seconds))
+            per_prompt = [[_completion(next(outputs)) for _ in range(count)] for count in counts]
+            conn.send(("chunk", per_prompt, seconds))
     finally:
         # Stop the engine now. If it runs in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1),
         # leaving it to exit handlers deadlocks: this process waits for the engine, the engine for it.
         llm.llm_engine.engine_core.shutdown()
-    conn.send(("done", load_seconds, generate_seconds))
 
 
 def _finished_samples_bar(conn):

@@ -43,7 +43,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pipeline import chat
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.ray_engine import EngineFields
+from pipeline.steps import StepConfig, repeated
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
 # lighteval's MATH prompt, used by open-r1's evaluation
@@ -64,7 +65,7 @@ SHARD_DIR = "chunks"  # in scratch: one file per finished chunk
 RESULTS_JSON = "results.json"
 
 
-class Config(StepConfig):
+class Config(StepConfig, EngineFields):
     models: list[str] = Field(min_length=1, description=(
         "Models to evaluate: builtin:NAME, step:NAME (a model an earlier step trained), a local dir or a hub id."))
     benchmarks: list[str] = Field(min_length=1, description=(
@@ -151,9 +152,8 @@ class Config(StepConfig):
     @field_validator("models", "benchmarks")
     @classmethod
     def _unique(cls, names: list[str]) -> list[str]:
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"listed more than once: {repeated}")
+        if repeated(names):
+            raise ValueError(f"listed more than once: {repeated(names)}")
         return names
 
     @model_validator(mode="after")
@@ -200,8 +200,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     report_to_trackers(cfg, results, out)
     summary = {f"{ref} {spec} pass@1": scores["pass@1"]
                for ref, per_bench in results["models"].items() for spec, scores in per_bench.items()}
+    ray_runs = {label: timings["ray"] for label, timings in results["meta"]["timings_s"].items() if "ray" in timings}
     return out.report_written(samples=sum(s["samples"] for p in results["models"].values() for s in p.values()),
-                              **summary)
+                              **summary, **({"ray": ray_runs} if ray_runs else {}))
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch: Path, seed: int) -> dict:
@@ -215,7 +216,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
     model_meta = {label: describe_model(model, cfg.think_prefix) for label, model in models.items()}
 
     rows: list[dict] = []
-    timings: dict[str, dict[str, float]] = {}
+    timings: dict[str, dict[str, Any]] = {}
     for label, model in models.items():
         samples, timings[label] = _generate_or_resume(cfg, scratch, label, model, model_meta[label]["think_prefix"],
                                                       suites, n_by_spec, seed)
@@ -352,7 +353,7 @@ def _sample_row(spec: str, label: str, problem: dict, idx: int, sample: dict) ->
 
 def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, think_prefix: str,
                         suites: dict[str, tuple[Any, list[dict]]], n_by_spec: dict[str, int],
-                        seed: int) -> tuple[dict[str, list[list[dict]]], dict[str, float]]:
+                        seed: int) -> tuple[dict[str, list[list[dict]]], dict[str, Any]]:
     """One model's samples on every benchmark (spec -> per problem -> dicts: text, finish_reason, prompt_tokens,
     completion_tokens) and its engine seconds.
 
@@ -394,17 +395,24 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
             saved += sum(counts[p] for p in chunks[chunk])
             bar.update(completed=saved)
 
-        generations = generation.generate(model, prompts, n=counts, ids=ids, chunks=chunks, skip_chunks=set(shards),
-                                          on_chunk=save, on_phase=bar.phase,
-                                          on_samples=lambda finished: bar.update(completed=saved + finished), **request)
+        chunked = dict(n=counts, ids=ids, chunks=chunks, skip_chunks=set(shards), on_chunk=save, on_phase=bar.phase)
+        if cfg.engine == "ray":
+            from pipeline import ray_engine
+
+            generations = ray_engine.generate(model, prompts, **cfg.ray_settings(), **chunked, **request)
+        else:
+            generations = generation.generate(model, prompts, **chunked, **request,
+                                              on_samples=lambda finished: bar.update(completed=saved + finished))
     per_problem = [samples for chunk in range(len(chunks)) for samples in shards[chunk]["samples"]]
     samples, start = {}, 0
     for spec in cfg.benchmarks:
         samples[spec] = per_problem[start:start + len(suites[spec][1])]
         start += len(suites[spec][1])
     # generate: summed over every run that saved a chunk; load: this run's engine start (0 when all were saved)
-    return samples, {"load": generations.load_seconds,
-                     "generate": sum(shard["seconds"] for shard in shards.values())}
+    timings = {"load": generations.load_seconds, "generate": sum(shard["seconds"] for shard in shards.values())}
+    if cfg.engine == "ray":  # this run's replicas, nodes, retries and throughput
+        timings["ray"] = generations.ray_stats()
+    return samples, timings
 
 
 def report_to_trackers(cfg: Config, document: dict, out: Output) -> None:
@@ -529,7 +537,8 @@ def print_table(document: dict) -> None:
 # Config fields the command takes as --flags (the rest: models, --benchmarks, and the step's own keys)
 CLI_FIELDS = ("baseline", "preset", "n", "temperature", "top_p", "top_k", "max_tokens", "max_model_len", "dtype",
               "prompt_template", "think_prefix", "limit", "chunk_size", "workers", "timeout_s",
-              "tensor_parallel_size", "data_parallel_size", "distributed_executor_backend")
+              "tensor_parallel_size", "data_parallel_size", "distributed_executor_backend", "engine", "replicas",
+              "batch_size", "ray_address")
 
 
 def add_cli_arguments(parser) -> None:

@@ -48,6 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
+from pipeline.ray_engine import EngineFields
 from pipeline.steps import StepConfig
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -58,7 +59,7 @@ SHARD_DIR = "shards"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-class Config(StepConfig):
+class Config(StepConfig, EngineFields):
     input: str = Field(description="Name of the step whose problems dataset (id, problem, answer) is sampled.")
     model: str = Field(description="Model to sample from: builtin:NAME, step:NAME, a local HF dir or a hub id; "
                                    "with backend openai, the model name the server serves.")
@@ -129,6 +130,9 @@ class Config(StepConfig):
         if self.backend == "openai":
             if not self.base_url:
                 raise ValueError("backend openai needs base_url (e.g. http://localhost:8000/v1)")
+            if self.engine == "ray":
+                raise ValueError("engine ray runs vLLM replicas; backend openai sends requests to a server: "
+                                 "use one or the other")
             if self.think_prefix:
                 raise ValueError("backend openai cannot force think_prefix: the chat completions API has no way to "
                                  "pre-fill the reply; leave it unset (a server whose chat template opens <think> "
@@ -200,12 +204,16 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                 cfg.base_url, cfg.model, prompts, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
                 max_retries=cfg.max_retries, request_timeout=cfg.request_timeout, **sampling)
         else:
-            generations = generate(
-                model_path, prompts, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                think_prefix=think.appended, tensor_parallel_size=cfg.tensor_parallel_size,
-                data_parallel_size=cfg.data_parallel_size,
-                distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase,
-                on_samples=lambda finished: bar.update(completed=saved + finished), **sampling)
+            engine = dict(max_model_len=cfg.max_model_len, dtype=cfg.dtype, think_prefix=think.appended,
+                          tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
+                          distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase)
+            if cfg.engine == "ray":
+                from pipeline import ray_engine
+
+                generations = ray_engine.generate(model_path, prompts, **cfg.ray_settings(), **engine, **sampling)
+            else:
+                generations = generate(model_path, prompts, on_samples=lambda finished: bar.update(
+                    completed=saved + finished), **engine, **sampling)
     seconds = time.perf_counter() - started
 
     per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
@@ -248,6 +256,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         load_seconds=round(generations.load_seconds, 2),
         generate_seconds=round(generate_seconds, 2),
         seconds=round(seconds, 2),
+        # this run's replicas, nodes, retries and throughput (none when every chunk was resumed)
+        **({"ray": generations.ray_stats()} if cfg.engine == "ray" else {}),
     )
 
 
