@@ -94,3 +94,13 @@ def test_two_models_get_paired_differences(tmp_path, capsys, monkeypatch):
     assert "## Paired differences to `builtin:tiny-random`" in (tmp_path / "out" / "report.md").read_text()
     assert main(argv[:-1] + [str(tmp_path / "other"), "--baseline", "builtin:smollm2-135m-instruct"]) == 2
     assert "baseline" in capsys.readouterr().err
+
+
+def test_eval_help_prints_every_setting(capsys):
+    """Settings' help texts go through argparse, which formats them with %: a literal % must not break --help."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    assert "95% paired-bootstrap" in capsys.readouterr().out

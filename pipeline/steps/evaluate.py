@@ -555,7 +555,9 @@ def add_cli_arguments(parser) -> None:
         "re-grade the saved completions of an earlier run in DIR (no generation) and rewrite its results"))
     for name in CLI_FIELDS:
         field = Config.model_fields[name]
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=field.description)
+        # argparse formats help strings with %: a literal one ("95% interval") is written %%
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE",
+                            help=(field.description or "").replace("%", "%%"))
 
 
 def run_cli(args) -> int:
