@@ -313,6 +313,12 @@ def problem_table(rows: dict, lengths: dict, scores: dict, shared: set, ngram: i
     return table
 
 
+def ordered_difficulties(names) -> list[str]:
+    """Difficulty names hard to easy when they are the pass-rate buckets; levels in their natural order."""
+    buckets = [name for _, name in DIFFICULTY_BUCKETS]
+    return sorted(set(names), key=lambda name: (buckets.index(name) if name in buckets else len(buckets), name))
+
+
 def mean_and_stderr(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -326,7 +332,7 @@ def teacher_summary(problems: list[dict]) -> dict:
     pass_rate, pass_stderr = mean_and_stderr([p["pass_rate"] for p in graded])
     tokens = sorted(t for p in problems for t in p["correct_tokens"])
     nll, nll_stderr = mean_and_stderr([p["nll_per_token"] for p in problems if p["nll_per_token"] is not None])
-    difficulties = sorted({p["difficulty"] for p in graded if p["difficulty"] is not None})
+    difficulties = ordered_difficulties(p["difficulty"] for p in graded if p["difficulty"] is not None)
     by_difficulty = {}
     for difficulty in difficulties:
         bucket = [p for p in graded if p["difficulty"] == difficulty]
@@ -429,7 +435,7 @@ def render_report(document: dict) -> str:
                      f"{number(tokens.get('mean'))} | {number(tokens.get('median'))} | {number(tokens.get('p90'), 0)} "
                      f"| {number(tokens.get('cv'), 2)} | {number(s['distinct_answer_rate'], 2)} | "
                      f"{number(s['near_duplicate_rate'], 2)} | {nll} |")
-    difficulties = sorted({d for s in summary.values() for d in s["by_difficulty"]})
+    difficulties = ordered_difficulties(d for s in summary.values() for d in s["by_difficulty"])
     if difficulties:
         lines += ["", "By difficulty (pass rate %, mean tokens of correct traces):", "",
                   "| teacher | " + " | ".join(difficulties) + " |", "|---|" + "---:|" * len(difficulties)]
@@ -443,15 +449,15 @@ def render_report(document: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired over problems, {names[0]} minus each other teacher (95% bootstrap interval):", ""]
     for other, entry in document["comparisons"].items():
-        for key, label, scale, unit in (("pass_rate", "pass rate", 100, " points"),
-                                        ("nll_per_token", "student NLL/token", 1, " nats")):
+        for key, label, scale, digits, unit in (("pass_rate", "pass rate", 100, 1, " points"),
+                                                ("nll_per_token", "student NLL/token", 1, 3, " nats")):
             result = entry[key]
             if result is None:
                 continue
             verdict = "detectable" if result["detectable"] else "no detectable difference"
-            lines.append(f"- vs {other}, {label}: {scale * result['difference']:+.3f}{unit} "
-                         f"[{scale * result['ci95'][0]:+.3f}, {scale * result['ci95'][1]:+.3f}] over "
-                         f"{result['problems']} problems ({verdict})")
+            low, high = (scale * bound for bound in result["ci95"])
+            lines.append(f"- vs {other}, {label}: {scale * result['difference']:+.{digits}f}{unit} "
+                         f"[{low:+.{digits}f}, {high:+.{digits}f}] over {result['problems']} problems ({verdict})")
     if document["unscored_too_long"]:
         lines += ["", f"{document['unscored_too_long']} correct traces longer than max_length were not scored."]
     return "\n".join(lines) + "\n"
@@ -464,7 +470,7 @@ def plot_teachers(document: dict, per_problem: list[dict], path) -> None:
     plt = pyplot()
     names = [entry["teacher"] for entry in document["ranking"]]
     summary = document["teachers"]
-    difficulties = sorted({d for s in summary.values() for d in s["by_difficulty"]})
+    difficulties = ordered_difficulties(d for s in summary.values() for d in s["by_difficulty"])
     fig, (rates, lengths, nll) = plt.subplots(1, 3, figsize=(14, 3.8))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
