@@ -28,6 +28,8 @@ def cmd_run(args) -> int:
         return _run_seeds(recipe, _parse_seeds(args.seeds), args, force)
     outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console,
                           verbose=args.verbose)
+    if outcomes is None:  # this machine only joined another machine's training step
+        return 0
     _print_outcomes(recipe, outcomes)
     _write_report(workdir_for(recipe, args.dry_run))
     return 0
@@ -97,38 +99,32 @@ def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
 def _print_rounds(recipe, outcomes) -> None:
     """For each evaluation after the rounds block that holds two or more of the rounds' models (round 0: the model
     round 1 starts from): pass@1 by round and each round minus the one before, paired over problems."""
-    from pipeline.compare import compare_runs
-    from pipeline.models import STEP_PREFIX
-    from pipeline.recipe import round_step, split_round
+    from pipeline.compare import by_round
+    from pipeline.recipe import split_round
 
-    rounds = recipe.rounds
-    by_round = [rounds.start] + [STEP_PREFIX + round_step(rounds.model, k) for k in range(1, rounds.count + 1)]
     for outcome in outcomes.values():
         if recipe.steps[outcome.name].uses != "evaluate" or split_round(outcome.name)[1] is not None:
             continue  # an evaluate step inside the block already compares its round with the one before
         results_path = outcome.artifact.path / "results.json"
-        document = json.loads(results_path.read_text())
-        evaluated = [(number, model) for number, model in enumerate(by_round) if model in document["models"]]
-        if len(evaluated) < 2:
+        rows = by_round(recipe.rounds.models_by_round(), results_path, json.loads(results_path.read_text()))
+        if not rows:
             continue
         table = Table(title=f"{outcome.name}: pass@1 (%) by round; minus the round before, paired over problems")
         for column in ("round", "model", "benchmark", "pass@1 ± stderr", "minus the round before [95%]", "MDD"):
             # fold, not cut: a model's name and an interval are read whole even on a narrow terminal
             table.add_column(column, justify="left" if column in ("model", "benchmark") else "right",
                              overflow="fold")
-        for position, (number, model) in enumerate(evaluated):
-            before = evaluated[position - 1][1] if position else None
-            differences = compare_runs([(results_path, document)], before)["differences"] if before else {}
-            for benchmark, scores in document["models"][model].items():
-                stderr = "" if scores["stderr"] is None else f" ± {100 * scores['stderr']:.1f}"
-                paired = differences.get(model, {}).get(benchmark, {}).get("pooled")
-                versus = "–" if paired is None else (
-                    f"{100 * paired['difference']:+.1f}"
-                    + ("" if paired["stderr"] is None else f" ± {100 * paired['stderr']:.1f}")
-                    + f" [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
-                    + ("" if paired["detectable"] else ", no detectable difference"))
-                mdd = "–" if paired is None or paired["mdd"] is None else f"{100 * paired['mdd']:.1f}"
-                table.add_row(str(number), model, benchmark, f"{100 * scores['pass@1']:.1f}{stderr}", versus, mdd)
+        for row in rows:
+            stderr = "" if row["stderr"] is None else f" ± {100 * row['stderr']:.1f}"
+            paired = row["minus_round_before"]
+            versus = "–" if paired is None else (
+                f"{100 * paired['difference']:+.1f}"
+                + ("" if paired["stderr"] is None else f" ± {100 * paired['stderr']:.1f}")
+                + f" [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+                + ("" if paired["detectable"] else ", no detectable difference"))
+            mdd = "–" if paired is None or paired["mdd"] is None else f"{100 * paired['mdd']:.1f}"
+            table.add_row(str(row["round"]), row["model"], row["benchmark"], f"{100 * row['pass@1']:.1f}{stderr}",
+                          versus, mdd)
         console.print(table)
 
 

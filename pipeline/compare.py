@@ -120,6 +120,25 @@ def compare_runs(runs: list[tuple[Path, dict]], baseline: str | None = None) -> 
             "benchmarks": benchmarks, "scores": scores, "differences": differences}
 
 
+def by_round(models_by_round: list[str], results_path: Path, document: dict) -> list[dict]:
+    """pass@1 by round from one evaluation (`document`, its results.json at `results_path`): for each round whose
+    model it holds (`models_by_round[k]`: round k's model, round 0 the one round 1 starts from), per benchmark, its
+    pass@1 and stderr and its paired difference from the previous round it holds (None for the first). Empty when
+    it holds fewer than two rounds' models."""
+    evaluated = [(number, model) for number, model in enumerate(models_by_round) if model in document["models"]]
+    if len(evaluated) < 2:
+        return []
+    rows = []
+    for position, (number, model) in enumerate(evaluated):
+        before = evaluated[position - 1][1] if position else None
+        differences = compare_runs([(results_path, document)], before)["differences"] if before else {}
+        for benchmark, scores in document["models"][model].items():
+            rows.append({"round": number, "model": model, "benchmark": benchmark, "pass@1": scores["pass@1"],
+                         "stderr": scores["stderr"],
+                         "minus_round_before": differences.get(model, {}).get(benchmark, {}).get("pooled")})
+    return rows
+
+
 def _run_difference(document: dict, benchmark: str, model: str, baseline: str) -> dict:
     """One run's paired difference model - baseline: as its results recorded it, else computed from its
     per-problem counts, else (results from before either was kept) the plain difference of pass@1, undecided."""

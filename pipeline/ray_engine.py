@@ -45,6 +45,11 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 # Starts of one chunk before the run fails: a chunk whose replicas keep dying (a model or a batch too large for
 # its node) should stop the run, not loop.
 MAX_CHUNK_ATTEMPTS = 4
+# Where the driver's wall time goes in `generate` (`driver_seconds` in the manifest): starting or joining Ray;
+# handing the chunks' prompts to Ray (the Dataset); blocked waiting for the next chunk (replicas starting and
+# generating); decoding each chunk's result; the caller's `on_chunk` (the step's shard writes); the replicas'
+# stats and stopping a local cluster. All but `waiting` is the driver's own work.
+DRIVER_PHASES = ("ray_start", "dataset", "waiting", "results", "on_chunk", "finish")
 
 
 class EngineFields(BaseModel):
@@ -89,9 +94,11 @@ class RayGenerations(Generations):
     """`Generations`, plus what the Ray run did: `ray_stats()` for the manifest."""
 
     def __init__(self, completions=(), *, load_seconds=0.0, generate_seconds=0.0, span_seconds=0.0,
-                 replicas: dict | None = None, retries: int = 0, requested_replicas: int = 0):
+                 replicas: dict | None = None, retries: int = 0, requested_replicas: int = 0,
+                 driver_seconds: dict | None = None):
         super().__init__(completions, load_seconds=load_seconds, generate_seconds=generate_seconds)
         self.span_seconds = span_seconds  # from the first chunk's start to the last one's end: replicas overlap
+        self.driver_seconds = driver_seconds or {}  # where the driver's wall time went, by phase (DRIVER_PHASES)
         self.replicas = replicas or {}  # replica (actor id) -> its node, chunks, tokens, seconds
         self.retries = retries
         self.requested_replicas = requested_replicas
@@ -99,7 +106,8 @@ class RayGenerations(Generations):
     def ray_stats(self) -> dict:
         """Replicas, nodes, retries, and tokens/s per replica (its tokens over its own generate seconds) and
         overall (all tokens over the span from the first chunk's start to the last one's end, the replicas
-        generating side by side; engine start-up is in neither)."""
+        generating side by side; engine start-up is in neither); and the driver's seconds by phase
+        (`DRIVER_PHASES`)."""
         per_replica = {
             replica: {**stats, "tokens_per_s": round(stats["completion_tokens"] / stats["generate_seconds"], 2)
                       if stats["generate_seconds"] > 0 else 0.0}
@@ -109,7 +117,8 @@ class RayGenerations(Generations):
                 "retries": self.retries,
                 "tokens_per_s": round(self.completion_tokens / self.span_seconds, 2) if self.span_seconds > 0 else 0.0,
                 "span_seconds": round(self.span_seconds, 2),
-                "per_replica": per_replica}
+                "per_replica": per_replica,
+                "driver_seconds": {phase: round(seconds, 3) for phase, seconds in self.driver_seconds.items()}}
 
 
 def generate(
@@ -148,9 +157,19 @@ def generate(
 
     if on_phase is not None:
         on_phase("starting Ray")
+    driver = dict.fromkeys(DRIVER_PHASES, 0.0)
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:  # the seconds since the last lap go to `phase`
+        nonlocal mark
+        now = time.perf_counter()
+        driver[phase] += now - mark
+        mark = now
+
     started_here = _connect(ray_address)
     try:
         replica_resources = _replica_resources(replicas, tensor_parallel_size, ray_address)
+        lap("ray_start")
         # Each row is one chunk: its prompts, problem ids and sample counts, as the local engine sends them.
         work = ray.data.from_items(
             [{"chunk": chunk, "work": json.dumps({"prompts": [prompts[p] for p in chunks[chunk]],
@@ -176,7 +195,9 @@ def generate(
         stats: dict[str, dict] = {}
         done: set[int] = set()
         first_started, last_finished = float("inf"), 0.0
+        lap("dataset")
         for row in results.iter_rows():
+            lap("waiting")
             chunk, result = int(row["chunk"]), json.loads(row["result"])
             # A batch retried after its replica died can hand back a chunk a second time: the first one counts.
             if chunk in done:
@@ -194,8 +215,11 @@ def generate(
             replica["load_seconds"] = max(replica["load_seconds"], result["load_seconds"])
             first_started = min(first_started, result["finished_at"] - result["seconds"])
             last_finished = max(last_finished, result["finished_at"])
+            lap("results")
             if on_chunk is not None:
                 on_chunk(chunk, chunk_completions, result["seconds"])
+                lap("on_chunk")
+        lap("waiting")  # for Ray to say there are no more rows
         missing = sorted(set(todo) - done)
         if missing:
             raise RuntimeError(f"Ray returned no result for chunk(s) {missing}")
@@ -205,6 +229,7 @@ def generate(
     finally:
         if started_here:
             ray.shutdown()
+    lap("finish")
     for replica in stats.values():
         replica["node"] = addresses.get(replica["node"], replica["node"])
         replica["generate_seconds"] = round(replica["generate_seconds"], 2)
@@ -213,7 +238,7 @@ def generate(
         completions, load_seconds=max(r["load_seconds"] for r in stats.values()),
         generate_seconds=sum(r["generate_seconds"] for r in stats.values()),
         span_seconds=last_finished - first_started,
-        replicas=stats, retries=retries, requested_replicas=replicas)
+        replicas=stats, retries=retries, requested_replicas=replicas, driver_seconds=driver)
 
 
 class EngineReplica:

@@ -71,6 +71,10 @@ class Rounds:
             return self.start
         return STEP_PREFIX + round_step(self.model, round_number - 1)
 
+    def models_by_round(self) -> list[str | None]:
+        """Round k's model at index k; index 0 is the model round 1 starts from."""
+        return [self.start] + [STEP_PREFIX + round_step(self.model, k) for k in range(1, self.count + 1)]
+
     def title(self, round_number: int) -> str:
         """The line `distill run` and `distill status` print before a round's first step."""
         start = self.starting_model(round_number)

@@ -9,7 +9,9 @@ copied beside it, and it shows
                      dropped, from the manifests' stats (steps found by their `uses` type)
     training curves  every scalar a trainer logged (loss, learning rate, redi/margin, ...) per step, from the
                      log_history.json each training step writes beside model/
-    evaluations      each evaluate step's report.md (pass@1, paired comparisons, ...) as eval/report.py wrote it
+    evaluations      each evaluate step's report.md (pass@1, paired comparisons, ...) as eval/report.py wrote it;
+                     with a `rounds` block, first pass@1 by round (a chart with 95% bars, and each round minus the
+                     one before, paired over problems) for each evaluation holding two or more rounds' models
     a sample browser every dataset step with completions (sample, verify) and every evaluate step's benchmarks: filter
                      by label, model and problem, read the prompt, the completion with its <think> span folded, the
                      extracted answer, the gold answer and the label
@@ -63,8 +65,9 @@ def write_run_report(workdir: Path, *, rows_per_chunk: int = ROWS_PER_CHUNK) -> 
     (tmp_dir / DATA_DIR).mkdir(parents=True)
     (tmp_dir / REPORT_MARK).write_text("Written by `distill report`; replaced whole by the next one.\n")
     sources = write_browser_data(workdir, steps, tmp_dir / DATA_DIR, rows_per_chunk)
-    evaluations = [evaluation_section(step, tmp_dir) for step in steps if step.uses == "evaluate" and step.complete]
     run = json.loads((workdir / RUN_FILE).read_text())
+    evaluations = [rounds_section(step, run.get("models_by_round")) + evaluation_section(step, tmp_dir)
+                   for step in steps if step.uses == "evaluate" and step.complete]
     page = PAGE_TEMPLATE.format(
         title=html.escape(f"{run['document'].get('name', workdir.name)}: distill report"),
         workdir=html.escape(str(workdir.resolve())),
@@ -436,6 +439,79 @@ def evaluation_section(step: StepView, report_dir: Path) -> str:
                 child.attrs["src"] = copied
     body = markdown.renderer.render(tokens, markdown.options, {})
     return f'<section class=evaluation data-step="{html.escape(step.name)}">{heading}{body}</section>'
+
+
+def rounds_section(step: StepView, models_by_round: list[str | None] | None) -> str:
+    """pass@1 by round in this evaluation (`pipeline.compare.by_round`), per benchmark: a chart and a table; empty
+    unless the recipe has rounds and the evaluation holds two or more rounds' models."""
+    from pipeline.compare import by_round
+
+    if not models_by_round:
+        return ""
+    results = step.path / "results.json"
+    rows = by_round(models_by_round, results, json.loads(results.read_text()))
+    parts = []
+    for benchmark in dict.fromkeys(row["benchmark"] for row in rows):
+        of_benchmark = [row for row in rows if row["benchmark"] == benchmark]
+        table = "".join(
+            f"<tr><td>{row['round']}</td><td>{html.escape(row['model'])}</td><td>{_percent(row['pass@1'])}"
+            f"{'' if row['stderr'] is None else ' ± ' + _percent(row['stderr'])}</td>"
+            f"<td>{_paired(row['minus_round_before'])}</td></tr>" for row in of_benchmark)
+        # each round's pass@1 with its own 95% interval; each round minus the one before with the paired one
+        accuracy = [(row["round"], 100 * row["pass@1"], 100 * row["pass@1"] - 196 * (row["stderr"] or 0.0),
+                     100 * row["pass@1"] + 196 * (row["stderr"] or 0.0)) for row in of_benchmark]
+        gains = [(row["round"], 100 * paired["difference"], 100 * paired["ci95"][0], 100 * paired["ci95"][1])
+                 for row in of_benchmark if (paired := row["minus_round_before"]) is not None]
+        gains_caption = f"{benchmark}: minus the round before (points), paired 95%"
+        parts.append(f"{round_chart(accuracy, f'{benchmark}: pass@1 (%) by round, 95% intervals')}"
+                     f"{round_chart(gains, gains_caption, differences=True)}"
+                     f"<table class=rounds><tr><th>round</th><th>model</th>"
+                     f"<th>pass@1 (%) ± stderr</th><th>minus the round before [95%], paired</th></tr>{table}</table>")
+    if not parts:
+        return ""
+    return (f'<section class=rounds data-step="{html.escape(step.name)}"><h3>{html.escape(step.name)}: pass@1 by '
+            f'round</h3><div class=charts>{"".join(parts)}</div></section>')
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _paired(paired: dict | None) -> str:
+    if paired is None:
+        return "–"
+    text = f"{100 * paired['difference']:+.1f} [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+    return text + ("" if paired["detectable"] else ", not detectable")
+
+
+def round_chart(points: list[tuple[int, float, float, float]], caption: str, *, differences: bool = False) -> str:
+    """Values (%) against the round, each with its interval: (round, value, low, high) per point, as a small inline
+    SVG; `differences` are written with their sign, over a dashed line at 0 when the range spans it."""
+    low, high = min(p[2] for p in points), max(p[3] for p in points)
+    first, last = points[0][0], points[-1][0]
+
+    def x(number: float) -> float:
+        return PAD + (CHART_WIDTH - PAD - 16) * ((number - first) / (last - first) if last > first else 0.5)
+
+    def y(value: float) -> float:
+        return CHART_HEIGHT - 20 - (CHART_HEIGHT - 32) * ((value - low) / (high - low) if high > low else 0.5)
+
+    zero = (f'<line class=zero x1="{PAD}" y1="{y(0):.1f}" x2="{CHART_WIDTH - 8}" y2="{y(0):.1f}"/>'
+            if low < 0 < high else "")
+    line = " ".join(f"{x(n):.1f},{y(v):.1f}" for n, v, _, _ in points)
+    number = "+.1f" if differences else ".1f"
+    marks = "".join(
+        f'<line class=bar x1="{x(n):.1f}" y1="{y(lo):.1f}" x2="{x(n):.1f}" y2="{y(hi):.1f}"/>'
+        f'<circle cx="{x(n):.1f}" cy="{y(v):.1f}" r="2.5"><title>round {n}: {v:{number}} [{lo:{number}}, {hi:{number}}]'
+        f'</title></circle><text x="{x(n):.1f}" y="{CHART_HEIGHT - 6}" class=tick text-anchor=middle>{n}</text>'
+        for n, v, lo, hi in points)
+    return (f'<figure class=chart data-points="{len(points)}">'
+            f'<svg viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" width="{CHART_WIDTH}" height="{CHART_HEIGHT}">'
+            f'<line class=axis x1="{PAD}" y1="{CHART_HEIGHT - 20}" x2="{CHART_WIDTH - 8}" y2="{CHART_HEIGHT - 20}"/>'
+            f'<line class=axis x1="{PAD}" y1="8" x2="{PAD}" y2="{CHART_HEIGHT - 20}"/>{zero}'
+            f'<text x="{PAD - 3}" y="{y(high) + 4:.1f}" class=tick text-anchor=end>{high:.1f}</text>'
+            f'<text x="{PAD - 3}" y="{y(low) + 4:.1f}" class=tick text-anchor=end>{low:.1f}</text>'
+            f'<polyline points="{line}"/>{marks}</svg><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 # ---- the sample browser's data ------------------------------------------------------------------------------------

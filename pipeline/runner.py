@@ -12,6 +12,10 @@ Distillery manifest, and a workdir that is a non-empty directory not made by `di
 
 While a step runs, the console shows its progress row and nothing else (`pipeline.console`): what the step and its
 libraries write goes to `<step>/log.txt` (`.<step>.scratch/log.txt` when it fails); each step ends with one line.
+
+A training step that trains across machines runs `distill run` on every machine, over one workdir on a shared
+filesystem: machine 0's runs as always, every other machine's only joins the step's launch and writes nothing there
+(`_join_from_other_machine`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from pipeline.fingerprints import CACHE_FILE, Fingerprints
 from pipeline.models import STEP_PREFIX, hub_revision, is_hub_id, model_identity
 from pipeline.recipe import Recipe, split_round
 from pipeline.steps import STEP_MODULES, StepConfig, step_module
-from pipeline.training import RUN_NAME_ENV
+from pipeline.training import (RUN_NAME_ENV, TrainingConfig, join_launch, machine_placement,
+                               machine_rank_from_environment, trains_across_machines)
 
 RUN_FILE = "recipe.json"  # step order and resolved recipe of the last run, read by `distill status`
 WORKDIR_MARK = ".distillery"  # written into every workdir distill creates: only such a dir is ever written into
@@ -116,9 +121,9 @@ def workdir_for(recipe: Recipe, dry_run: bool) -> Path:
 
 
 def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
-         fingerprints: Fingerprints | None = None) -> list[StepPlan]:
+         fingerprints: Fingerprints | None = None, save_fingerprints: bool = True) -> list[StepPlan]:
     """Key every step (in order, up to `until`) and say which would run and why. Writes nothing but the
-    fingerprint cache of a workdir distill made."""
+    fingerprint cache of a workdir distill made (and not that without `save_fingerprints`)."""
     names = list(recipe.steps)
     for step in ([until] if until else []) + [f for f in force if f != "all"]:
         if step not in recipe.steps:
@@ -147,7 +152,7 @@ def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry
             step.action = "run"
             step.reasons += _leftovers(workdir, name, step.key)
         plans[name] = step
-    if _made_by_distill(workdir):
+    if save_fingerprints and _made_by_distill(workdir):
         fingerprints.save()
     return list(plans.values())
 
@@ -277,16 +282,19 @@ def workdir_lock(workdir: Path):
 
 def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
                console: Console | None = None, share_from: list[Path] = (), label: str = "", verbose: bool = False,
-               run_name_prefix: str | None = None) -> dict[str, StepOutcome]:
+               run_name_prefix: str | None = None) -> dict[str, StepOutcome] | None:
     """Run what `plan` says must run. `share_from`: other workdirs (the other seeds of `distill run --seeds`); a
     step whose complete output with the same key is there is copied from it instead of run again. `label`
     starts every step's progress line (which seed is running). `verbose`: what steps and their libraries write
     is shown as it comes instead of going to their log files. A step's run in experiment trackers is named
-    `<run_name_prefix>/<step>` (default prefix: the recipe's name)."""
+    `<run_name_prefix>/<step>` (default prefix: the recipe's name). None on a machine that only joined a
+    multi-machine training step (`_join_from_other_machine`): it has no outcomes to report."""
     console = console or Console()
     workdir = workdir_for(recipe, dry_run)
     fingerprints = Fingerprints(workdir / CACHE_FILE)
-    steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints)
+    # The cache is saved under the workdir lock below: a machine that only joins a multi-machine step takes no lock.
+    steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints,
+                 save_fingerprints=False)
     # Everything that can refuse the run does so before the first byte is written.
     check_workdir(workdir, steps)
     for step in steps:
@@ -296,6 +304,12 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
         if is_hub_id(ref) and hub_revision(ref)[1] is None:
             console.print(f"[yellow]warning: model {ref} has no revision: its weights can change on the hub without "
                           f"any step re-running; pin it as {ref}@<commit>[/yellow]")
+    across_machines = any(isinstance(step.cfg, TrainingConfig) and trains_across_machines(step.cfg) for step in steps)
+    machine_rank = machine_rank_from_environment() if across_machines else None
+    if machine_rank:
+        _join_from_other_machine(steps, recipe, workdir, machine_rank, dry_run=dry_run, console=console, label=label,
+                                 run_name_prefix=run_name_prefix)
+        return None  # machine 0's `distill run` reports the run and writes its page into the shared workdir
     created = _create_workdir(workdir)
     outcomes: dict[str, StepOutcome] = {}
     try:
@@ -303,7 +317,9 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
             # Another run may have finished steps while this one waited to start: plan again under the lock.
             steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints)
             write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
-                                                   "document": recipe.document})
+                                                   "document": recipe.document,
+                                                   "models_by_round": recipe.rounds.models_by_round()
+                                                   if recipe.rounds else None})
             fingerprints.save()
             previous_round = None
             for position, step in enumerate(steps, 1):
@@ -352,6 +368,48 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
     return outcomes
 
 
+def _join_from_other_machine(steps: list[StepPlan], recipe: Recipe, workdir: Path, machine_rank: int, *,
+                             dry_run: bool, console: Console, label: str, run_name_prefix: str | None) -> None:
+    """`distill run` on a machine other than machine 0 of a multi-machine training step: this machine's share of each
+    such step that runs, and nothing else. Machine 0's `distill run` holds the workdir lock, clears the step's dirs,
+    writes its manifest and publishes it; this one writes nothing in the (shared) workdir."""
+    if label:
+        raise UserError("`distill run --seeds` cannot train across machines: run one seed at a time (-o seed=N, "
+                        "with its own workdir)")
+    running = [step for step in steps if step.action == "run"]
+    running_names = {step.name for step in running}
+    joined = [step.name for step in steps if isinstance(step.cfg, TrainingConfig) and trains_across_machines(step.cfg)]
+    for step in sorted(running, key=lambda step: step.name in joined):  # a step that is not ours is the first news
+        waits_for = [parent for parent in recipe.dependencies(step.name) if parent in running_names]
+        if step.name not in joined or waits_for:
+            why = ("would run too, and only machine 0 runs steps that do not train across machines"
+                   if step.name not in joined else f"reads {', '.join(waits_for)}, which would run first")
+            raise UserError(f"this is machine {machine_rank} (from NODE_RANK or SLURM_NODEID) of the multi-machine "
+                            f"training step {joined[0]!r}; step {step.name!r} ({step.cfg.uses}) {why}. On machines "
+                            "other than 0, `distill run` only joins a training step whose inputs are complete: run "
+                            f"the steps before it on one machine first (`distill run {recipe.source} --until <step>`), "
+                            f"then `distill run {recipe.source} --until {joined[0]}` on every machine")
+    if not running:
+        console.print(f"machine {machine_rank}: {', '.join(joined)} complete; nothing to join")
+    for step in running:
+        out = _step_output(step, recipe, workdir, dry_run)
+        inputs = {parent: Artifact.from_dir(workdir / parent) for parent in recipe.dependencies(step.name)}
+        console.print(f"▶ {escape(step.name)} ({step.cfg.uses}): machine {machine_rank} of "
+                      f"{machine_placement(step.cfg).machines} joins its training (key {step.key}); machine 0 "
+                      f"writes its output, {workdir / step.name}", soft_wrap=True)
+        started = time.time()
+        with environment(**{RUN_NAME_ENV: f"{run_name_prefix or recipe.name}/{step.name}"}):
+            join_launch(step.cfg, inputs, out)
+        console.print(f"[green]✓ {escape(step.name)}: machine {machine_rank}'s share done in "
+                      f"{time.time() - started:.1f}s[/green]")
+
+
+def _step_output(step: StepPlan, recipe: Recipe, workdir: Path, dry_run: bool) -> Output:
+    """Where a step writes while it runs (its tmp and scratch dirs), and its settings."""
+    return Output(name=step.name, kind=step.cfg.produces, dir=workdir / f".{step.name}.tmp",
+                  scratch=workdir / f".{step.name}.scratch", seed=step.cfg.effective_seed(recipe.seed), dry_run=dry_run)
+
+
 def _copy_step(source: Path, workdir: Path, name: str) -> Artifact:
     """A complete step output with the same key, copied whole (not linked: a later re-run or rescore of either
     copy must not change the other) and published like a run's output."""
@@ -366,8 +424,8 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run, 
               verbose: bool) -> tuple[Artifact, float]:
     name, cfg, key = step.name, step.cfg, step.key
     parents = recipe.dependencies(name)
-    tmp_dir = workdir / f".{name}.tmp"
-    scratch = workdir / f".{name}.scratch"
+    out = _step_output(step, recipe, workdir, dry_run)
+    tmp_dir, scratch = out.dir, out.scratch
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     # Scratch (resume state) is only valid for the same key, and --force asks for a fresh start.
@@ -381,8 +439,6 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run, 
     # `.map()` on a loaded dataset would otherwise write cache files into the (finished) input step's dir.
     datasets.disable_caching()
     module = step_module(cfg.uses)
-    out = Output(name=name, kind=cfg.produces, dir=tmp_dir, scratch=scratch, seed=cfg.effective_seed(recipe.seed),
-                 dry_run=dry_run)
     inputs = {p: outcomes[p].artifact for p in parents}
     started = time.time()
     try:

@@ -312,3 +312,44 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
 
     forward.chunked_logprobs = True
     model.forward = types.MethodType(forward, model)
+
+
+# ---- scoring given sequences with a model -------------------------------------------------------------------------
+
+
+def load_scoring_model(model_path: str, who: str):
+    """A model for scoring: float32 on a CPU, bf16 on a GPU, eval mode, with the chunked log-prob forward. `who`
+    starts the error message (the step and the role of the model)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.errors import UserError
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = model.to("cuda" if cuda else "cpu").eval()
+    try:
+        add_token_logprob_forward(model)
+    except UnsupportedHead as error:
+        raise UserError(f"{who} {model_path}: {error}") from None
+    return model
+
+
+def score_traces(model, tokenizer, batch) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each (key, token ids, first scored position) in `batch`, in one padded forward:
+    -log p of every token from the first scored position on, under `model` (patched by `add_token_logprob_forward`)
+    given the tokens before it."""
+    longest = max(len(ids) for _, ids, _ in batch)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (_, ids, start) in enumerate(batch):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        labels[i, start:len(ids)] = torch.tensor(ids[start:])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logprobs = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         labels=labels.to(device), logprob_chunk_size=DEFAULT_CHUNK_SIZE)
+    scored = (labels[:, 1:] != -100).sum(1)
+    return [(-float(logprobs[i].sum()), int(scored[i])) for i in range(len(batch))]

@@ -17,7 +17,10 @@ Read top to bottom:
 - `model_card` (with `schedule_line`): the README saved with a trained model;
 - several GPUs: `launch_distributed` writes the step's config, inputs and output dirs to a payload file and runs
   `python -m pipeline.training <payload>` under `accelerate launch` (`launch_command`); in each process
-  `launched_main` runs the payload's step's `train`, and the main process writes the stats read back.
+  `launched_main` runs the payload's step's `train`, and the main process writes the stats read back;
+- several machines: an accelerate config with `num_machines` above 1 takes each machine's rank and machine 0's
+  address from the environment (`machine_placement`); machine 0's `distill run` runs the step as above, every other
+  machine's joins the launch (`join_launch`) and writes nothing in the shared workdir.
 
 Importing this module imports no torch, transformers, TRL or peft: the functions import what they need.
 """
@@ -29,10 +32,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -122,12 +126,14 @@ class TrainingConfig(StepConfig):
         "tokenizer's template is taken. It is saved with the trained model, so sampling and evaluation use it too.",
     )
     num_processes: int = Field(
-        default=1, ge=1, description="Processes (one per GPU) to train on; above 1 the step runs under `accelerate launch`."
+        default=1, ge=1, description="Processes (one per GPU) to train on, in total over all machines; above 1 the "
+        "step runs under `accelerate launch`."
     )
     accelerate_config: str | None = Field(
         default=None,
-        description="An accelerate config file, e.g. recipes/accelerate/zero3.yaml (DDP, DeepSpeed ZeRO-2/3, FSDP); "
-        "when set, the step runs under `accelerate launch --config_file` it.",
+        description="An accelerate config file, e.g. recipes/accelerate/zero3.yaml (DDP, DeepSpeed ZeRO-2/3, FSDP) or "
+        "recipes/accelerate/zero3_multinode.yaml (several machines: each machine's rank and machine 0's address come "
+        "from NODE_RANK and MASTER_ADDR); when set, the step runs under `accelerate launch --config_file` it.",
     )
 
     @field_validator("chat_template", "accelerate_config")
@@ -144,6 +150,7 @@ class TrainingConfig(StepConfig):
 
     def check_inputs(self) -> None:
         check_trackers_installed(self.report_to, self.uses)
+        machine_placement(self)  # refuses a multi-machine launch that lacks this machine's rank or machine 0's address
 
     def model_refs(self) -> list[str]:
         return [self.model]
@@ -151,16 +158,9 @@ class TrainingConfig(StepConfig):
     def input_paths(self) -> list[str]:
         # An accelerate config may point at a DeepSpeed JSON (read from the working directory, as accelerate does).
         paths = [p for p in super().input_paths() if p]
-        if self.accelerate_config:
-            import yaml
-
-            try:
-                settings = yaml.safe_load(Path(self.accelerate_config).read_text()) or {}
-            except (OSError, yaml.YAMLError) as error:
-                raise UserError(f"accelerate_config {self.accelerate_config}: cannot read it ({error})") from None
-            deepspeed = settings.get("deepspeed_config") if isinstance(settings, dict) else None
-            if isinstance(deepspeed, dict) and deepspeed.get("deepspeed_config_file"):
-                paths.append(str(deepspeed["deepspeed_config_file"]))
+        deepspeed = accelerate_settings(self).get("deepspeed_config")
+        if isinstance(deepspeed, dict) and deepspeed.get("deepspeed_config_file"):
+            paths.append(str(deepspeed["deepspeed_config_file"]))
         return paths
 
 
@@ -434,9 +434,99 @@ def schedule_line(cfg: TrainingConfig, batch_unit: str = "") -> str:
 
 # ---- several GPUs: the step re-runs itself under `accelerate launch` --------------------------------------------
 
+# A multi-machine accelerate config (num_machines above 1) names no host and no rank: each machine's `distill run`
+# takes them from the variables its launcher sets (torchrun's names first, then Slurm's), so the step's key (which
+# fingerprints the config file) is the same on every machine and stays so when the job moves to other hosts.
+MACHINE_RANK_ENV = ("NODE_RANK", "SLURM_NODEID")  # this machine's rank: 0 on machine 0
+MACHINES_ENV = ("NNODES", "SLURM_NNODES")  # machines taking part; unset: the config file's num_machines
+MAIN_ADDRESS_ENV = "MASTER_ADDR"  # machine 0's address; unset: the config file's main_process_ip
+MAIN_PORT_ENV = "MASTER_PORT"  # the port on machine 0; unset: the config file's main_process_port, else 29500
+
+
+class MachinePlacement(NamedTuple):
+    """This machine's place in a multi-machine launch: accelerate's --num_machines, --machine_rank,
+    --main_process_ip and --main_process_port."""
+
+    machines: int
+    rank: int
+    main_address: str
+    main_port: int | None  # None: the config file's main_process_port, else accelerate's default
+
 
 def runs_distributed(cfg: TrainingConfig) -> bool:
     return cfg.num_processes > 1 or cfg.accelerate_config is not None
+
+
+def accelerate_settings(cfg: TrainingConfig) -> dict:
+    """The step's accelerate config file, read as `accelerate launch` reads it (YAML or JSON); {} without one."""
+    if not cfg.accelerate_config:
+        return {}
+    import yaml
+
+    try:
+        settings = yaml.safe_load(Path(cfg.accelerate_config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"accelerate_config {cfg.accelerate_config}: cannot read it ({error})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"accelerate_config {cfg.accelerate_config}: not a mapping of accelerate settings")
+    return settings
+
+
+def trains_across_machines(cfg: TrainingConfig) -> bool:
+    """Whether the step's accelerate config asks for several machines (num_machines above 1)."""
+    return int(accelerate_settings(cfg).get("num_machines") or 1) > 1
+
+
+def machine_rank_from_environment(where: str = "multi-machine training") -> int | None:
+    """This machine's rank as its launcher set it (NODE_RANK, else SLURM_NODEID); None where neither is set."""
+    return _environment_int(MACHINE_RANK_ENV, where)
+
+
+def machine_placement(cfg: TrainingConfig) -> MachinePlacement | None:
+    """This machine's place in the step's launch when its accelerate config trains across machines (None when it
+    does not); a recipe error when the environment lacks this machine's rank or machine 0's address."""
+    settings = accelerate_settings(cfg)
+    if not trains_across_machines(cfg):
+        return None
+    where = (f"{cfg.uses}: accelerate_config {cfg.accelerate_config} trains across machines "
+             f"(num_machines: {settings['num_machines']})")
+    machines = _environment_int(MACHINES_ENV, where) or int(settings["num_machines"])
+    rank = machine_rank_from_environment(where)
+    if rank is None:
+        raise UserError(f"{where}, and this machine's rank is not set: set {MACHINE_RANK_ENV[0]} (0 on machine 0, "
+                        f"1..{machines - 1} on the others), or run under Slurm's srun, which sets "
+                        f"{MACHINE_RANK_ENV[1]}")
+    if not 0 <= rank < machines:
+        raise UserError(f"{where}: machine rank {rank} (from {_set_name(MACHINE_RANK_ENV)}) is not in "
+                        f"0..{machines - 1}")
+    main_address = os.environ.get(MAIN_ADDRESS_ENV) or settings.get("main_process_ip")
+    if not main_address:
+        raise UserError(f"{where}, and machine 0's address is not set: set {MAIN_ADDRESS_ENV} to the address of the "
+                        "machine of rank 0 (the same on every machine)")
+    total = cfg.num_processes if cfg.num_processes > 1 else int(settings.get("num_processes") or 1)
+    if total % machines:
+        raise UserError(f"{where}: num_processes {total} (the recipe's, else the file's) counts the processes of all "
+                        f"machines together, as accelerate does, so it must be a multiple of the {machines} machines")
+    deepspeed = settings.get("deepspeed_config") or {}
+    if settings.get("distributed_type") == "DEEPSPEED" and deepspeed.get("deepspeed_multinode_launcher") != "standard":
+        raise UserError(f"{where}: set deepspeed_config.deepspeed_multinode_launcher: standard in it; every machine "
+                        "starts its own processes (`distill run` on each), none are started over ssh (pdsh)")
+    return MachinePlacement(machines, rank, str(main_address), _environment_int((MAIN_PORT_ENV,), where))
+
+
+def _environment_int(names: tuple[str, ...], where: str) -> int | None:
+    """The first of these environment variables that is set, as an integer; None when none is."""
+    name = _set_name(names)
+    if name is None:
+        return None
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise UserError(f"{where}: environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def _set_name(names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if os.environ.get(name)), None)
 
 
 def launch_command(cfg: TrainingConfig, payload: Path) -> list[str]:
@@ -446,31 +536,62 @@ def launch_command(cfg: TrainingConfig, payload: Path) -> list[str]:
         command += ["--config_file", str(Path(cfg.accelerate_config).resolve())]
     if cfg.num_processes > 1 or not cfg.accelerate_config:
         command += ["--num_processes", str(cfg.num_processes)]
+    placement = machine_placement(cfg)
+    if placement is not None:
+        command += ["--num_machines", str(placement.machines), "--machine_rank", str(placement.rank),
+                    "--main_process_ip", placement.main_address]
+        if placement.main_port is not None:
+            command += ["--main_process_port", str(placement.main_port)]
     return command + ["-m", "pipeline.training", str(payload)]
 
 
-def launch_distributed(cfg: TrainingConfig, inputs, out):
-    """Run this step's `train` in `accelerate launch` processes, with the same output and scratch dirs.
-
-    Every process trains; only the main one writes the model and the stats file read back here.
-    """
-    payload = out.scratch / "launch.json"
-    payload.write_text(json.dumps({
+def launch_payload(cfg: TrainingConfig, inputs, out) -> dict:
+    """What each launched process needs to run the step's `train`: its config, its inputs and its output dirs."""
+    return {
         "uses": cfg.uses,
         "config": cfg.model_dump(mode="json"),
         "inputs": {name: {"name": a.name, "kind": a.kind, "path": str(a.path), "key": a.key, "stats": a.stats}
                    for name, a in inputs.items()},
         "out": {"name": out.name, "kind": out.kind, "dir": str(out.dir), "scratch": str(out.scratch),
                 "seed": out.seed, "dry_run": out.dry_run},
-    }))
+    }
+
+
+def launch_distributed(cfg: TrainingConfig, inputs, out):
+    """Run this step's `train` in `accelerate launch` processes, with the same output and scratch dirs.
+
+    Every process trains; only the main one (of machine 0) writes the model and the stats file read back here.
+    """
+    payload = out.scratch / "launch.json"
+    payload.write_text(json.dumps(launch_payload(cfg, inputs, out)))
     result = out.scratch / LAUNCH_RESULT
     result.unlink(missing_ok=True)
-    command = launch_command(cfg, payload)
-    process = subprocess.run(command)
-    if process.returncode != 0 or not result.exists():
-        raise RuntimeError(f"{cfg.uses}: `{' '.join(command)}` failed (exit code {process.returncode}); "
+    command = _launch(cfg, payload)
+    if not result.exists():
+        raise RuntimeError(f"{cfg.uses}: `{' '.join(command)}` ended without its main process writing {result}; "
                            "its output is above")
     return out.model_written(**json.loads(result.read_text()))
+
+
+def join_launch(cfg: TrainingConfig, inputs, out) -> None:
+    """On a machine other than machine 0: this machine's processes of the step's launch, until training ends.
+
+    The step's dirs (`out`) are machine 0's: its `distill run` clears them before launching and publishes them after,
+    and only its main process writes there, so this machine's payload goes to a local temporary dir."""
+    with tempfile.TemporaryDirectory(prefix="distill-launch-") as local:
+        payload = Path(local) / "launch.json"
+        payload.write_text(json.dumps(launch_payload(cfg, inputs, out)))
+        _launch(cfg, payload)
+
+
+def _launch(cfg: TrainingConfig, payload: Path) -> list[str]:
+    """Run `accelerate launch` on the payload (its output goes where this process's does); the command run."""
+    command = launch_command(cfg, payload)
+    process = subprocess.run(command)
+    if process.returncode != 0:
+        raise RuntimeError(f"{cfg.uses}: `{' '.join(command)}` failed (exit code {process.returncode}); "
+                           "its output is above")
+    return command
 
 
 def launched_main(payload_path: str) -> None:
@@ -480,6 +601,11 @@ def launched_main(payload_path: str) -> None:
     from pipeline.artifacts import Artifact, Output
     from pipeline.steps import step_module
 
+    import datasets
+
+    # As in the runner: `.map()` on a loaded dataset would write cache files into the input step's dir (shared by
+    # every process, of every machine).
+    datasets.disable_caching()
     payload = json.loads(Path(payload_path).read_text())
     module = step_module(payload["uses"])
     cfg = module.Config(**payload["config"])

@@ -78,20 +78,20 @@ def test_leak_check_finds_long_shared_ngrams_only():
 def test_data_from_templates_graded_samples_and_opsd_rows(problems):
     rows, stats = opsd.opsd_dataset(problems["problems"].dataset(), config(), "problems")
     assert stats == {"context_from": "template"} and len(rows) == 8
-    assert rows[1]["privileged_context"] == "What is 1 + 4? = 5"
+    assert rows[1]["privileged_context"] == "What is 1 + 4? = 5" and rows[1]["answer"] == "5"
     assert rows[1]["prompt"] == [{"role": "user", "content": "What is 1 + 4?\n\nPlease reason step by step, and put "
                                                              "your final answer within \\boxed{}."}]
 
     prompt = [{"role": "user", "content": "q"}]
     graded = Dataset.from_list([
-        {"id": "a", "sample_idx": 0, "prompt": prompt, "completion": "wrong", "correct": False},
-        {"id": "a", "sample_idx": 2, "prompt": prompt, "completion": "right later", "correct": True},
-        {"id": "a", "sample_idx": 1, "prompt": prompt, "completion": "right first", "correct": True},
-        {"id": "b", "sample_idx": 0, "prompt": prompt, "completion": "wrong", "correct": False},
+        {"id": "a", "sample_idx": 0, "prompt": prompt, "completion": "wrong", "correct": False, "answer": "1"},
+        {"id": "a", "sample_idx": 2, "prompt": prompt, "completion": "right later", "correct": True, "answer": "1"},
+        {"id": "a", "sample_idx": 1, "prompt": prompt, "completion": "right first", "correct": True, "answer": "1"},
+        {"id": "b", "sample_idx": 0, "prompt": prompt, "completion": "wrong", "correct": False, "answer": "2"},
     ])
     rows, stats = opsd.opsd_dataset(graded, config(context_template=None), "graded")
     assert stats == {"context_from": "verified", "problems_without_context": 1}
-    assert rows.to_list() == [{"prompt": prompt, "privileged_context": "right first"}]
+    assert rows.to_list() == [{"prompt": prompt, "privileged_context": "right first", "answer": "1"}]
 
     ready = Dataset.from_list([{"id": "x", "prompt": "plain text", "privileged_context": "ref"}])
     rows, _ = opsd.opsd_dataset(ready, config(context_template=None), "ready")

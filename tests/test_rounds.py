@@ -123,6 +123,9 @@ def test_two_rounds_on_tiny_random_sample_round_2_from_round_1s_model(recipe_pat
     assert manifests["samples@1"]["inputs"]["models"] == {TINY: manifests["samples@1"]["inputs"]["models"][TINY]}
     assert manifests["samples@2"]["inputs"]["models"] == {}  # a step's model is keyed by that step's key
     assert len(set(key.values())) == len(key)
+    # what the run page's by-round section reads (round 0: the model round 1 starts from)
+    assert json.loads((workdir / "recipe.json").read_text())["models_by_round"] == [TINY, "step:merged@1",
+                                                                                    "step:merged@2"]
     # the samples themselves name the model that drew them
     import datasets
 
@@ -141,6 +144,16 @@ def test_two_rounds_on_tiny_random_sample_round_2_from_round_1s_model(recipe_pat
     assert "round" in table and "samples@2" in table and "complete" in table
 
 
+def by_round_results(tmp_path) -> None:
+    """An evaluation of three rounds' models (round 0: the start), 4 problems, 4 samples each."""
+    correct = {TINY: [1, 0, 2, 1], "step:merged@1": [2, 1, 2, 1], "step:merged@2": [4, 1, 3, 2]}  # of 4, per problem
+    document = {"meta": {"seed": 0, "baseline": TINY}, "models": {
+        model: {"arith_test": {"pass@1": sum(counts) / 16, "stderr": 0.05, "n": 4,
+                               "per_problem": {f"p{i}": [c, 4] for i, c in enumerate(counts)}}}
+        for model, counts in correct.items()}}
+    (tmp_path / "results.json").write_text(json.dumps(document))
+
+
 def test_distill_run_shows_accuracy_by_round_and_each_round_minus_the_one_before(recipe_path, tmp_path, capsys,
                                                                                monkeypatch):
     from types import SimpleNamespace
@@ -150,19 +163,32 @@ def test_distill_run_shows_accuracy_by_round_and_each_round_minus_the_one_before
     from pipeline.cli import _print_rounds
 
     monkeypatch.setattr("pipeline.cli.console", Console(width=200))  # one line per row
-
-    correct = {TINY: [1, 0, 2, 1], "step:merged@1": [2, 1, 2, 1], "step:merged@2": [4, 1, 3, 2]}  # of 4, per problem
-    document = {"meta": {"seed": 0, "baseline": TINY}, "models": {
-        model: {"arith_test": {"pass@1": sum(counts) / 16, "stderr": None, "n": 4,
-                               "per_problem": {f"p{i}": [c, 4] for i, c in enumerate(counts)}}}
-        for model, counts in correct.items()}}
-    (tmp_path / "results.json").write_text(json.dumps(document))
+    by_round_results(tmp_path)
     _print_rounds(load_recipe(recipe_path), {"report": SimpleNamespace(name="report",
                                                                       artifact=SimpleNamespace(path=tmp_path))})
     rows = [line.split("│")[1:-1] for line in capsys.readouterr().out.splitlines() if "arith_test" in line]
     cells = [[cell.strip() for cell in row] for row in rows]
-    assert [row[:4] for row in cells] == [["0", TINY, "arith_test", "25.0"],
-                                          ["1", "step:merged@1", "arith_test", "37.5"],
-                                          ["2", "step:merged@2", "arith_test", "62.5"]]
+    assert [row[:4] for row in cells] == [["0", TINY, "arith_test", "25.0 ± 5.0"],
+                                          ["1", "step:merged@1", "arith_test", "37.5 ± 5.0"],
+                                          ["2", "step:merged@2", "arith_test", "62.5 ± 5.0"]]
     assert cells[0][4] == "–"
     assert cells[1][4].startswith("+12.5 ± 7.2 [") and cells[2][4].startswith("+25.0 ± 10.2 [")
+
+
+def test_the_run_page_plots_accuracy_by_round_with_paired_intervals(recipe_path, tmp_path):
+    import re
+    from types import SimpleNamespace
+
+    from pipeline.run_report import rounds_section
+
+    by_round_results(tmp_path)
+    step = SimpleNamespace(name="report", path=tmp_path)
+    section = rounds_section(step, load_recipe(recipe_path).rounds.models_by_round())
+    accuracy, gains = re.findall(r"<figure class=chart data-points=\"(\d)\">.*?</figure>", section)
+    assert (accuracy, gains) == ("3", "2")  # rounds 0-2; rounds 1 and 2 minus the one before
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", section)]
+    assert [row[:3] for row in cells] == [["0", TINY, "25.0 ± 5.0"], ["1", "step:merged@1", "37.5 ± 5.0"],
+                                          ["2", "step:merged@2", "62.5 ± 5.0"]]
+    assert cells[0][3] == "–" and cells[1][3].startswith("+12.5 [") and cells[2][3].startswith("+25.0 [")
+    assert "round 1: +12.5 [" in section  # the paired difference's point and interval, on its chart
+    assert rounds_section(step, None) == ""  # a recipe without rounds

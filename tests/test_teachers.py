@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pipeline.artifacts import Artifact, Output
 from pipeline.errors import UserError
 from pipeline.steps import teachers
+from pipeline.token_logprobs import load_scoring_model, score_traces
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -163,11 +164,11 @@ def test_score_traces_pads_a_batch_without_changing_a_score():
 
     path = resolve_model("builtin:tiny-random", {})
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = teachers.load_scoring_model(path)
+    model = load_scoring_model(path, who="test")
     traces = [(("a", i), *trained_token_ids(tokenizer, PROMPT, text))
               for i, text in enumerate(["\\boxed{5}", "It is five, so the answer is \\boxed{5} for sure."])]
-    together = teachers.score_traces(model, tokenizer, traces)
-    alone = [teachers.score_traces(model, tokenizer, [trace])[0] for trace in traces]
+    together = score_traces(model, tokenizer, traces)
+    alone = [score_traces(model, tokenizer, [trace])[0] for trace in traces]
     assert [tokens for _, tokens in together] == [tokens for _, tokens in alone]
     for (nll, _), (nll_alone, _) in zip(together, alone):
         assert nll == pytest.approx(nll_alone, abs=1e-4)
@@ -212,3 +213,28 @@ def test_select_from_refuses_what_is_not_a_teacher(tmp_path):
     with pytest.raises(UserError, match="step 'a' is not a teachers step"):
         select.run(select.Config.model_validate({"uses": "select", "input": "a", "from": "best_teacher"}),
                    {"a": graded}, selected_out)
+
+
+def test_the_report_shows_each_privileged_teachers_check(tmp_path):
+    """An opsd step's check (from its manifest, as opsd records it) in the report, and a step without one refused."""
+    inputs = hand_made(tmp_path)
+    gain = {"difference": 0.25, "stderr": 0.1, "ci95": [0.05, 0.45], "detectable": True, "mdd": 0.28}
+    change = {"difference": 0.031, "stderr": 0.01, "ci95": [0.012, 0.05], "detectable": True, "mdd": 0.03}
+    check = {"problems": 16, "samples_per_problem": 4, "pass_rate_without": 0.125, "pass_rate_with": 0.375,
+             "pass_rate_gain": gain, "verified_traces": 8, "nll_without": 0.5, "nll_with": 0.531,
+             "nll_change": change, "teacher_better": False, "why": "the NLL per token ... not below"}
+    inputs["opsd"] = Artifact("opsd", "model", tmp_path / "opsd", stats={"teacher_check": check})
+    cfg = teachers.Config(uses="teachers", teachers=["a", "b"], privileged=["step:opsd"])
+    assert cfg.model_refs() == ["step:opsd"]
+    out = Output(name="teachers", kind="dataset", dir=tmp_path / "out", scratch=tmp_path / "scratch", seed=None)
+    teachers.run(cfg, inputs, out)
+    assert json.loads((out.dir / "teachers.json").read_text())["privileged"] == {"opsd": check}
+    report = (out.dir / "report.md").read_text()
+    assert ("| opsd | 16 | 12.5 → 37.5 | +25.0 [+5.0, +45.0] | 8 | 0.500 → 0.531 | +0.031 [+0.012, +0.050] | no: "
+            "the NLL per token ... not below |") in report
+
+    inputs["opsd"] = Artifact("opsd", "model", tmp_path / "opsd", stats={})
+    with pytest.raises(UserError, match="privileged step:opsd: step 'opsd' has no teacher check"):
+        teachers.run(cfg, inputs, out)
+    with pytest.raises(ValidationError, match="name an opsd step as step:NAME"):
+        teachers.Config(uses="teachers", teachers=["a", "b"], privileged=["opsd"])

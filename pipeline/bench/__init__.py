@@ -9,6 +9,9 @@
     cache    a finished recipe re-run in a fresh process, wall seconds
     decode   matmul GFLOP/s and copy GB/s on this machine: the bounds on decode tokens/s (`sample` includes it)
     data     load, verify's bookkeeping, select, pairs and filter at 10k-1M synthetic rows: seconds and peak memory
+    ray      the driver's own time on the `engine: ray` path (hand-off, shard writes, Ray start and stop) and the
+             verify step's, on 2k and 10k prompts with a tiny model, apart from the engines'; not part of `all`
+             (it needs the ray extra and starts a local Ray cluster)
 
 Each benchmark prints a table; `--json PATH` writes the headline numbers under fixed keys (null for a benchmark
 that was not run), the targets, and every raw number under the benchmark's own key.
@@ -28,7 +31,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-BENCHMARKS = ("sample", "verify", "train", "cache", "decode", "data")
+BENCHMARKS = ("sample", "verify", "train", "cache", "decode", "data", "ray")
+# run only when named: `all` leaves them out
+NOT_IN_ALL = ("ray",)
 # headline key -> (benchmark that measures it, target, whether higher is better); decode_fraction_of_bound has no
 # target: it says how much of the machine's compute the sampler turns into tokens.
 HEADLINES = {
@@ -53,7 +58,7 @@ def run_benchmarks(targets: list[str], opts, console) -> dict:
     from pipeline.env import device
     from pipeline.generation import usable_cores
 
-    chosen = [b for b in BENCHMARKS if b in targets or "all" in targets]
+    chosen = [b for b in BENCHMARKS if b in targets or ("all" in targets and b not in NOT_IN_ALL)]
     if "sample" in chosen and "decode" in chosen:
         chosen.remove("decode")  # sample measures it
     results: dict = {key: None for key in HEADLINES}
@@ -119,7 +124,7 @@ def token_lengths(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="+", choices=[*BENCHMARKS, "all"], metavar="{sample,verify,train,cache,"
-                        "decode,data,all}", help="benchmarks to run (all: every one)")
+                        "decode,data,ray,all}", help="benchmarks to run (all: every one but ray)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to this file")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to sample and train")
     sample = parser.add_argument_group("sample")
@@ -144,6 +149,7 @@ def add_arguments(parser) -> None:
     decode = parser.add_argument_group("decode")
     decode.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul for peak GFLOP/s")
     from pipeline.bench.data import CASES, case_names, row_counts
+    from pipeline.bench.ray import prompt_counts
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-rows", type=row_counts, default=[10_000, 100_000], metavar="N,N,...",
@@ -151,3 +157,13 @@ def add_arguments(parser) -> None:
     data.add_argument("--data-cases", type=case_names, default=list(CASES), metavar="CASE,...",
                       help=f"steps to time, of {','.join(CASES)} (load and verify always run: they make the "
                       "others' inputs)")
+    ray = parser.add_argument_group("ray")
+    ray.add_argument("--ray-prompts", type=prompt_counts, default=[2_000, 10_000], metavar="N,N,...",
+                     help="problems to sample (n 1) and verify, one run per size; two or more sizes also give the "
+                     "seconds per 10,000 more prompts and the fixed part")
+    ray.add_argument("--ray-replicas", type=int, default=2, help="engine replicas on the local Ray cluster")
+    ray.add_argument("--ray-max-tokens", type=int, default=8, help="new tokens per completion at most")
+    ray.add_argument("--ray-chunk-size", type=int, default=64, help="problems per chunk (the sample step's default)")
+    ray.add_argument("--ray-model", default="builtin:tiny-random", help="model the replicas run")
+    ray.add_argument("--ray-trace-chars", type=int, default=21_000,
+                     help="characters per completion in the long-completion case (~6,000 tokens)")

@@ -51,6 +51,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import UserError
+from pipeline.models import resolve_model
 from pipeline.steps import require_columns
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
 from pipeline.training import (TrainingConfig, load_tokenizer, model_card, peft_config, train_and_save,
@@ -70,6 +71,7 @@ DEFAULT_TEACHER_TEMPLATE = (
 # SDFT's teacher kinds under the names this step uses.
 TEACHER_KINDS = {"frozen": "base", "ema": "ema", "live": "live"}
 SUPPORTS = {"full": "full_logits", "topk": "topk_logits", "sampled_token": "sampled_token"}
+TEACHER_CHECK_FILE = "teacher_check.json"  # scratch: the privileged-teacher check, measured once
 
 
 class RolloutConfig(TrainingConfig):
@@ -124,6 +126,8 @@ def prompt_with_think_prefix(tokenizer, cfg: RolloutConfig) -> tuple[str, str]:
 
 class Config(RolloutConfig):
     code_version: ClassVar = "2"  # the loss from chunked hidden states (same value, other rounding)
+    dry_run_overrides: ClassVar = {**RolloutConfig.dry_run_overrides, "teacher_check_problems": 2,
+                                   "teacher_check_samples": 1}
     input: str = Field(description="Name of the step whose data is trained on: opsd data (prompt, "
                                    "privileged_context), graded samples (a verify step), or problems with "
                                    "context_template set.")
@@ -156,6 +160,16 @@ class Config(RolloutConfig):
     leak_ngram: int = Field(default=20, ge=1,
                             description="Leak check: a rollout that shares this many consecutive tokens with its "
                                         "privileged text counts as copying it (logged as opsd/leak_share).")
+    teacher_check_problems: int = Field(
+        default=16, ge=0,
+        description="Before training, on this many rows with an answer (seeded), measure whether the model shown the "
+                    "privileged context is a better teacher than the student: pass rate sampling with and without it, "
+                    "and the NLL per token of the student's verified traces with and without it "
+                    "(pipeline.privileged_teacher); in the manifest as teacher_check, with a warning when it is no "
+                    "better. 0: skip.")
+    teacher_check_samples: int = Field(default=4, ge=1,
+                                       description="Completions per problem and prompt in the teacher check.")
+
     @field_validator("teacher_template")
     @classmethod
     def _teacher_template_formats(cls, template: str) -> str:
@@ -178,7 +192,62 @@ class Config(RolloutConfig):
 
 
 def run(cfg: Config, inputs, out):
-    return train_here_or_launch(cfg, inputs, out)
+    model_path = resolve_model(cfg.model, inputs)
+    if (Path(model_path) / "adapter_config.json").exists():
+        raise UserError(f"opsd: model {cfg.model!r} is a LoRA adapter; merge it first (a merge step) and give the "
+                        "merged model, so the frozen teacher is well defined")
+    check = teacher_check(cfg, inputs, out, model_path) if cfg.teacher_check_problems else None
+    model = train_here_or_launch(cfg, inputs, out)
+    if check is not None:
+        model.stats["teacher_check"] = check
+    return model
+
+
+def teacher_check(cfg: Config, inputs, out, model_path: str) -> dict:
+    """`pipeline.privileged_teacher`'s check of the model before training, once (kept in the scratch dir, so a
+    resumed run does not sample again); warns on the terminal when the teacher is no better than the student."""
+    import gc
+    import json
+
+    import torch
+
+    from pipeline import privileged_teacher
+    from pipeline.console import user_console
+    from pipeline.template_check import teacher_prompt
+    from pipeline.token_logprobs import load_scoring_model
+
+    saved = out.scratch / TEACHER_CHECK_FILE
+    if saved.exists():
+        return json.loads(saved.read_text())
+    rows, _ = opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)
+    if "answer" not in rows.column_names:
+        check = {"skipped": f"dataset {cfg.input!r} has no answer column to grade samples against"}
+    else:
+        picked = privileged_teacher.slice_of(rows["answer"], cfg.teacher_check_problems, out.seed)
+        if not picked:
+            check = {"skipped": f"no row of dataset {cfg.input!r} has an answer"}
+        else:
+            rows = rows.select(picked)
+            tokenizer = load_tokenizer(cfg, model_path)
+            prompt_with_think_prefix(tokenizer, cfg)  # the prompts the rollouts get
+            model = load_scoring_model(model_path, who="opsd: model")
+            check = privileged_teacher.measure(
+                model, tokenizer, [list(prompt) for prompt in rows["prompt"]],
+                [teacher_prompt(list(row["prompt"]), row["privileged_context"], cfg.teacher_template) for row in rows],
+                [str(answer) for answer in rows["answer"]], samples=cfg.teacher_check_samples,
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                batch_size=cfg.batch_size, seed=out.seed)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not check["teacher_better"]:
+                user_console().print(f"[yellow]warning: opsd: the privileged teacher is no better than the student "
+                                     f"on {check['problems']} problems: {check['why']}; OPSD would pull the student "
+                                     "toward it (see teacher_check in the manifest)", markup=True)
+    out.scratch.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(check))
+    return check
 
 
 def train(cfg: Config, inputs, out) -> dict:
@@ -199,16 +268,12 @@ def build_trainer(cfg: Config, inputs, out):
     from transformers import AutoModelForCausalLM, set_seed
     from trl.experimental.sdft import SDFTConfig
 
-    from pipeline.models import resolve_model
-
     set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
     model_path = resolve_model(cfg.model, inputs)
-    if (Path(model_path) / "adapter_config.json").exists():
-        raise UserError(f"opsd: model {cfg.model!r} is a LoRA adapter; merge it first (a merge step) and give the "
-                        "merged model, so the frozen teacher is well defined")
     tokenizer = load_tokenizer(cfg, model_path)
     think, own_template = prompt_with_think_prefix(tokenizer, cfg)
     rows, data_stats = opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)
+    rows = rows.select_columns(["prompt", "privileged_context"])  # the answers are the teacher check's
     data_stats.update(template_check_rows(rows, cfg, tokenizer), think_prefix=think)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
@@ -267,19 +332,20 @@ def opsd_dataset(dataset, cfg: Config, dataset_name: str):
 
         def from_problem(row):
             return {"prompt": [{"role": "user", "content": render_prompt(cfg.prompt_template, row)}],
-                    "privileged_context": render_prompt(cfg.context_template, row)}
+                    "privileged_context": render_prompt(cfg.context_template, row),
+                    **({"answer": row["answer"]} if "answer" in row else {})}
 
         rows = dataset.map(from_problem, remove_columns=columns, keep_in_memory=True)
         stats = {"context_from": "template"}
     elif "privileged_context" in columns:
         require_columns(dataset, ["prompt"], step="opsd", source=dataset_name, reads="opsd data")
-        rows = dataset.select_columns(["prompt", "privileged_context"]).map(
+        rows = dataset.select_columns([c for c in ("prompt", "privileged_context", "answer") if c in columns]).map(
             lambda row: {"prompt": row["prompt"] if isinstance(row["prompt"], list)
                          else [{"role": "user", "content": row["prompt"]}]}, keep_in_memory=True)
         stats = {"context_from": "column"}
     elif "correct" in columns:
-        require_columns(dataset, ["id", "prompt", "completion", "sample_idx"], step="opsd", source=dataset_name,
-                        reads="graded samples such as a verify step writes")
+        require_columns(dataset, ["id", "prompt", "completion", "sample_idx", "answer"], step="opsd",
+                        source=dataset_name, reads="graded samples such as a verify step writes")
         rows, stats = first_verified_traces(dataset)
     else:
         raise UserError(f"opsd: dataset of step {dataset_name!r} has no privileged text: give opsd data (prompt, "
@@ -298,15 +364,17 @@ def first_verified_traces(graded):
     """Per problem, its lowest-sample_idx correct completion as the privileged context of the prompt it answered."""
     from datasets import Dataset
 
-    columns = graded.select_columns(["id", "prompt", "completion", "correct", "sample_idx"]).to_dict()
+    columns = graded.select_columns(["id", "prompt", "completion", "correct", "sample_idx", "answer"]).to_dict()
     chosen: dict[str, int] = {}
     for i, (problem_id, correct) in enumerate(zip(columns["id"], columns["correct"])):
-        if correct and (problem_id not in chosen or columns["sample_idx"][i] < columns["sample_idx"][chosen[problem_id]]):
+        earlier = problem_id in chosen and columns["sample_idx"][chosen[problem_id]] <= columns["sample_idx"][i]
+        if correct and not earlier:
             chosen[problem_id] = i
     problems = len(set(columns["id"]))
     rows = Dataset.from_dict({
         "prompt": [columns["prompt"][i] for i in chosen.values()],
         "privileged_context": [columns["completion"][i] for i in chosen.values()],
+        "answer": [columns["answer"][i] for i in chosen.values()],
     })
     return rows, {"context_from": "verified", "problems_without_context": problems - len(chosen)}
 

@@ -24,6 +24,11 @@ diversity (higher CV); the order is by mean rank, ties by pass rate. The report 
 compares it with each other teacher paired over problems (pass rate, and NLL where both have scored traces), with
 `eval.metrics.paired_difference`'s bootstrap interval.
 
+Privileged teachers (`privileged`): opsd steps, whose teacher is the student itself shown a privileged context. Each
+measured, before it trained, whether that teacher is better than the student (`pipeline.privileged_teacher`: pass rate
+sampling with and without the context, and the student's NLL per token of its verified traces with and without it);
+the report shows those numbers beside the sources, and says which privileged teachers are no better.
+
 Output: every graded sample of every teacher (the columns all of them have) with `teacher`, `trace_tokens` (the
 length above, correct traces) and `student_nll_per_token` (scored traces; null elsewhere): what `select` with
 `from: best_teacher` or a teacher's name picks from. Beside it: `teacher_problems.jsonl` (per problem and teacher:
@@ -49,7 +54,6 @@ TEACHERS_JSON, PROBLEMS_JSONL, REPORT_MD, PLOT_PNG = "teachers.json", "teacher_p
     "teachers.png"
 SCORES_FILE = "student_scores.jsonl"  # scratch: (teacher, row) -> summed NLL and tokens, appended per batch
 DIFFICULTY_BUCKETS = ((1 / 3, "hard"), (2 / 3, "medium"), (math.inf, "easy"))  # pooled pass rate below -> bucket
-LOGPROB_CHUNK_SIZE = 1024  # positions whose full-vocabulary logits exist at once while scoring
 
 
 class Config(StepConfig):
@@ -67,6 +71,10 @@ class Config(StepConfig):
                                   description="Word n-gram Jaccard similarity from which two correct traces of a "
                                               "problem are near duplicates.")
     near_duplicate_ngram: int = Field(default=5, ge=1, description="Word n-gram size for near_duplicate.")
+    privileged: list[str] = Field(
+        default_factory=list,
+        description="opsd steps (step:NAME) whose privileged-teacher check the report shows: pass rate and the "
+                    "student's NLL of verified traces, with and without the privileged context.")
 
     produces: ClassVar[str] = "dataset"
     path_fields: ClassVar = ()
@@ -90,8 +98,18 @@ class Config(StepConfig):
     def dataset_inputs(self) -> list[str]:
         return list(self.teachers)
 
+    @field_validator("privileged")
+    @classmethod
+    def _step_refs(cls, privileged: list[str]) -> list[str]:
+        for ref in privileged:
+            if not ref.startswith("step:"):
+                raise ValueError(f"{ref!r}: name an opsd step as step:NAME")
+        if repeated(privileged):
+            raise ValueError(f"each opsd step once: {', '.join(repeated(privileged))} repeated")
+        return privileged
+
     def model_refs(self) -> list[str]:
-        return [self.student] if self.student else []
+        return ([self.student] if self.student else []) + self.privileged
 
 
 def run(cfg: Config, inputs, out):
@@ -124,7 +142,7 @@ def run(cfg: Config, inputs, out):
     document = {"teachers": summary, "ranking": ranking, "comparisons": comparisons, "student": cfg.student,
                 "problems_shared": len(shared),
                 "problems_not_shared": {name: len(set(rows[name]["id"]) - shared) for name in cfg.teachers},
-                "unscored_too_long": unscored}
+                "unscored_too_long": unscored, "privileged": privileged_checks(cfg, inputs)}
     (out.dir / TEACHERS_JSON).write_text(json.dumps(document, indent=2) + "\n")
     (out.dir / REPORT_MD).write_text(render_report(document))
     plot_teachers(document, per_problem, out.dir / PLOT_PNG)
@@ -151,6 +169,19 @@ def run(cfg: Config, inputs, out):
                                 if cfg.student else {}))
 
 
+def privileged_checks(cfg: Config, inputs) -> dict:
+    """Each `privileged` opsd step's teacher check, from its manifest."""
+    checks = {}
+    for ref in cfg.privileged:
+        name = ref.removeprefix("step:")
+        check = inputs[name].stats.get("teacher_check")
+        if check is None:
+            raise UserError(f"teachers: privileged {ref}: step {name!r} has no teacher check in its manifest (an opsd "
+                            "step with teacher_check_problems above 0 records one)")
+        checks[name] = check
+    return checks
+
+
 def shared_problems(graded: dict) -> set:
     """Problem ids every teacher's samples have."""
     ids = [set(dataset["id"]) for dataset in graded.values()]
@@ -172,6 +203,7 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
     from pipeline.models import resolve_model
     from pipeline.steps.select import arrow_columns, assistant_texts
     from pipeline.template_check import trained_token_ids
+    from pipeline.token_logprobs import load_scoring_model, score_traces
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.student, inputs))
     if not tokenizer.chat_template:
@@ -202,7 +234,7 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
             scores[(entry["teacher"], entry["row"])] = (entry["nll"], entry["tokens"])
     todo = sorted((trace for trace in traces if trace[0] not in scores), key=lambda trace: len(trace[1]))
     if todo:
-        model = load_scoring_model(resolve_model(cfg.student, inputs))
+        model = load_scoring_model(resolve_model(cfg.student, inputs), who="teachers: student")
         with progress(total=len(traces), unit="traces", completed=len(traces) - len(todo)) as bar, \
                 open(scores_path, "a") as file:
             for start in range(0, len(todo), cfg.batch_size):
@@ -213,45 +245,6 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
                 file.flush()
                 bar.advance(len(batch))
     return lengths, scores, unscored
-
-
-def load_scoring_model(model_path: str):
-    """The student for scoring: float32 on a CPU, bf16 on a GPU, eval mode, with the chunked log-prob forward."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
-
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
-    model = model.to("cuda" if cuda else "cpu").eval()
-    try:
-        add_token_logprob_forward(model)
-    except UnsupportedHead as error:
-        raise UserError(f"teachers: student {model_path}: {error}") from None
-    return model
-
-
-def score_traces(model, tokenizer, batch) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each (key, token ids, first trained position) in `batch`, in one padded forward:
-    -log p of every token from the first trained position on, under the model given the tokens before it."""
-    import torch
-
-    longest = max(len(ids) for _, ids, _ in batch)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, (_, ids, start) in enumerate(batch):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-        labels[i, start:len(ids)] = torch.tensor(ids[start:])
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logprobs = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         labels=labels.to(device), logprob_chunk_size=LOGPROB_CHUNK_SIZE)
-    scored = (labels[:, 1:] != -100).sum(1)
-    return [(-float(logprobs[i].sum()), int(scored[i])) for i in range(len(batch))]
 
 
 def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
@@ -460,6 +453,27 @@ def render_report(document: dict) -> str:
                          f"[{low:+.{digits}f}, {high:+.{digits}f}] over {result['problems']} problems ({verdict})")
     if document["unscored_too_long"]:
         lines += ["", f"{document['unscored_too_long']} correct traces longer than max_length were not scored."]
+    if document["privileged"]:
+        lines += ["", "## Privileged teachers (opsd)", "",
+                  "The student shown a privileged context, measured before each opsd step trained: with the context "
+                  "minus without, paired (95% bootstrap interval).", "",
+                  "| opsd step | problems | pass rate % without → with | gain | verified traces | NLL/token without → "
+                  "with | change | better teacher? |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for name, check in document["privileged"].items():
+            if "skipped" in check:
+                lines.append(f"| {name} | – | – | – | – | – | – | not measured: {check['skipped']} |")
+                continue
+
+            def interval(result, scale, digits):
+                low, high = (scale * bound for bound in result["ci95"])
+                return f"{scale * result['difference']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+            nll = ("–", "–") if not check["verified_traces"] else (
+                f"{check['nll_without']:.3f} → {check['nll_with']:.3f}", interval(check["nll_change"], 1, 3))
+            lines.append(f"| {name} | {check['problems']} | {100 * check['pass_rate_without']:.1f} → "
+                         f"{100 * check['pass_rate_with']:.1f} | {interval(check['pass_rate_gain'], 100, 1)} | "
+                         f"{check['verified_traces']} | {nll[0]} | {nll[1]} | "
+                         f"{'yes' if check['teacher_better'] else 'no'}: {check['why']} |")
     return "\n".join(lines) + "\n"
 
 
