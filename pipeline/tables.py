@@ -3,23 +3,30 @@
 Used by the `load` step and by the benchmark registry (eval/benchmarks.py). Bad input raises `UserError` with a
 message that names the file and, where there is one, the line and row id — never a `datasets` traceback:
 
-- JSONL (and .json that is not one array): a first pass in Python checks every line for strict UTF-8 and for
-  being one object (`{...}`), then pyarrow's JSON reader builds the table; a line it refuses (and any line whose
-  type changes) sends the file down a slow path that reads it line by line with `json.loads`, so a broken line,
-  a line that is not an object or bytes that are not UTF-8 are reported with their line number. Blank lines are
-  skipped; columns are the union of every row's keys; strings stay strings (pyarrow would turn ISO dates into
-  timestamps). The Dataset is in memory, not a file in the datasets cache.
+- JSONL (and .json that is not one array): a first pass checks every line for strict UTF-8 and for being one
+  object (`{...}`), in numpy over 8 MiB pieces (line by line in Python only in a piece with something to report),
+  then pyarrow's streaming JSON reader parses the file block by block into an Arrow file that the Dataset
+  memory-maps, so time grows linearly with the rows and memory stays bounded. A block whose columns or types differ
+  from the first block's sends the file to pyarrow's whole-file reader (which unifies the blocks, in memory); a
+  line that reader refuses (and any line whose type changes) sends it down a slow path that reads it line by line
+  with `json.loads`, so a broken line, a line that is not an object or bytes that are not UTF-8 are reported with
+  their line number. Blank lines are skipped; columns are the union of every row's keys; strings stay strings
+  (pyarrow would turn ISO dates into timestamps). The Arrow file is in datasets' temporary dir, removed when the
+  process exits, not in the datasets cache.
 - A top-level column of plain values that arrow cannot store as one type (strings mixed with numbers, an integer
   beyond 64 bits) becomes a column of strings, losslessly (`2` -> `"2"`; ids and answers are strings in every
   contract anyway). Other mixes (an object in one row, a string in another) get datasets' `Json` feature, as
   `datasets.Dataset.from_json` gives them; a value that even that cannot store is reported with its line.
 - .json holding one array of objects: each item must be an object (reported by item index).
-- parquet is read by pyarrow, .arrow files and dataset dirs by `datasets`; a file or dir that cannot be read is
-  reported with the reason.
+- parquet is read by pyarrow, row group by row group into a memory-mapped Arrow file as above; .arrow files and
+  dataset dirs by `datasets` (memory-mapped); a file or dir that cannot be read is reported with the reason.
+- `check_problems` tests the columns as Arrow arrays, in batches; Python sees a value only in columns of lists,
+  objects or mixed JSON values, and on the path that reports a duplicate id.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -59,56 +66,157 @@ def check_problems(ds, source: str, require: list[str], unique_ids: bool = True)
     if missing:
         raise UserError(f"{source}: missing column(s) {missing}; columns are {ds.column_names} "
                         "(rename with `columns: {old: new}`)")
-    columns = ds.select_columns(require).to_dict()  # column lists: far faster than iterating rows
-    ids = columns.get("id")
-    for index in range(len(ds)):
-        row_id = ids[index] if ids is not None else index
-        for column in require:
-            value = columns[column][index]
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise UserError(f"{source}: {_where(source, index)} (id {row_id!r}): empty {column!r}")
-    if unique_ids and ids is not None and len(set(ids)) < len(ids):
-        seen: set = set()
-        for index, row_id in enumerate(ids):
-            if row_id in seen:
-                raise UserError(f"{source}: {_where(source, index)}: duplicate id {row_id!r}")
-            seen.add(row_id)
+    # Column by column, in batches of Arrow arrays: memory stays bounded, and no Python object per value is made
+    # unless the column holds lists, objects or mixed JSON values. The first empty value in row order is reported.
+    ids = ds.select_columns(["id"]) if "id" in require else None
+    empties = [(index, column) for column in require if (index := _first_empty(ds, column)) is not None]
+    if empties:
+        index, column = min(empties, key=lambda empty: (empty[0], require.index(empty[1])))
+        row_id = ids[index]["id"] if ids is not None else index
+        raise UserError(f"{source}: {_where(source, index)} (id {row_id!r}): empty {column!r}")
+    if unique_ids and ids is not None and _has_duplicates(ids):
+        seen: set = set()  # found again, in row order, only on this error path
+        for start, batch in _batches(ids):
+            for index, row_id in enumerate(batch["id"], start):
+                if row_id in seen:
+                    raise UserError(f"{source}: {_where(source, index)}: duplicate id {row_id!r}")
+                seen.add(row_id)
+
+
+CHECK_BATCH_ROWS = 65_536
+
+
+def _batches(ds, arrow: bool = False):
+    """(index of the first row, batch) over `ds` in CHECK_BATCH_ROWS rows: pyarrow Tables, or decoded column lists."""
+    for number, batch in enumerate((ds.with_format("arrow") if arrow else ds).iter(batch_size=CHECK_BATCH_ROWS)):
+        yield number * CHECK_BATCH_ROWS, batch
+
+
+def _plain_dtype(feature) -> str | None:
+    """The dtype of a plain `Value` column (strings, numbers, booleans); None for lists, objects, Json and the like."""
+    import datasets
+
+    return feature.dtype if isinstance(feature, datasets.Value) else None
+
+
+def _first_empty(ds, column: str) -> int | None:
+    """Index of the first row whose `column` is null or a string of only whitespace, as Python's `strip` sees it."""
+    import pyarrow.compute as pc
+
+    dtype = _plain_dtype(ds.features[column])
+    values = ds.select_columns([column])
+    if dtype is None:  # decoded as Python sees them: a Json column can hold a string in one row, a list in another
+        for start, batch in _batches(values):
+            for index, value in enumerate(batch[column], start):
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    return index
+        return None
+    for start, batch in _batches(values, arrow=True):
+        array = batch.column(0)
+        empty = array.is_null()
+        if dtype in ("string", "large_string"):  # arrow's whitespace is Python's (str.isspace), as a test checks
+            blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(array)), 0)
+            empty = pc.or_kleene(empty, blank)
+        position = pc.index(empty, True).as_py()
+        if position >= 0:
+            return start + position
+    return None
+
+
+def _has_duplicates(ids) -> bool:
+    """Whether the one-column dataset `ids` repeats a value (null counts as a value, as in a Python set)."""
+    import pyarrow.compute as pc
+
+    dtype = _plain_dtype(ids.features["id"])
+    if dtype is None or not (dtype in ("string", "large_string") or dtype.startswith(("int", "uint"))):
+        # floats (NaN is not equal to itself), lists, objects: as a Python set sees them
+        decoded = [row_id for _, batch in _batches(ids) for row_id in batch["id"]]
+        return len(set(decoded)) < len(decoded)
+    column = ids.with_format("arrow")[:].column(0)
+    return pc.count_distinct(column, mode="all").as_py() < len(column)
 
 
 # --- JSON and JSONL ------------------------------------------------------------------------------------------------
 
 
 def _read_json(p: Path, name: str):
+    import pyarrow.json as paj
+
     if p.suffix.lower() == ".json" and _first_char(p) == "[":
         return _dataset_from_rows(_read_json_array(p, name), None, name)
-    # Fast path: a cheap pass in Python checks what pyarrow's reader lets through (bytes that are not UTF-8, a
-    # line that is not an object, which can even crash it), then pyarrow parses the file. Anything it refuses
-    # (a broken line, a column whose type changes) takes the slow path, which names the line or reads the rows.
+    # Fast path: a cheap pass checks what pyarrow's reader lets through (bytes that are not UTF-8, a line that is
+    # not an object, which can even crash it), then pyarrow parses the file block by block into a memory-mapped
+    # file. A block that does not fit the first block's columns and types takes pyarrow's whole-file reader;
+    # anything that refuses (a broken line, a column whose type changes) takes the slow path, which names the line
+    # or reads the rows.
     count, longest = _prescan(p, name)
-    table = None
-    try:
-        import pyarrow.json as paj
-
-        options = paj.ReadOptions(block_size=max(1 << 20, 2 * longest + 2))
-        table = paj.read_json(str(p), read_options=options)
-        if table.num_rows != count:  # e.g. two objects on one line
-            table = None
-        elif _has_timestamps(table.schema):  # JSON has no timestamps: keep ISO-date strings as written
-            schema = _strings_for_timestamps(table.schema)
-            table = paj.read_json(str(p), read_options=options, parse_options=paj.ParseOptions(explicit_schema=schema))
-    except Exception:  # noqa: BLE001 - the slow path below reports what is wrong, with its line
+    options = paj.ReadOptions(block_size=max(1 << 20, 2 * longest + 2))
+    ds = _stream_json(p, options, count)
+    if ds is None:
         table = None
-    if table is None:
-        rows, lines = _read_json_lines(p, name)
-        ds = _dataset_from_rows(rows, lines, name)
-    else:
-        ds = _dataset_from_table(table)
+        try:
+            table = paj.read_json(str(p), read_options=options)
+            if table.num_rows != count:  # e.g. two objects on one line
+                table = None
+            elif _has_timestamps(table.schema):  # JSON has no timestamps: keep ISO-date strings as written
+                schema = _strings_for_timestamps(table.schema)
+                table = paj.read_json(str(p), read_options=options,
+                                      parse_options=paj.ParseOptions(explicit_schema=schema))
+        except Exception:  # noqa: BLE001 - the slow path below reports what is wrong, with its line
+            table = None
+        if table is None:
+            rows, lines = _read_json_lines(p, name)
+            ds = _dataset_from_rows(rows, lines, name)
+        else:
+            ds = _dataset_from_table(table)
     if p.suffix.lower() == ".json" and len(ds) == 1:  # {"data": [{...}, ...]}: one row holding the real rows
         nested = [c for c, f in ds.features.items() if _is_list_of_objects(f)]
         if nested:
             raise UserError(f"{name}: one JSON object whose {nested[0]!r} is a list of objects; a .json file must "
                             f"hold a list of objects (or one object per line): save that list on its own")
     return ds
+
+
+def _stream_json(p: Path, options, count: int):
+    """The file as a memory-mapped Dataset, parsed one block at a time; None where a later block does not fit the
+    columns and types pyarrow inferred from the first (a new key, a number after a string, ...) or the rows do not
+    match the lines: pyarrow's whole-file reader, which unifies the blocks, or the slow path then reads it."""
+    import pyarrow.json as paj
+
+    try:
+        reader = paj.open_json(str(p), read_options=options)
+        if _has_timestamps(reader.schema):  # JSON has no timestamps: keep ISO-date strings as written
+            schema = _strings_for_timestamps(reader.schema)
+            reader = paj.open_json(str(p), read_options=options, parse_options=paj.ParseOptions(explicit_schema=schema))
+        return _memory_mapped(reader.schema, reader, count)
+    except Exception:  # noqa: BLE001 - the whole-file reader or the slow path reports what is wrong
+        return None
+
+
+def _memory_mapped(schema, batches, count: int | None = None):
+    """A Dataset memory-mapped from `batches` written to an Arrow file in datasets' temporary dir (removed when the
+    process exits): the rows are never all in memory. None where `count` is given and the rows are not that many."""
+    import tempfile
+
+    import datasets
+    import pyarrow as pa
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    handle, path = tempfile.mkstemp(suffix=".arrow", dir=get_temporary_cache_files_directory())
+    os.close(handle)
+    try:
+        rows = 0
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        if count is not None and rows != count:  # e.g. two objects on one line
+            os.unlink(path)
+            return None
+        return datasets.Dataset.from_file(path)
+    except BaseException:
+        os.unlink(path)
+        raise
 
 
 def _is_list_of_objects(feature) -> bool:
@@ -120,25 +228,81 @@ def _is_list_of_objects(feature) -> bool:
 
 def _prescan(p: Path, name: str) -> tuple[int, int]:
     """(non-blank lines, longest line); UserError at the first line that is not UTF-8 or not a JSON object."""
-    count = longest = 0
-    with open(p, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                _parse_line(p, name, number, raw)  # raises, naming the byte and column
-            if line[:1] != b"{" or line[-1:] != b"}":
-                _parse_line(p, name, number, raw)  # raises: not JSON or not an object (else it is one; go on)
-            count += 1
-            longest = max(longest, len(raw))
+    count = longest = lines_before = 0
+    for chunk in _chunks_of_lines(p):
+        summary = _summary_if_plain(chunk)
+        if summary is not None:
+            count, longest = count + summary[0], max(longest, summary[1])
+        else:  # something to report, or a byte order mark: line by line, to name the line
+            for number, raw in enumerate(io.BytesIO(chunk), lines_before + 1):
+                line = raw.strip()
+                if not line:
+                    continue
+                if number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    _parse_line(p, name, number, raw)  # raises, naming the byte and column
+                if line[:1] != b"{" or line[-1:] != b"}":
+                    _parse_line(p, name, number, raw)  # raises: not JSON or not an object (else it is one; go on)
+                count += 1
+                longest = max(longest, len(raw))
+        lines_before += chunk.count(b"\n") + (not chunk.endswith(b"\n"))
     if not count:
         raise UserError(f"{name}: empty file (no rows)")
     return count, longest
+
+
+PRESCAN_BYTES = 8 << 20
+
+
+def _chunks_of_lines(p: Path):
+    """The file in pieces of about PRESCAN_BYTES that end at a line's end (a longer line is one piece)."""
+    with open(p, "rb") as f:
+        tail = b""
+        while block := f.read(PRESCAN_BYTES):
+            data = tail + block
+            cut = data.rfind(b"\n") + 1
+            chunk, tail = data[:cut], data[cut:]
+            if chunk:
+                yield chunk
+        if tail:
+            yield tail
+
+
+def _summary_if_plain(chunk: bytes) -> tuple[int, int] | None:
+    """(non-blank lines, longest line) of `chunk` when it is UTF-8 and every non-blank line, stripped as bytes.strip()
+    does, starts with `{` and ends with `}`; else None. Lines are tested in numpy; only a line that does not start
+    and end with a brace right at its ends (blank, or padded with spaces) is stripped in Python."""
+    import numpy as np
+
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    codes = np.frombuffer(chunk, dtype=np.uint8)
+    newlines = np.flatnonzero(codes == ord("\n"))
+    starts = np.concatenate(([0], newlines + 1))
+    stops = np.append(newlines, len(codes))  # each line's end, before its newline
+    if stops[-1] == starts[-1]:  # nothing after the last newline
+        starts, stops = starts[:-1], stops[:-1]
+    lengths = stops - starts + (stops < len(codes))  # as a line read from the file, its newline included
+    filled = stops > starts
+    stops = stops - (filled & (codes[np.maximum(stops - 1, 0)] == ord("\r")))  # CRLF line ends
+    braced = (stops > starts) & (codes[np.minimum(starts, len(codes) - 1)] == ord("{")) \
+        & (codes[np.maximum(stops - 1, 0)] == ord("}"))
+    rows = int(braced.sum())
+    longest = int(lengths[braced].max(initial=0))
+    for index in np.flatnonzero(~braced):
+        line = chunk[starts[index]:stops[index]].strip()
+        if not line:
+            continue
+        if line[:1] != b"{" or line[-1:] != b"}":
+            return None
+        rows += 1
+        longest = max(longest, int(lengths[index]))
+    return rows, longest
 
 
 def _parse_line(p: Path, name: str, number: int, raw: bytes):
@@ -385,7 +549,13 @@ def _read_arrow_file(p: Path, name: str, suffix: str):
             # pyarrow directly: datasets' parquet builder logs its own traceback before raising.
             import pyarrow.parquet as pq
 
-            ds = _dataset_from_table(pq.read_table(str(p)))
+            try:  # row group by row group into a memory-mapped file
+                parquet = pq.ParquetFile(str(p))
+                ds = _memory_mapped(parquet.schema_arrow, parquet.iter_batches())
+            except Exception:  # noqa: BLE001 - the whole-file reader, below, reports what is wrong in its words
+                ds = None
+            if ds is None:
+                ds = _dataset_from_table(pq.read_table(str(p)))
         else:
             ds = datasets.Dataset.from_file(str(p))  # memory-mapped
     except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many kinds; reported, not a traceback

@@ -3,10 +3,12 @@ and row id (exit code 2 through the CLI, no traceback)."""
 
 import json
 import re
+import sys
 
 import datasets
 import pytest
 
+from pipeline import tables
 from pipeline.artifacts import Output
 from pipeline.cli import main
 from pipeline.errors import UserError
@@ -18,7 +20,7 @@ ROWS = [{"id": "a", "problem": "1+1?", "answer": 2, "level": 1},
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -71,7 +73,7 @@ def test_missing_file_is_a_config_error(tmp_path):
 GOOD = '{"id": "a", "problem": "1+1?", "answer": "2"}\n'
 
 
-@pytest.mark.parametrize("name, content, message", [
+MALFORMED = [
     ("broken.jsonl", GOOD + '{"id": "b", "problem": \n', "line 2: not valid JSON"),
     ("trailing.jsonl", GOOD + GOOD.strip() + " extra\n", "line 2: not valid JSON (Extra data"),
     ("two.jsonl", GOOD + GOOD.strip() + GOOD, "line 2: not valid JSON (Extra data"),
@@ -92,7 +94,10 @@ GOOD = '{"id": "a", "problem": "1+1?", "answer": "2"}\n'
     ("empty.json", "[]", "empty list (no rows)"),
     ("wrapped.json", '{"data": [{"id": "a", "problem": "p", "answer": "1"}]}', "'data' is a list of objects"),
     ("table.csv", "id,problem,answer\n", "unsupported file type '.csv'"),
-])
+]
+
+
+@pytest.mark.parametrize("name, content, message", MALFORMED)
 def test_malformed_json_names_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content.encode("utf-8", "surrogatepass").replace(b"\xc3\xa9", b"\xe9"))
@@ -168,3 +173,147 @@ def test_cli_run_exits_2_naming_the_file_and_line(tmp_path, capsys, content, mes
     captured = capsys.readouterr()
     assert f"{data}: {message}" in captured.err
     assert "Traceback" not in captured.out + captured.err
+
+
+# --- at scale: streamed into a memory-mapped file, checked in Arrow; the same rows and errors as row by row -------
+
+def problem(number, **extra):
+    return {"id": f"p{number}", "problem": f"problem {number}: ünïcødé 数学 🧮 " + "x" * 60, "answer": str(number),
+            **extra}
+
+
+MANY = 20_000  # about 2.4 MB: several of pyarrow's 1 MiB blocks
+SCALE_FILES = {  # each of these goes through the streaming reader, or falls back from it part way through
+    "plain": lambda: [problem(i) for i in range(MANY)],
+    "nulls_unicode_nested": lambda: [problem(i, note=None if i % 3 else "ß\u3000", meta={"k": [i, None], "s": "é"})
+                                     for i in range(MANY)],
+    "int_answers": lambda: [{**problem(i), "answer": i - 5} for i in range(MANY)],
+    "new_key_at_the_end": lambda: [problem(i) for i in range(MANY)] + [problem(MANY, late="x")],
+    "null_then_string": lambda: [problem(i, x=None) for i in range(MANY)] + [problem(MANY, x="s")],
+    "int_then_float": lambda: [problem(i, x=i) for i in range(MANY)] + [problem(MANY, x=1.5)],
+    "int_then_string": lambda: [{**problem(i), "answer": i} for i in range(MANY)] + [problem(MANY)],
+    "dates_then_text": lambda: [problem(i, day="2024-01-02") for i in range(MANY)] + [problem(MANY, day="soon")],
+    "struct_gains_a_field": lambda: [problem(i, m={"a": 1}) for i in range(MANY)] + [problem(MANY, m={"a": 1, "b": 2})],
+    "key_missing_later": lambda: [problem(i, x=1) for i in range(MANY)] + [problem(MANY)],
+}
+
+
+@pytest.mark.parametrize("name", SCALE_FILES)
+def test_streamed_tables_equal_the_row_by_row_reading(tmp_path, name):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", SCALE_FILES[name]())
+    fast = read_table(str(path))
+    exact = tables._dataset_from_rows(*tables._read_json_lines(path, str(path)), str(path))  # json.loads, per row
+    assert fast.features == exact.features
+    assert fast.to_list() == exact.to_list()
+
+
+@pytest.mark.parametrize("last_lines, message", [
+    ("null\n", f"line {MANY + 1}: a JSON null, not an object"),
+    ('{"id": broken}\n' + json.dumps(problem(MANY)) + "\nnull\n", f"line {MANY + 3}: a JSON null"),  # first pass
+    (json.dumps(problem(MANY)) * 2 + "\n", f"line {MANY + 1}: not valid JSON (Extra data"),  # two objects, one line
+    ('{"id": broken}\n', f"line {MANY + 1}: not valid JSON"),
+])
+def test_bad_lines_far_into_a_large_file_are_named(tmp_path, last_lines, message):
+    path = write_jsonl(tmp_path / "p.jsonl", SCALE_FILES["plain"]())
+    path.write_text(path.read_text() + last_lines)
+    with pytest.raises(UserError, match=re.escape(f"{path}: {message}")):
+        read_table(str(path))
+
+
+def test_large_files_are_memory_mapped_not_held(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", SCALE_FILES["plain"]())
+    datasets.Dataset.from_list(SCALE_FILES["plain"]()).to_parquet(str(tmp_path / "p.parquet"))
+    for name in ("p.jsonl", "p.parquet"):
+        ds = read_table(str(tmp_path / name))
+        assert ds.cache_files and len(ds) == MANY, name  # an Arrow file on disk, paged in as it is read
+    assert load(tmp_path, path=str(path))["answer"][-1] == str(MANY - 1)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([{"id": 1, "problem": "p", "answer": 2}, {"id": -3, "problem": "q", "answer": 10**18}],
+     {"id": ["1", "-3"], "answer": ["2", "1000000000000000000"]}),
+    ([{"id": f"p{i}", "problem": "p", "answer": a} for i, a in enumerate((1.5, 2.0, 1e20, -0.1))],
+     {"answer": ["1.5", "2.0", "1e+20", "-0.1"]}),
+    ([{"id": "a", "problem": "p", "answer": True}, {"id": "b", "problem": "p", "answer": False}],
+     {"answer": ["True", "False"]}),
+    ([{"id": "a", "problem": "p", "answer": [1, 2]}, {"id": "b", "problem": "p", "answer": {"v": None}}],
+     {"answer": ["[1, 2]", "{'v': None}"]}),
+    ([{"id": "a", "problem": "p", "answer": 2**70}, {"id": "b", "problem": "p", "answer": "x"}],
+     {"answer": ["1180591620717411303424", "x"]}),
+    ([{"id": "é", "problem": "數學 \u200b", "answer": "🧮", "note": None}, {"id": "b", "problem": "q", "answer": "1"}],
+     {"id": ["é", "b"], "problem": ["數學 \u200b", "q"], "answer": ["🧮", "1"], "note": [None, None]}),
+])
+def test_ids_and_answers_become_the_strings_str_writes(tmp_path, rows, expected):
+    ds = load(tmp_path, path=str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert {column: ds[column] for column in expected} == expected
+    assert ds.features["id"].dtype == ds.features["answer"].dtype == "string"
+
+
+def test_int_answers_over_several_blocks_become_strings(tmp_path):
+    ds = load(tmp_path, path=str(write_jsonl(tmp_path / "p.jsonl", SCALE_FILES["int_answers"]())))
+    assert ds["answer"] == [str(i - 5) for i in range(MANY)]
+
+
+def test_arrow_whitespace_is_python_whitespace():
+    """check_problems finds blank values with arrow's utf8_trim_whitespace: it must strip what str.strip() does."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]  # surrogates are not UTF-8
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pa.array(chars))), 0).to_pylist()
+    assert [c for c, is_blank in zip(chars, blank) if is_blank != c.isspace()] == []
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"id": "a", "problem": "\u3000\x1c \u2028", "answer": "1"}], "line 1, row 0 (id 'a'): empty 'problem'"),
+    ([{"id": "a", "problem": "p", "answer": "1"}] * 3 + [{"id": "b", "problem": "p", "answer": " "},
+                                                         {"id": "c", "problem": "", "answer": "1"}],
+     "line 4, row 3 (id 'b'): empty 'answer'"),  # the first empty value in row order, across batches
+    ([{"id": f"r{i}", "problem": "p", "answer": "1"} for i in range(5)] + [{"id": "x", "problem": None, "answer": ""}],
+     "line 6, row 5 (id 'x'): empty 'problem'"),  # in one row: the first in `require` order
+    ([{"id": f"r{i}", "problem": "p", "answer": "1"} for i in range(5)] + [{"id": "r1", "problem": "p", "answer": "1"}],
+     "line 6, row 5: duplicate id 'r1'"),
+    ([{"id": "a", "problem": "p", "answer": {"k": 1}}, {"id": "b", "problem": "p", "answer": " \t"}],
+     "line 2, row 1 (id 'b'): empty 'answer'"),  # a Json column, decoded
+])
+def test_problems_check_finds_the_first_bad_row_across_batches(tmp_path, monkeypatch, rows, message):
+    monkeypatch.setattr(tables, "CHECK_BATCH_ROWS", 2)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(UserError) as err:
+        tables.check_problems(read_table(str(path)), str(path), ["id", "problem", "answer"])
+    assert f"bad.jsonl: {message}" in str(err.value)
+
+
+def test_problems_check_keeps_id_types(tmp_path):
+    ints = read_table(str(write_jsonl(tmp_path / "i.jsonl", [{"id": 7, "problem": "p", "answer": "1"}] * 2)))
+    with pytest.raises(UserError, match=r"row 1: duplicate id 7$"):
+        tables.check_problems(ints, "i.jsonl", ["id", "problem", "answer"])
+    floats = read_table(str(write_jsonl(tmp_path / "f.jsonl", [{"id": 1.5, "problem": "p", "answer": "1"},
+                                                                {"id": float("nan"), "problem": "p", "answer": "1"},
+                                                                {"id": float("nan"), "problem": "p", "answer": "1"}])))
+    tables.check_problems(floats, "f.jsonl", ["id", "problem", "answer"])  # NaN is not equal to NaN, as in Python
+    tables.check_problems(ints, "i.jsonl", ["problem", "answer"])  # ids are checked only when required
+
+
+@pytest.mark.parametrize("name, content, message", [case for case in MALFORMED if case[0].endswith(".jsonl")])
+def test_malformed_lines_are_named_whatever_the_pieces_of_the_first_pass(tmp_path, monkeypatch, name, content, message):
+    monkeypatch.setattr(tables, "PRESCAN_BYTES", 7)  # every line crosses a piece's end
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8", "surrogatepass").replace(b"\xc3\xa9", b"\xe9"))
+    with pytest.raises(UserError, match=re.escape(str(path))) as err:
+        read_table(str(path))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("content, rows, longest", [
+    (b'{"a": 1}\n{"a": 22}\n', 2, 10),
+    (b'{"a": 1}\r\n\r\n  {"a": 2}  \r\n\t\n{"a": 3}', 3, 14),  # CRLF, padding, blank lines, no newline at the end
+    (b'\xef\xbb\xbf{"a": 1}\n' + b'{"a": "' + b"y" * 300 + b'"}\n', 2, 310),  # byte order mark; a long line
+    (b'\n\n{"a": "\xc3\xa9"}\n\n', 1, 12),
+])
+def test_first_pass_counts_rows_and_the_longest_line(tmp_path, monkeypatch, content, rows, longest):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    for piece in (8 << 20, 16, 1):
+        monkeypatch.setattr(tables, "PRESCAN_BYTES", piece)
+        assert tables._prescan(path, "p.jsonl") == (rows, longest), piece

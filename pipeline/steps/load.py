@@ -75,7 +75,12 @@ def problems(cfg: Config):
         raise UserError(f"{cfg.path}: no rows")
     # Ids and answers are strings in every contract, whatever the file stored (ints, floats).
     for column in ("id", "answer"):
-        if column in ds.column_names and getattr(ds.features[column], "dtype", None) != "string":
+        if column not in ds.column_names:
+            continue
+        feature = ds.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            ds = ds.cast_column(column, datasets.Value("string"))  # arrow writes integers as str() does, in C
+        elif getattr(feature, "dtype", None) != "string":  # floats, booleans, lists, objects: as str() writes them
             ds = ds.map(lambda row, c=column: {c: None if row[c] is None else str(row[c])},
                         features=datasets.Features({**ds.features, column: datasets.Value("string")}))
     check_problems(ds, cfg.path, cfg.require, cfg.unique_ids)
