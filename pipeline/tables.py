@@ -164,17 +164,30 @@ def _read_json(p: Path, name: str):
                                       parse_options=paj.ParseOptions(explicit_schema=schema))
         except Exception:  # noqa: BLE001 - the slow path below reports what is wrong, with its line
             table = None
-        if table is None:
-            rows, lines = _read_json_lines(p, name)
-            ds = _dataset_from_rows(rows, lines, name)
-        else:
-            ds = _dataset_from_table(table)
+        ds = None if table is None else _dataset_from_table(table)
+    if ds is None or _rounds_integers(ds):
+        rows, lines = _read_json_lines(p, name)
+        ds = _dataset_from_rows(rows, lines, name)
     if p.suffix.lower() == ".json" and len(ds) == 1:  # {"data": [{...}, ...]}: one row holding the real rows
         nested = [c for c, f in ds.features.items() if _is_list_of_objects(f)]
         if nested:
             raise UserError(f"{name}: one JSON object whose {nested[0]!r} is a list of objects; a .json file must "
                             f"hold a list of objects (or one object per line): save that list on its own")
     return ds
+
+
+def _rounds_integers(ds) -> bool:
+    """Whether a top-level float column holds a value of 2**53 or more: pyarrow reads a column of integers with one
+    beyond 64 bits as floats, which cannot hold such integers exactly (1180591620717411303424 would load as
+    1.1805916207174113e+21). The slow path reads the numbers as Python does, and such a column becomes strings."""
+    import pyarrow.compute as pc
+
+    for column, feature in ds.features.items():
+        if _plain_dtype(feature) in ("float64", "float32"):
+            largest = pc.max(pc.abs(ds.with_format("arrow")[column])).as_py()
+            if largest is not None and largest >= 2 ** 53:
+                return True
+    return False
 
 
 def _stream_json(p: Path, options, count: int):

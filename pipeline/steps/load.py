@@ -37,7 +37,8 @@ class Config(StepConfig):
     path_fields: ClassVar = ("path",)
     libraries: ClassVar = ("datasets",)
     # 2: pipeline.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
-    code_version: ClassVar[str] = "2"
+    # 3: a column of numbers with an integer beyond 64 bits is exact strings too (pyarrow made it floats).
+    code_version: ClassVar[str] = "3"
     uses_seed: ClassVar = False  # the first `limit` rows, in file order
 
     # the rows check_inputs read, so that run does not read the file a second time
