@@ -72,7 +72,23 @@ class LoraSettings(BaseModel):
     )
 
 
-class TrainingConfig(StepConfig):
+class TrackedConfig(StepConfig):
+    """A step that reports to experiment trackers (the training steps, evaluate): `report_to`, whose trackers are
+    checked when the recipe loads and installed before the step runs. Each subclass says what it reports."""
+
+    report_to: str | list[str] = Field(default="none", description="Experiment trackers: none, tensorboard, trackio, "
+                                                                     "wandb, or a list.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, report_to: str | list[str]) -> str | list[str]:
+        return check_report_to(report_to)
+
+    def check_inputs(self) -> None:
+        check_trackers_installed(self.report_to, self.uses)
+
+
+class TrainingConfig(TrackedConfig):
     """Settings every training step (sft, redi, opsd, onpolicy) has: the model, LoRA, the schedule, checkpoints,
     precision, launch."""
 
@@ -143,13 +159,8 @@ class TrainingConfig(StepConfig):
             raise ValueError(f"file not found: {path} (relative paths are read from {Path.cwd()})")
         return path
 
-    @field_validator("report_to")
-    @classmethod
-    def _known_trackers(cls, report_to: str | list[str]) -> str | list[str]:
-        return check_report_to(report_to)
-
     def check_inputs(self) -> None:
-        check_trackers_installed(self.report_to, self.uses)
+        super().check_inputs()
         machine_placement(self)  # refuses a multi-machine launch that lacks this machine's rank or machine 0's address
 
     def model_refs(self) -> list[str]:

@@ -44,8 +44,9 @@ from pipeline import chat
 from pipeline.artifacts import Artifact, Output, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.ray_engine import EngineFields
-from pipeline.steps import StepConfig, repeated
+from pipeline.steps import repeated
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from pipeline.training import TrackedConfig
 
 # lighteval's MATH prompt, used by open-r1's evaluation
 OPEN_R1_TEMPLATE = (
@@ -65,7 +66,7 @@ SHARD_DIR = "chunks"  # in scratch: one file per finished chunk
 RESULTS_JSON = "results.json"
 
 
-class Config(StepConfig, EngineFields):
+class Config(TrackedConfig, EngineFields):
     models: list[str] = Field(min_length=1, description=(
         "Models to evaluate: builtin:NAME, step:NAME (a model an earlier step trained), a local dir or a hub id."))
     benchmarks: list[str] = Field(min_length=1, description=(
@@ -136,18 +137,6 @@ class Config(StepConfig, EngineFields):
         if isinstance(data, dict) and data.get("preset", "r1") in PRESETS:
             return {**PRESETS[data.get("preset", "r1")], **data}  # what the user set wins
         return data
-
-    @field_validator("report_to")
-    @classmethod
-    def _known_trackers(cls, report_to: str | list[str]) -> str | list[str]:
-        from pipeline.training import check_report_to
-
-        return check_report_to(report_to)
-
-    def check_inputs(self) -> None:
-        from pipeline.training import check_trackers_installed
-
-        check_trackers_installed(self.report_to, self.uses)
 
     @field_validator("models", "benchmarks")
     @classmethod
