@@ -29,7 +29,9 @@ short completions above cannot show: a chunk of `--ray-chunk-size` x 4 completio
 `ray_engine.generate` and the sample step's `on_chunk` do; MB/s, median of 3. And the sample step itself on long
 completions, its engine replaced by a stand-in that hands out `--ray-trace-chars`-character completions through
 `on_chunk` (`long_samples`, 2,000 and 6,000 problems): seconds and peak RSS per GB of completion text, what the
-driver pays after the engines are done (building and writing the dataset).
+driver pays after the engines are done (building and writing the dataset); and the peak of RSS's anonymous part
+(RssAnon, polled), which leaves out the pages of the memory-mapped Arrow files the step writes and reads back
+(clean page cache the kernel reclaims under pressure).
 
 `decode_model` is a model, not a measurement (used in BENCHMARKS.md "Scale on paper"): one GPU's decode tokens/s
 on long traces, as one stream or in the engine's chunks.
@@ -174,18 +176,57 @@ def long_samples(spec: dict) -> dict:
                         max_tokens=chars // 4)
     out = Output(name="samples", kind="dataset", dir=workdir / "samples", scratch=workdir / "samples_scratch",
                  seed=SEED)
+    anon = _PeakAnon()
     started = time.perf_counter()
-    sample.run(cfg, {"problems": Artifact("problems", "dataset", workdir / "problems")}, out)
+    with anon:
+        sample.run(cfg, {"problems": Artifact("problems", "dataset", workdir / "problems")}, out)
     return {"prompts": count, "chars": chars, "text_gb": round(count * chars / 1e9, 4),
             "seconds": round(time.perf_counter() - started, 3),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            **({"peak_anon_gib": round(anon.peak_kib / 2**20, 3)} if anon.peak_kib else {})}
+
+
+class _PeakAnon:
+    """The peak of this process's RssAnon (Linux /proc/self/status), polled every 5 ms in a thread while in the
+    `with` block; 0 where there is no /proc."""
+
+    def __init__(self):
+        self.peak_kib, self._stop = 0, None
+
+    def _read(self) -> int:
+        try:
+            with open("/proc/self/status") as status:
+                return next((int(line.split()[1]) for line in status if line.startswith("RssAnon:")), 0)
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.005):
+                self.peak_kib = max(self.peak_kib, self._read())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self.peak_kib = self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, self._read())
 
 
 def per_gb(small: dict, large: dict) -> dict:
     """Through two `long_samples` runs: the step's seconds and peak RSS per GB of completion text."""
     gb = large["text_gb"] - small["text_gb"]
+    anon = "peak_anon_gib" in small and "peak_anon_gib" in large
     return {"seconds_per_gb": round((large["seconds"] - small["seconds"]) / gb, 1),
-            "rss_gib_per_gb": round((large["peak_rss_gib"] - small["peak_rss_gib"]) / gb, 2)}
+            "rss_gib_per_gb": round((large["peak_rss_gib"] - small["peak_rss_gib"]) / gb, 2),
+            **({"anon_gib_per_gb": round((large["peak_anon_gib"] - small["peak_anon_gib"]) / gb, 2)} if anon else {})}
 
 
 def decode_model(lengths: list[int], chunk: int | None, *, weights_bytes: float = 15.2e9,
@@ -328,8 +369,11 @@ def run(opts, console) -> tuple[dict, dict]:
                   f"completions (decode, shard write): {long['seconds']:.2f} s, {long['mb_per_s']} MB/s")
     console.print("the sample step on long completions (engine stand-in): " + ", ".join(
         f"{r['prompts']:,} x {r['chars']:,} characters {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+        + (f" (anonymous {r['peak_anon_gib']:.2f})" if "peak_anon_gib" in r else "")
         for r in runs) + f"; per GB of text {results['long_samples']['seconds_per_gb']} s and "
-        f"{results['long_samples']['rss_gib_per_gb']} GiB of RSS")
+        f"{results['long_samples']['rss_gib_per_gb']} GiB of RSS"
+        + (f" ({results['long_samples']['anon_gib_per_gb']} anonymous)" if "anon_gib_per_gb" in results["long_samples"]
+           else ""))
     return results, {}
 
 

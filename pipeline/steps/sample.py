@@ -14,7 +14,8 @@ The think prefix comes from the model's chat template (`pipeline.chat.think_pref
 
 Resume: problems are generated in chunks of `chunk_size`; each finished chunk is written atomically as
 a shard into the step's scratch dir, so after a kill (even -9) a re-run generates only the chunks that
-have no shard, and a sample is never written twice.
+have no shard, and a sample is never written twice. The dataset is then written from the shards chunk by chunk
+(through an Arrow file in the scratch dir), so memory holds one chunk's completions, not the run's.
 
 Determinism: sample k of a problem is drawn with its own seed from (recipe seed, problem id, k)
 (`pipeline.generation.sample_seed`), so its random draws do not depend on the other problems in the input,
@@ -181,24 +182,32 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
 
     shard_dir = out.scratch / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
-    shards = _read_shards(shard_dir, chunk_ids, cfg.n)
-    resumed = len(shards)
+    # What the output's stats and column types need of each chunk, by chunk index (in the order the chunks were
+    # read or saved); its completions stay in its shard file, read back one chunk at a time to write the dataset.
+    tallies = _read_shards(shard_dir, chunk_ids, cfg.n, think.completion_prefix)
+    resumed = len(tallies)
 
     started = time.perf_counter()
-    saved = cfg.n * sum(len(chunk_ids[chunk]) for chunk in shards)  # samples in shards, for the progress row
+    saved = cfg.n * sum(len(chunk_ids[chunk]) for chunk in tallies)  # samples in shards, for the progress row
     with progress(total=cfg.n * len(ids), unit="samples", completed=saved) as bar:
         def save(chunk: int, completions: list[list[Completion]], seconds: float) -> None:
             nonlocal saved
+            path = shard_dir / f"chunk-{chunk:06d}.json"
             shard = {"chunk": chunk, "ids": chunk_ids[chunk], "generate_seconds": seconds,
                      "completions": [[vars(c) for c in per_problem] for per_problem in completions]}
-            write_json_atomic(shard_dir / f"chunk-{chunk:06d}.json", shard)
-            shards[chunk] = shard
+            write_json_atomic(path, shard)
+            tallies[chunk] = _tally(path, shard, think.completion_prefix)
+            # The engine's returned Generations keeps every Completion (its token counts feed the Ray stats); the
+            # text is on disk now, so drop it: memory holds a chunk's text, not the run's.
+            for per_problem in completions:
+                for completion in per_problem:
+                    completion.text = ""
             saved += cfg.n * len(chunk_ids[chunk])
             bar.update(completed=saved)
 
         sampling = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_tokens, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
-                        skip_chunks=set(shards), on_chunk=save)
+                        skip_chunks=set(tallies), on_chunk=save)
         if cfg.backend == "openai":
             generations = generate_openai(
                 cfg.base_url, cfg.model, prompts, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
@@ -216,39 +225,20 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                     completed=saved + finished), **engine, **sampling)
     seconds = time.perf_counter() - started
 
-    per_problem = [p for chunk in range(len(chunk_ids)) for p in shards[chunk]["completions"]]
-    completions = [c for samples_of_problem in per_problem for c in samples_of_problem]
-    samples = problems.select([row for row in range(len(problems)) for _ in range(cfg.n)])
-    reasoning, response = zip(*(chat.split_reasoning(think.completion_prefix + c["text"]) for c in completions)) \
-        if completions else ((), ())
-    new_columns = {
-        "sample_idx": [i for _ in range(len(problems)) for i in range(cfg.n)],
-        "prompt": [p for p in prompts for _ in range(cfg.n)],
-        "prompt_text": [t for t in prompt_texts for _ in range(cfg.n)],
-        "completion": [c["text"] for c in completions],
-        "reasoning": list(reasoning),
-        "response": list(response),
-        "finish_reason": [c["finish_reason"] for c in completions],
-        "prompt_tokens": [c["prompt_tokens"] for c in completions],
-        "completion_tokens": [c["completion_tokens"] for c in completions],
-        "model": [cfg.model] * len(completions),
-        "think_prefix": [think.completion_prefix] * len(completions),
-    }
-    for name, values in new_columns.items():
-        samples = samples.add_column(name, values)
-
-    finish_reasons = Counter(new_columns["finish_reason"])
-    completion_tokens = sum(new_columns["completion_tokens"])
+    samples = _write_samples(cfg, problems, prompts, prompt_texts, think.completion_prefix, chunks,
+                             [tallies[chunk] for chunk in range(len(chunks))], out.scratch / "samples.arrow")
+    finish_reasons = sum((tally["finish_reasons"] for tally in tallies.values()), Counter())
+    completion_tokens = sum(tally["completion_tokens"] for tally in tallies.values())
     # summed over every run that wrote a shard, so a resumed run reports the whole step's throughput
-    generate_seconds = sum(shard["generate_seconds"] for shard in shards.values())
-    return out.write_dataset(
+    generate_seconds = sum(tally["generate_seconds"] for tally in tallies.values())
+    artifact = out.write_dataset(
         samples,
         problems=len(problems),
         # each problem's prompt once
-        prompt_tokens=sum(p[0]["prompt_tokens"] for p in per_problem if p),
+        prompt_tokens=sum(tally["prompt_tokens"] for tally in tallies.values()),
         completion_tokens=completion_tokens,
         # each prompt n times: one request per sample, which is what an API's usage bills
-        prompt_tokens_sent=sum(new_columns["prompt_tokens"]),
+        prompt_tokens_sent=sum(tally["prompt_tokens_sent"] for tally in tallies.values()),
         **{f"finish_{reason}": count for reason, count in sorted(finish_reasons.items())},
         tokens_per_s=round(completion_tokens / generate_seconds, 2) if generate_seconds > 0 else 0.0,
         chunks=len(chunk_ids),
@@ -259,12 +249,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         # this run's replicas, nodes, retries and throughput (none when every chunk was resumed)
         **({"ray": generations.ray_stats()} if cfg.engine == "ray" else {}),
     )
+    del samples
+    (out.scratch / "samples.arrow").unlink(missing_ok=True)  # written into the step's data dir now
+    return artifact
 
 
-def _read_shards(shard_dir, chunk_ids: list[list[str]], n: int) -> dict[int, dict]:
-    """Shards a killed run finished, by chunk index. Shards are renamed into place whole, so any that
-    exists is complete; one that does not match this input (ids, n) is ignored and generated again."""
-    shards = {}
+def _read_shards(shard_dir, chunk_ids: list[list[str]], n: int, completion_prefix: str) -> dict[int, dict]:
+    """Tallies (`_tally`) of the shards a killed run finished, by chunk index. Shards are renamed into place whole,
+    so any that exists is complete; one that does not match this input (ids, n) is ignored and generated again."""
+    tallies = {}
     for path in shard_dir.glob("chunk-*.json"):
         try:
             shard = json.loads(path.read_text())
@@ -273,8 +266,101 @@ def _read_shards(shard_dir, chunk_ids: list[list[str]], n: int) -> dict[int, dic
             continue
         if (0 <= chunk < len(chunk_ids) and shard["ids"] == chunk_ids[chunk]
                 and all(len(per_problem) == n for per_problem in shard["completions"])):
-            shards[chunk] = shard
-    return shards
+            tallies[chunk] = _tally(path, shard, completion_prefix)
+    return tallies
+
+
+def _tally(path, shard: dict, completion_prefix: str) -> dict:
+    """What the step keeps of a chunk's shard until it writes the dataset: where the shard is, its stats, and
+    whether it holds a non-null reasoning / finish_reason (a column with none anywhere is typed null, as Arrow
+    infers it from all-None values)."""
+    from pipeline import chat
+
+    completions = [c for per_problem in shard["completions"] for c in per_problem]
+    return {"path": path, "generate_seconds": shard["generate_seconds"],
+            "prompt_tokens": sum(p[0]["prompt_tokens"] for p in shard["completions"] if p),
+            "prompt_tokens_sent": sum(c["prompt_tokens"] for c in completions),
+            "completion_tokens": sum(c["completion_tokens"] for c in completions),
+            "finish_reasons": Counter(c["finish_reason"] for c in completions),
+            "has_finish_reason": any(c["finish_reason"] is not None for c in completions),
+            "has_reasoning": any(chat.split_reasoning(completion_prefix + c["text"])[0] is not None
+                                 for c in completions)}
+
+
+def _write_samples(cfg: Config, problems, prompts: list[list[dict]], prompt_texts: list[str | None],
+                   completion_prefix: str, chunks: list[range], tallies: list[dict], path):
+    """The samples dataset, written chunk by chunk from the shards into the Arrow file `path` (memory holds one
+    chunk's completions) and memory-mapped back: each problem row n times with the `SAMPLE_COLUMNS`, typed as
+    Arrow infers them from the whole column's values (null where every value is None, or there are no rows)."""
+    import pyarrow as pa
+    from datasets import Dataset, Features
+    from datasets.arrow_writer import ArrowWriter
+
+    n = cfg.n
+    rows = n * len(problems)
+    has_values = {
+        **{column: rows > 0 for column in SAMPLE_COLUMNS},
+        "prompt_text": rows > 0 and any(text is not None for text in prompt_texts),
+        "reasoning": any(tally["has_reasoning"] for tally in tallies),
+        "finish_reason": any(tally["has_finish_reason"] for tally in tallies),
+    }
+    string, integer = pa.string(), pa.int64()
+    types = {"sample_idx": integer, "prompt": pa.list_(pa.struct([("role", string), ("content", string)])),
+             "prompt_text": string, "completion": string, "reasoning": string, "response": string,
+             "finish_reason": string, "prompt_tokens": integer, "completion_tokens": integer, "model": string,
+             "think_prefix": string}
+    types = {column: types[column] if has_values[column] else pa.null() for column in SAMPLE_COLUMNS}
+    features = Features({**problems.features, **Features.from_arrow_schema(pa.schema(list(types.items())))})
+    problem_rows = problems.with_format("arrow")
+
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for rows_of_chunk, tally in zip(chunks, tallies):
+            if not len(rows_of_chunk):
+                continue
+            shard = json.loads(tally["path"].read_text())
+            completions = [c for per_problem in shard.pop("completions") for c in per_problem]
+            del shard
+            repeated = [row for row in rows_of_chunk for _ in range(n)]
+            arrays = dict(zip(("reasoning", "response"), _split_traces(
+                [c["text"] for c in completions], completion_prefix, types["reasoning"], types["response"])))
+            columns = {
+                "sample_idx": [i for _ in rows_of_chunk for i in range(n)],
+                "prompt": [prompts[row] for row in repeated],
+                "prompt_text": [prompt_texts[row] for row in repeated],
+                "completion": [c["text"] for c in completions],
+                "finish_reason": [c["finish_reason"] for c in completions],
+                "prompt_tokens": [c["prompt_tokens"] for c in completions],
+                "completion_tokens": [c["completion_tokens"] for c in completions],
+                "model": [cfg.model] * len(completions),
+                "think_prefix": [completion_prefix] * len(completions),
+            }
+            del completions
+            arrays.update((column, pa.array(values, type=types[column])) for column, values in columns.items())
+            del columns
+            table = problem_rows[repeated]
+            for column in SAMPLE_COLUMNS:
+                table = table.append_column(column, arrays.pop(column))
+            writer.write_table(table)
+            del table
+        writer.finalize()
+    return Dataset.from_file(str(path))
+
+
+def _split_traces(traces: list[str], completion_prefix: str, reasoning_type, response_type):
+    """Arrow arrays of the traces' reasoning and response (`pipeline.chat.split_reasoning`), each trace's reasoning
+    copied into Arrow as it is split (pa.array holds every item of a list or iterator until it is done), so Python
+    holds the copies of one trace at a time."""
+    import pyarrow as pa
+
+    from pipeline import chat
+
+    reasonings, responses = [], []
+    for trace in traces:
+        reasoning, response = chat.split_reasoning(completion_prefix + trace)
+        reasonings.append(pa.array([reasoning], type=reasoning_type))
+        responses.append(response)  # short, or the trace itself (no think span)
+        del reasoning  # before the next trace's split
+    return pa.concat_arrays(reasonings), pa.array(responses, type=response_type)
 
 
 def _check_columns(cfg: Config, columns: list[str]) -> None:
