@@ -111,9 +111,10 @@ def generate(
     logger.info("generating %d completions for %d prompts with %s", sum(counts), len(prompts), model)
     engine = EngineProcess(
         model, seed=seed, think_prefix=think_prefix, on_phase=on_phase, on_samples=on_samples,
-        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop),
-        engine=dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                    data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend))
+        **engine_settings(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop,
+                          dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                          data_parallel_size=data_parallel_size,
+                          distributed_executor_backend=distributed_executor_backend))
     try:
         for chunk in todo:
             rows = chunks[chunk]
@@ -125,6 +126,17 @@ def generate(
     finally:
         engine.close()
     return Generations(completions, load_seconds=engine.load_seconds, generate_seconds=engine.generate_seconds)
+
+
+def engine_settings(*, temperature: float, top_p: float, top_k: int, max_tokens: int, stop: list[str] | None,
+                    dtype: str, max_model_len: int | None, tensor_parallel_size: int, data_parallel_size: int,
+                    distributed_executor_backend: str | None) -> dict:
+    """`EngineProcess`'s `sampling` (vLLM SamplingParams) and `engine` (vLLM LLM) settings, as every engine that
+    wraps it (this module's `generate`, `pipeline.ray_engine`'s replicas) hands them over."""
+    return dict(sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop),
+                engine=dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                            data_parallel_size=data_parallel_size,
+                            distributed_executor_backend=distributed_executor_backend))
 
 
 class EngineDied(RuntimeError):

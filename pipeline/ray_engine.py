@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from pipeline.errors import UserError
 from pipeline.generation import Completion, EngineDied, EngineProcess, Generations, _plan, engine_env_defaults, \
-    usable_cores
+    engine_settings, usable_cores
 
 INSTALL_LINE = 'pip install -e ".[ray]"'
 # A local cluster holds only prompts and completions in its object store; Ray's default is 30% of the RAM.
@@ -178,12 +178,10 @@ def generate(
              for chunk in todo],
             override_num_blocks=len(todo))
         attempts = ray.remote(num_cpus=0)(ChunkAttempts).remote()
-        settings = dict(seed=seed, think_prefix=think_prefix,
-                        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                      stop=stop),
-                        engine=dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                                    data_parallel_size=data_parallel_size,
-                                    distributed_executor_backend=distributed_executor_backend))
+        settings = dict(seed=seed, think_prefix=think_prefix, **engine_settings(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, dtype=dtype,
+            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend))
         results = work.map_batches(
             EngineReplica, fn_constructor_kwargs=dict(model=model, settings=settings, attempts=attempts),
             # one batch per replica at a time: chunks go to whichever replica is free instead of queueing behind a
