@@ -61,17 +61,13 @@ def measure(model, tokenizer, student_prompts: list[list[dict]], teacher_prompts
     verified = [(index, completion) for index, (completion, grade) in enumerate(zip(without, grades["without"]))
                 if grade.correct]
     nll = {"without": [], "with": []}
-    teacher_prompt_ids = {}
     for start in range(0, len(verified), batch_size):
         batch = verified[start:start + batch_size]
-        for arm in nll:
-            traces = []
-            for index, completion in batch:
-                problem = index // samples
-                if arm == "with" and problem not in teacher_prompt_ids:
-                    teacher_prompt_ids[problem] = prompt_ids(tokenizer, teacher_prompts[problem])
-                prompt = completion.prompt_ids if arm == "without" else teacher_prompt_ids[problem]
-                traces.append((index, prompt + completion.completion_ids, len(prompt)))
+        # each arm's samples are laid out alike, so sample `index` of an arm was drawn after that arm's prompt for
+        # the same problem
+        for arm, sampled in (("without", without), ("with", with_context)):
+            traces = [(index, sampled[index].prompt_ids + completion.completion_ids, len(sampled[index].prompt_ids))
+                      for index, completion in batch]
             nll[arm] += [summed / tokens for summed, tokens in score_traces(model, tokenizer, traces)]
     result["verified_traces"] = len(verified)
     if verified:
