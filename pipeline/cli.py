@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import UserError
+from pipeline.outputs import add_overwrite_argument
 
 console = Console()
 
@@ -142,6 +143,7 @@ def cmd_check(args) -> int:
     recipe = load_recipe(args.recipe, args.override)
     workdir = workdir_for(recipe, args.dry_run)
     plans = {step.name: step for step in plan(recipe, dry_run=args.dry_run)}
+    _warn_slow_dtypes(recipe)
     failed = []
     for name, step in plans.items():
         cfg = step.cfg
@@ -160,6 +162,12 @@ def cmd_check(args) -> int:
             continue
         inputs = {parent: Artifact.from_dir(workdir / parent) for parent in parents}
         try:
+            # First the input's columns and rows as the step checks them when it runs, before its template check
+            # (sft: `messages` ending in an assistant turn; redi: prompt, chosen, rejected): a dataset that run
+            # refuses with exit 2 is refused here with the same message, not a traceback from the template check.
+            for prepare in ("prompt_completion_dataset", "preference_dataset"):
+                if hasattr(module, prepare):
+                    getattr(module, prepare)(inputs[cfg.input].dataset(), cfg.input)
             stats = module.template_check(cfg, inputs, load_tokenizer(cfg, resolve_model(cfg.model, inputs)))
         except UserError as error:
             failed.append(name)
@@ -172,11 +180,21 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _warn_slow_dtypes(recipe) -> None:
+    from pipeline.compute_dtype import slow_dtype_warnings
+
+    for warning in slow_dtype_warnings(recipe.steps):
+        console.print(f"[yellow]![/yellow]  {warning}", soft_wrap=True)
+
+
 def cmd_status(args) -> int:
     if Path(args.path).is_file():
         return _status_of_recipe(args)
     if args.override or args.dry_run:
         raise UserError(f"{args.path}: -o and --dry-run go with a recipe file, not a workdir")
+    from rich.markup import escape
+
+    from pipeline.artifacts import UNREADABLE
     from pipeline.runner import status
 
     args.workdir = args.path
@@ -191,21 +209,37 @@ def cmd_status(args) -> int:
         if with_rounds and row["round"] != previous_round:
             table.add_section()  # a rule between rounds, and around the block
         previous_round = row["round"]
-        table.add_row(row["step"], row["uses"], *([str(row["round"] or "")] if with_rounds else []),
+        table.add_row(row["step"], escape(row["uses"]), *([str(row["round"] or "")] if with_rounds else []),
                       f"[{colors[row['state']]}]{row['state']}", "" if row["rows"] is None else str(row["rows"]),
                       "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["key"] or "")
     console.print(table)
+    # What `distill run` says of a step whose output is there but not complete (`output_state`), in its words.
+    for row in rows:
+        if row["why"] and not row["refused"]:
+            console.print(f"[yellow]would run[/yellow]  {row['step']}: {escape(row['why'])}", soft_wrap=True)
+    refused = [row for row in rows if row["refused"]]
+    if refused:
+        workdir = Path(args.workdir)
+        raise UserError("; ".join(
+            f"step {row['step']!r}: {row['why']}: " + (
+                f"`distill run` of this workdir's recipe re-runs the step and replaces {workdir / row['step']}"
+                if row["why"].startswith(UNREADABLE) else
+                f"move or remove {workdir / row['step']}, or rename step {row['step']!r} in the recipe")
+            for row in refused))
     return 0
 
 
 def _status_of_recipe(args) -> int:
     """What `distill run RECIPE` would run and why, like `dvc status`; runs nothing."""
+    from rich.markup import escape
+
     from pipeline.recipe import load_recipe, split_round
     from pipeline.runner import plan, workdir_for
 
     recipe = load_recipe(args.path, args.override)
     steps = plan(recipe, dry_run=args.dry_run)
     console.print(f"[bold]{args.path}[/bold] → {workdir_for(recipe, args.dry_run)}")
+    _warn_slow_dtypes(recipe)
     previous_round = None
     for step in steps:
         round_number = split_round(step.name)[1]  # only the steps of a rounds block have one
@@ -216,7 +250,7 @@ def _status_of_recipe(args) -> int:
         why = f": {'; '.join(step.reasons)}" if step.reasons else ""
         indent = "  " if round_number is not None else ""  # a round's steps under its title
         # soft_wrap: a reason is never cut into pieces, so it can be copied and searched for
-        console.print(f"{indent}{state}  {step.name} ({step.cfg.uses}, key {step.key}){why}", soft_wrap=True)
+        console.print(f"{indent}{state}  {step.name} ({step.cfg.uses}, key {step.key}){escape(why)}", soft_wrap=True)
     would_run = sum(step.action == "run" for step in steps)
     console.print(f"{would_run} step(s) would run, {len(steps) - would_run} up to date")
     return 0
@@ -225,7 +259,7 @@ def _status_of_recipe(args) -> int:
 def cmd_report(args) -> int:
     from pipeline.run_report import write_run_report
 
-    console.print(f"report → {write_run_report(Path(args.workdir))}", soft_wrap=True)
+    console.print(f"report → {write_run_report(Path(args.workdir), overwrite=args.overwrite)}", soft_wrap=True)
     return 0
 
 
@@ -236,23 +270,32 @@ def cmd_env(args) -> int:
     table = Table(title="distill env")
     table.add_column("component")
     table.add_column("version")
+    from pipeline.compute_dtype import choose
+
     for name, version in {"distillery": __version__, **library_versions(), "device": device()}.items():
         table.add_row(name, version)
+    for use, choice in (("inference", choose()), ("training", choose(training=True))):
+        table.add_row(f"dtype: auto ({use})", f"{choice.dtype}: {choice.reason}")
     console.print(table)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from pipeline.compare import compare_paths, print_comparison, write_comparison
+    from pipeline.compare import COMPARE_JSON, COMPARE_MD, compare_paths, print_comparison, write_comparison
+    from pipeline.outputs import COMPARE, claim_dir, make_dir, never_written
 
     comparison = compare_paths([Path(p) for p in args.paths], args.baseline)
     if not comparison["evaluations"]:
         raise UserError(f"{', '.join(args.paths)}: no evaluation results found (results.json of an evaluate step "
                         "or of `distill eval`)")
+    out = Path(args.out) if args.out else None
+    if out:
+        read = [Path(path) for evaluation in comparison["evaluations"].values() for path in evaluation["paths"]]
+        claim_dir(out, [COMPARE_MD, COMPARE_JSON], COMPARE, overwrite=args.overwrite,
+                  never=never_written(out, read=read))
     print_comparison(comparison, console)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out:
+        make_dir(out, COMPARE, "--out")
         console.print(f"comparison → {', '.join(map(str, write_comparison(comparison, out)))}")
     return 0
 
@@ -266,14 +309,18 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from pipeline.export import export
 
-    path, rows = export(args.step_dir, args.format, args.out)
+    path, rows = export(args.step_dir, args.format, args.out, overwrite=args.overwrite)
     console.print(f"{rows} rows -> {path}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from pipeline.bench import run_benchmarks
+    from pipeline.outputs import claim_file, never_written
 
+    if args.json:  # checked before the benchmarks' minutes, written at their end
+        read = [Path(path) for path in (args.recipe, args.model) if Path(path).exists()]
+        claim_file(Path(args.json), overwrite=args.overwrite, never=never_written(Path(args.json), read=read))
     run_benchmarks(args.targets, args, console)
     return 0
 
@@ -307,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--baseline", metavar="MODEL", help=(
         "the model the others are compared with (default: each evaluation's own baseline, its first model)"))
     compare.add_argument("--out", metavar="DIR", help="also write compare.md and compare.json into DIR")
+    add_overwrite_argument(compare, "DIR's compare.md and compare.json")
     compare.set_defaults(func=cmd_compare)
 
     stat = commands.add_parser("status", help="what a recipe would run and why (RECIPE), or a workdir's steps (DIR)")
@@ -321,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("workdir", metavar="WORKDIR", help=(
         "the workdir of a `distill run`; the page (self-contained, opens from disk) and its data files go in "
         "WORKDIR/run-report/, which is replaced on each report"))
+    add_overwrite_argument(report, "WORKDIR/run-report/")
     report.set_defaults(func=cmd_report)
 
     check = commands.add_parser("check", help="check every training row against its student's chat template, "
@@ -335,18 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="evaluate models on benchmarks (or --rescore a saved run)")
     add_cli_arguments(evaluation)
+    add_overwrite_argument(evaluation, "--out's (or --rescore's) results.json, samples/, report.md and plots")
     evaluation.set_defaults(func=cmd_eval)
 
     export = commands.add_parser("export", help="write a finished dataset step as jsonl, parquet or sharegpt")
     export.add_argument("step_dir", help="a step dir, e.g. runs/quickstart/sft_data")
     export.add_argument("--format", required=True, choices=["jsonl", "parquet", "sharegpt"])
-    export.add_argument("--out", help="file to write (default: <step><extension> in the current directory)")
+    export.add_argument("--out", help="file to write, new unless --overwrite (default: "
+                                      "STEP_DIR/export/<step><extension>)")
+    add_overwrite_argument(export, "the file it writes")
     export.set_defaults(func=cmd_export)
 
     bench = commands.add_parser("bench", help="measure sampling, grading, training and caching side by side")
     from pipeline.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
+    add_overwrite_argument(bench, "--json's file")
     bench.set_defaults(func=cmd_bench)
 
     env = commands.add_parser("env", help="print library versions and device")

@@ -13,6 +13,8 @@ and for each model but the baseline (the evaluation's `baseline`, else its first
                  training. Whether a training change helps is read from the per-run differences and their sd.
 
 Writes nothing unless asked (`--out`, or `distill run --seeds` into the recipe's workdir): compare.json, compare.md.
+A results.json that is not an evaluation's (another tool's, truncated, hand-edited) is refused naming the file and
+what is wrong with it (`read_results`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, write_json_atomic
+from pipeline.artifacts import MANIFEST, write_atomic, write_json_atomic
 from pipeline.errors import UserError
 
 RESULTS_JSON = "results.json"
@@ -54,7 +56,7 @@ def find_results(path: Path) -> list[tuple[str, Path]]:
 def _evaluation_name(directory: Path) -> str:
     try:
         return json.loads((directory / MANIFEST).read_text())["step"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "eval"  # a `distill eval --out` dir
 
 
@@ -64,11 +66,61 @@ def compare_paths(paths: list[Path], baseline: str | None = None) -> dict:
     by_name: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
     for path in paths:
         for name, results_path in find_results(Path(path)):
-            try:
-                by_name[name].append((results_path, json.loads(results_path.read_text())))
-            except ValueError as error:
-                raise UserError(f"{results_path}: not valid JSON ({error})") from None
+            by_name[name].append((results_path, read_results(results_path)))
     return {"evaluations": {name: compare_runs(runs, baseline) for name, runs in by_name.items()}}
+
+
+def read_results(path: Path) -> dict:
+    """A results.json, checked for everything a comparison reads from it."""
+    try:
+        document = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a results.json of an evaluation (not UTF-8 text)") from None
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
+    problem = _results_problem(document)
+    if problem:
+        raise UserError(f"{path}: not a results.json of an evaluation: {problem}")
+    return document
+
+
+def _results_problem(document) -> str | None:
+    """What in `document` a comparison could not read, or None."""
+    if not isinstance(document, dict) or not isinstance(document.get("models"), dict) or not document["models"]:
+        return "no `models` (model -> benchmark -> scores)"
+    for model, per_bench in document["models"].items():
+        if not isinstance(per_bench, dict):
+            return f"models.{model} is not a mapping of benchmark -> scores"
+        for benchmark, scores in per_bench.items():
+            where = f"models.{model}.{benchmark}"
+            if not isinstance(scores, dict) or not _is_number(scores.get("pass@1")):
+                return f"{where} has no numeric pass@1"
+            per_problem = scores.get("per_problem", {})
+            if not isinstance(per_problem, dict) or not all(_is_counts(c) for c in per_problem.values()):
+                return f"{where}.per_problem is not problem id -> [correct, graded], graded >= 1"
+    meta, comparisons = document.get("meta", {}), document.get("comparisons", {})
+    seed = meta.get("seed") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not (seed is None or isinstance(seed, int) and not isinstance(seed, bool)):
+        return "meta is not a mapping with an integer seed"
+    if not isinstance(comparisons, dict):
+        return "comparisons is not a mapping"
+    for benchmark, rows in comparisons.items():
+        if not isinstance(rows, dict) or not all(isinstance(row, dict) and _is_number(row.get("difference"))
+                                                 and "detectable" in row for row in rows.values()):
+            return f"comparisons.{benchmark} is not model -> {{difference, detectable, ...}}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_counts(value) -> bool:
+    """One problem's [correct, graded]: integers, 0 <= correct <= graded, graded >= 1."""
+    return (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+            and 0 <= value[0] <= value[1] and value[1] >= 1)
 
 
 def compare_runs(runs: list[tuple[Path, dict]], baseline: str | None = None) -> dict:
@@ -257,6 +309,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def write_comparison(comparison: dict, out_dir: Path) -> list[Path]:
+    """compare.md and compare.json into `out_dir`, which the caller claimed (`pipeline.outputs`), each atomically."""
     write_json_atomic(out_dir / COMPARE_JSON, comparison)
-    (out_dir / COMPARE_MD).write_text(render_markdown(comparison))
+    write_atomic(out_dir / COMPARE_MD, lambda tmp: tmp.write_text(render_markdown(comparison)))
     return [out_dir / COMPARE_MD, out_dir / COMPARE_JSON]

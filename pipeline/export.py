@@ -5,6 +5,10 @@
     sharegpt   LLaMA-Factory's ShareGPT layout, a JSON list: SFT data (`messages`) as
                {"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}]}; preference pairs
                (`prompt`, `chosen`, `rejected`) as {"id", "conversations", "chosen": {...}, "rejected": {...}}
+
+By default the file goes into `<step dir>/export/` (a directory `distill export` makes and marks, so a later export
+replaces its own file); `--out FILE` must be a new file, or --overwrite. Never, whatever the flags, a step's input
+(`pipeline.outputs`): the load step's data file, the step's own data.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import json
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.outputs import EXPORT, claim_dir, claim_file, make_dir, never_written, write_file
 
+EXPORT_DIR = "export"  # in the step dir: the export's default place
 FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet", "sharegpt": ".sharegpt.json"}
 _SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
-def export(step_dir: str | Path, fmt: str, out: str | Path | None = None) -> tuple[Path, int]:
+def export(step_dir: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False
+           ) -> tuple[Path, int]:
     """Write the dataset of a complete step dir in `fmt`; returns (path written, rows).
 
-    Default path: `<step name><extension>` in the current directory.
+    Default path: `<step dir>/export/<step name><extension>`.
     """
     from pipeline.artifacts import Artifact, complete_key
 
@@ -34,16 +41,27 @@ def export(step_dir: str | Path, fmt: str, out: str | Path | None = None) -> tup
     if artifact.kind != "dataset":
         raise UserError(f"{step_dir}: step {artifact.name!r} produced a {artifact.kind}; only datasets export")
     dataset = artifact.dataset()
-    path = Path(out) if out else Path(f"{artifact.name}{FORMATS[fmt]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    never = never_written(step_dir, Path(out or step_dir))
+    if out:
+        path = claim_file(Path(out), overwrite=overwrite, never=never)
+    else:
+        (path,) = claim_dir(step_dir / EXPORT_DIR, [f"{artifact.name}{FORMATS[fmt]}"], EXPORT, overwrite=overwrite,
+                            never=never)
+    # made before anything is written: a row ShareGPT cannot hold refuses the export
+    records = [sharegpt_record(row, str(step_dir)) for row in dataset] if fmt == "sharegpt" else None
+    if not out:
+        make_dir(path.parent, EXPORT, "export dir")
+    write_file(path, lambda tmp: _write(dataset, fmt, records, tmp))
+    return path, len(dataset)
+
+
+def _write(dataset, fmt: str, records: list[dict] | None, path: Path) -> None:
     if fmt == "jsonl":
         dataset.to_json(str(path), lines=True, force_ascii=False)
     elif fmt == "parquet":
         dataset.to_parquet(str(path))
     else:
-        records = [sharegpt_record(row, str(step_dir)) for row in dataset]
         path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
-    return path, len(dataset)
 
 
 def sharegpt_record(row: dict, source: str) -> dict:

@@ -32,13 +32,26 @@ class Fingerprints:
                 self._entries = json.loads(cache_path.read_text())
             except (OSError, ValueError):
                 self._entries = {}  # a damaged cache only costs a re-hash
+            if not isinstance(self._entries, dict):
+                self._entries = {}
         self.hashed_bytes = 0  # bytes actually read this time (the cost a cached re-run should not pay)
 
     def of(self, path: str | Path, *, skip_suffixes: tuple[str, ...] = ()) -> str:
-        """The digest of a file, or of a directory's files (except those ending in `skip_suffixes`)."""
+        """The digest of a file, or of a directory's files (except those ending in `skip_suffixes`). A path that is
+        empty (Path("") is the working directory) or names a FIFO, socket or device is refused before it is opened:
+        reading a FIFO blocks until a writer comes, a device may never end."""
+        import stat as modes
+
+        from pipeline.tables import special_file_kind
+
+        if not str(path).strip():
+            raise UserError("empty path: name a file or a directory")
         path = Path(path).expanduser()
         try:
-            if path.is_dir():
+            mode = path.stat().st_mode
+            if not (modes.S_ISREG(mode) or modes.S_ISDIR(mode)):
+                raise UserError(f"{path}: is a {special_file_kind(mode)}, not a regular file or directory")
+            if modes.S_ISDIR(mode):
                 digest = hashlib.sha256()
                 for file in _files_under(path):
                     relative = file.relative_to(path).as_posix()
@@ -50,11 +63,20 @@ class Fingerprints:
             raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
 
     def _file(self, path: Path) -> str:
+        import stat as modes
+
+        from pipeline.tables import special_file_kind
+
         stat = path.stat()
+        # A FIFO, socket or device inside a fingerprinted directory: opening it would block (a FIFO waits for a
+        # writer) or never end (a device). Refused, naming the file, before it is opened.
+        if not modes.S_ISREG(stat.st_mode):
+            raise UserError(f"{path}: is a {special_file_kind(stat.st_mode)}, not a regular file "
+                            "(a step's input directory may hold only regular files and directories)")
         absolute = str(path.resolve())
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         cached = self._entries.get(absolute)
-        if cached is not None and cached[:3] == signature:
+        if isinstance(cached, list) and len(cached) == 4 and cached[:3] == signature:
             return cached[3]
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -65,12 +87,16 @@ class Fingerprints:
         return digest.hexdigest()
 
     def save(self) -> None:
-        """Write the cache (only where its directory exists: asking never creates a workdir)."""
+        """Write the cache (only where its directory exists: asking never creates a workdir). The cache only saves
+        re-hashing: where it cannot be written (a read-only workdir), it is not, and nothing fails."""
         if self.cache_path is None or not self.cache_path.parent.is_dir():
             return
-        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
-        tmp.write_text(json.dumps(self._entries))
-        os.replace(tmp, self.cache_path)
+        from pipeline.artifacts import write_atomic
+
+        try:
+            write_atomic(self.cache_path, lambda tmp: tmp.write_text(json.dumps(self._entries)))
+        except OSError:
+            pass
 
 
 def _files_under(directory: Path) -> list[Path]:

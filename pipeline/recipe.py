@@ -6,6 +6,13 @@ its pydantic Config, check a `rounds` block, check what crosses steps (inputs an
 earlier steps), then expand the rounds block into ordinary steps.
 Nothing is written and nothing heavy is imported: a bad recipe fails in well under a second.
 
+Strict input. The YAML is read by `pipeline.strict_yaml` (a key written twice, a recursive alias or aliases that
+expand past its bounds are refused with the line); `${...}` references are followed along their chain, so one that
+leads back to itself is refused as a cycle, and what references add to the document is bounded
+(MAX_REFERENCE_SIZE); recipe and step names match their pattern whole, are at most MAX_NAME characters and are none
+of the names `distill` itself puts in a workdir (`reserved_step_name`); a boolean is no number (`limit: true` is
+refused where a number goes, see `pipeline.steps.StepConfig`).
+
 Rounds. `rounds: {steps: [samples, graded, sft_data, sft, merged], count: 3, model: step:merged}` repeats a block
 of consecutive steps. Loading expands it into ordinary steps named `STEP@ROUND` (`samples@1` ... `merged@3`; a
 name a user's step cannot have), so the runner, content keys, resume and `distill status` treat them like any
@@ -28,15 +35,27 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline import strict_yaml
+from pipeline.compare import SEED_DIR
 from pipeline.errors import UserError
 from pipeline.models import STEP_PREFIX, check_model_ref
 from pipeline.steps import StepConfig, config_class
 
 TOP_LEVEL_KEYS = {"name", "seed", "workdir", "models", "steps", "rounds"}
 ROUNDS_KEYS = {"steps", "count", "model"}
-STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-ROUND_STEP_NAME = re.compile(r"^(?P<step>[A-Za-z0-9][A-Za-z0-9_-]*)@(?P<round>[1-9][0-9]*)$")
+# Names are matched whole (fullmatch): `re.match` with `$` lets a trailing newline through.
+STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+ROUND_STEP_NAME = re.compile(r"(?P<step>[A-Za-z0-9][A-Za-z0-9_-]*)@(?P<round>[1-9][0-9]*)")
+MAX_NAME = 200  # a step's dirs are `<name>@<round>` and `.<name>@<round>.scratch`: inside a file name's 255 bytes
+# What `distill` itself writes in a workdir, beside the step dirs. A step name starts with a letter or digit and has
+# no dot, so `recipe.json`, `.lock`, `.distillery`, `.fingerprints.json` and `.<step>.tmp` / `.scratch` are never one;
+# these are the names that could be: `distill report`'s page (pipeline.run_report.REPORT_DIR) and the workdirs of
+# `distill run --seeds` (`seed-N`, which `distill compare` and `distill report` read as seed runs).
+REPORT_DIR = "run-report"
+STEP_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # `load`, or a module path `mypkg.step`
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
+MAX_REFERENCE_SIZE = 200_000  # values (and 64-character pieces of strings) that `${...}` references may add
+MAX_REFERENCE_DEPTH = 128  # levels of nesting plus links of reference chains while resolving (bounds the recursion)
 
 
 class RecipeError(UserError):
@@ -52,7 +71,7 @@ def round_step(step: str, round_number: int) -> str:
 
 def split_round(name: str) -> tuple[str, int | None]:
     """`samples@2` -> ("samples", 2); a step outside any rounds block -> (name, None)."""
-    match = ROUND_STEP_NAME.match(name)
+    match = ROUND_STEP_NAME.fullmatch(name)
     return (match["step"], int(match["round"])) if match else (name, None)
 
 
@@ -99,35 +118,32 @@ class Recipe:
         return list(dict.fromkeys(deps))
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message: repr (so a newline or control character shows), cut to `limit`."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def reserved_step_name(name: str) -> str | None:
+    """Why `name` cannot be a step's (a path `distill` itself writes in the workdir), or None. Compared ignoring
+    case: on a case-insensitive file system (macOS, Windows) `Run-Report` is the same directory."""
+    if name.lower() == REPORT_DIR:
+        return f"{REPORT_DIR!r} is reserved: `distill report` writes its page to WORKDIR/{REPORT_DIR}/"
+    if SEED_DIR.fullmatch(name.lower()):
+        return (f"{name!r} is reserved: `distill run --seeds` puts each seed's run in WORKDIR/seed-N/ (and "
+                "`distill compare` reads such a directory as one)")
+    return None
+
+
 # ---------------------------------------------------------------- YAML with line numbers
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML safely; also return {key path: line} so errors can point into the file."""
+    """Parse YAML strictly (`pipeline.strict_yaml`); also return {key path: line} so errors can point into the file."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return strict_yaml.parse(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise RecipeError(source, [f"{where}invalid YAML: {problem}"]) from None
-    lines: dict[tuple, int] = {}
-
-    def walk(n, path):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key_path = path + (k.value,)
-                lines[key_path] = k.start_mark.line + 1
-                walk(v, key_path)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if node is not None:
-        walk(node, ())
-    return data, lines
+        raise RecipeError(source, [strict_yaml.describe(e, "invalid YAML: ")]) from None
 
 
 # ---------------------------------------------------------------- overrides and references
@@ -140,7 +156,9 @@ def apply_override(doc: dict, override: str) -> None:
     if not sep or not all(parts):
         raise UserError(f"override {override!r}: expected KEY.PATH=VALUE, e.g. steps.sample.n=8")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml.parse(raw)[0] if raw.strip() else ""
+    except strict_yaml.Refused as e:  # a duplicate key, a recursive alias: refused as in the file
+        raise UserError(f"override {override!r}: {strict_yaml.describe(e)}") from None
     except yaml.YAMLError:
         value = raw
     node = doc
@@ -155,46 +173,97 @@ def apply_override(doc: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def _lookup(doc: Any, dotted: str) -> Any:
-    node = doc
+def _lookup(doc: Any, dotted: str) -> tuple[Any, tuple]:
+    """The value at a dotted key path, and that path as the document spells it (list indices as ints)."""
+    node, path = doc, ()
     for part in dotted.split("."):
         if isinstance(node, dict) and part in node:
-            node = node[part]
+            node, path = node[part], path + (part,)
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+            node, path = node[int(part)], path + (int(part),)
         else:
             raise KeyError(dotted)
-    return node
+    return node, path
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def resolve_references(doc: dict) -> tuple[dict, list[tuple[tuple, str]]]:
-    """Replace `${a.b}` by the value at a.b. A whole-string reference keeps the value's type."""
+    """Replace `${a.b}` by the value at a.b. A whole-string reference keeps the value's type.
+
+    A reference is followed along its chain: one that leads back to a reference being resolved is a cycle, reported
+    where it is written. Each target is resolved once; what its copies add to the document is bounded by
+    MAX_REFERENCE_SIZE, so a few references that each copy the one before cannot blow the document up. On a cycle or
+    a missing key the reference resolves to None; past a bound `doc` itself is returned, unresolved."""
     problems: list[tuple[tuple, str]] = []
+    resolved: dict[str, tuple[Any, int]] = {}  # reference -> (its value resolved, that value's size)
+    added = 0  # the size of what references added so far
 
-    def resolve(value, path, depth=0):
+    def add(size: int, path: tuple) -> None:
+        nonlocal added
+        added += size
+        if added > MAX_REFERENCE_SIZE:
+            raise _TooLarge(path, f"references expand the recipe past {MAX_REFERENCE_SIZE} values (each ${{...}} "
+                                  "copies what it names, with the references in it)")
+
+    def resolve(value, path: tuple, chain: tuple[tuple[str, tuple], ...], depth: int = 0) -> tuple[Any, int]:
+        """(value with its references replaced, its size: one per value, and one per 64 characters of a string).
+        `chain`: the references being resolved, outermost first, each with the key path it is written at."""
+        if depth > MAX_REFERENCE_DEPTH:
+            raise _TooLarge(path, f"references nest the recipe more than {MAX_REFERENCE_DEPTH} levels deep")
         if isinstance(value, dict):
-            return {k: resolve(v, path + (k,), depth) for k, v in value.items()}
+            items = {k: resolve(v, path + (k,), chain, depth + 1) for k, v in value.items()}
+            return {k: v for k, (v, _) in items.items()}, 1 + sum(size for _, size in items.values())
         if isinstance(value, list):
-            return [resolve(v, path + (i,), depth) for i, v in enumerate(value)]
+            items = [resolve(v, path + (i,), chain, depth + 1) for i, v in enumerate(value)]
+            return [v for v, _ in items], 1 + sum(size for _, size in items)
         if not isinstance(value, str) or "${" not in value:
-            return value
-        if depth > 10:
-            problems.append((path, f"reference cycle in {value!r}"))
-            return value
+            return value, 1 + (len(value) // 64 if isinstance(value, str) else 0)
 
-        def target(ref):
-            try:
-                return resolve(copy.deepcopy(_lookup(doc, ref.strip())), path, depth + 1)
-            except KeyError:
-                problems.append((path, f"${{{ref}}} refers to a key that does not exist"))
-                return None
+        def target(ref: str) -> tuple[Any, int]:
+            name = ref.strip()
+            names = [link for link, _ in chain]
+            if name in names:
+                loop = chain[names.index(name):] + ((name, path),)
+                cycle = (f"${{{name}}} is (or holds) the value this reference is written in" if len(loop) == 2 else
+                         " -> ".join(f"${{{link}}}" for link, _ in loop))
+                # reported where each reference of the loop is written: each resolves to None
+                problems.extend((at, f"reference cycle ({cycle})") for _, at in loop)
+                return None, 1
+            if name not in resolved:
+                try:
+                    written, at = _lookup(doc, name)
+                except KeyError:
+                    problems.append((path, f"${{{ref}}} refers to a key that does not exist"))
+                    return None, 1
+                resolved[name] = resolve(written, at, chain + ((name, path),), depth + 1)
+            value, size = resolved[name]
+            add(size, path)
+            return copy.deepcopy(value), size
 
         whole = REFERENCE.fullmatch(value)
         if whole:
             return target(whole.group(1))
-        return REFERENCE.sub(lambda m: str(target(m.group(1))), value)
+        text = REFERENCE.sub(lambda m: str(target(m.group(1))[0]), value)
+        add(len(text) // 64, path)
+        return text, 1 + len(text) // 64
 
-    return resolve(doc, ()), problems
+    try:
+        return resolve(doc, (), ())[0], list(dict.fromkeys(problems))
+    except _TooLarge as too_large:
+        return doc, [too_large.args]
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no dict or list appears twice (YAML aliases share them), so that an override or a resolved
+    reference changes one place only. The YAML reader bounds the size of the copy."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- validation
@@ -202,13 +271,11 @@ def resolve_references(doc: dict) -> tuple[dict, list[tuple[tuple, str]]]:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"{source}: cannot read recipe: {e.strerror}") from None
+    text = strict_yaml.read_text(path, "recipe")
     raw, lines = _parse_yaml(text, source)
     if not isinstance(raw, dict):
         raise RecipeError(source, ["the recipe must be a YAML mapping with name, seed, models and steps"])
+    raw = _unshared(raw)
     for override in overrides:
         apply_override(raw, override)
     pin_problems = _pinned_models(raw.get("models"))
@@ -216,25 +283,38 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
     problems: list[str] = []
 
+    unresolved: list[tuple] = []  # where a reference failed: what is checked there later would only repeat it
+
     def report(key_path: tuple, message: str) -> None:
-        dotted = ".".join(str(p) for p in key_path) or "(top level)"
+        if any(key_path[:len(at)] == at for at in unresolved):
+            return
+        dotted = ".".join(p if isinstance(p, str) and p.isprintable() else repr(p) if isinstance(p, str) else str(p)
+                          for p in key_path) or "(top level)"
         line = next((lines[key_path[:n]] for n in range(len(key_path), 0, -1) if key_path[:n] in lines), None)
         problems.append(f"{dotted}: {message}" + (f" (line {line})" if line else ""))
 
     for key_path, message in pin_problems + ref_problems:
         report(key_path, message)
+    unresolved += [key_path for key_path, _ in ref_problems]
+    if doc is raw:  # references past a bound: the rest would be checked unresolved
+        raise RecipeError(source, problems)
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
             report((key,), f"unknown key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     name = doc.get("name")
-    if not isinstance(name, str) or not STEP_NAME.match(name):
-        report(("name",), "required: a name made of letters, digits, '-' and '_'")
+    if not isinstance(name, str) or not STEP_NAME.fullmatch(name) or len(name) > MAX_NAME:
+        report(("name",), f"required: a name made of letters, digits, '-' and '_', at most {MAX_NAME} characters"
+                          + (f" (got {_shown(name)})" if name is not None else ""))
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         report(("seed",), f"must be an integer, got {seed!r}")
-    workdir = doc.get("workdir") or f"runs/{name}"
-    if not isinstance(workdir, str):
-        report(("workdir",), "must be a path string")
+    workdir = doc.get("workdir")
+    if workdir is None or workdir == "":
+        workdir = f"runs/{name}"
+    if not isinstance(workdir, str):  # [] or {} is no path: not silently the default workdir
+        report(("workdir",), f"must be a path string, got {_shown(workdir)}")
+    elif any(ord(c) < 32 or ord(c) == 127 for c in workdir):
+        report(("workdir",), f"holds a control character (a newline, a tab, a NUL, ...): {_shown(workdir)}")
     models = doc.get("models", {})
     if not isinstance(models, dict):
         report(("models",), "must be a mapping of name -> model reference")
@@ -250,10 +330,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         report(("steps",), "required: a mapping of step name -> step settings")
         raw_steps = {}
     steps: dict[str, StepConfig] = {}
+    folded: dict[str, str] = {}  # lower-cased name -> the step's name
     for step_name, spec in raw_steps.items():
         at = ("steps", step_name)
-        if not STEP_NAME.match(str(step_name)):
-            report(at, "step names are letters, digits, '-' and '_' (they become directory names)")
+        if not isinstance(step_name, str) or not STEP_NAME.fullmatch(step_name) or len(step_name) > MAX_NAME:
+            report(at, f"step names are letters, digits, '-' and '_', at most {MAX_NAME} characters (they become "
+                       f"directory names); got {_shown(step_name)}")
+            continue
+        if reserved_step_name(step_name):
+            report(at, reserved_step_name(step_name))
+            continue
+        if folded.setdefault(step_name.lower(), step_name) != step_name:
+            report(at, f"differs from step {folded[step_name.lower()]!r} only in case: on a case-insensitive file "
+                       "system (macOS, Windows) both would write one directory")
             continue
         if not isinstance(spec, dict):
             report(at, "must be a mapping with at least `uses`")
@@ -261,10 +350,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if "uses" not in spec:
             report(at, "missing `uses` (the step type)")
             continue
+        if not isinstance(spec["uses"], str) or not STEP_TYPE.fullmatch(spec["uses"]):
+            report(at + ("uses",), f"a step type is a registered name (load, sample, ...) or a dotted module path "
+                                   f"(mypkg.my_step); got {_shown(spec['uses'])}")
+            continue
         try:
-            config = config_class(str(spec["uses"]))
+            config = config_class(spec["uses"])
         except UserError as e:
             report(at + ("uses",), str(e))
+            continue
+        except Exception as e:  # a user's step module that fails to import: say why, naming the module
+            report(at + ("uses",), f"step type {spec['uses']!r}: importing it failed: {type(e).__name__}: {e}")
             continue
         try:
             steps[step_name] = config.model_validate(spec)

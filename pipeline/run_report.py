@@ -20,8 +20,10 @@ The browser's rows go in chunk files under run-report/data/, loaded by <script> 
 them (a page opened from file:// may not fetch()), so a dataset of any size costs the page only what is shown. The
 page reads its starting filter from the URL hash: `index.html#browser=graded&label=correct&model=M&problem=ID&page=2`.
 
-`run-report` is not a name a step can write (the runner refuses a step dir it did not make, and this module refuses
-a run-report dir it did not make), so the report never replaces a step's output or anything else.
+`run-report` is not a name a step can write (the runner refuses a step dir it did not make), and the report replaces
+only a run-report dir it made (`pipeline.outputs`; --overwrite replaces another), so it never replaces a step's
+output or anything else. It is written while it holds the workdir's lock, so never while a run changes the steps it
+reads: `distill report` during a run is refused (exit 2), and the run writes the page when it ends.
 """
 
 from __future__ import annotations
@@ -37,33 +39,38 @@ from pathlib import Path
 from pipeline.artifacts import COMPLETE, read_manifest
 from pipeline.errors import UserError
 from pipeline.models import STEP_PREFIX
-from pipeline.runner import RUN_FILE, status
+from pipeline.outputs import REPORT, claim_dir, mark, never_written
+from pipeline.runner import RUN_FILE, status, workdir_lock
 from pipeline.training import LOG_HISTORY
 
 REPORT_DIR = "run-report"
 PAGE = "index.html"
-REPORT_MARK = ".distill-run-report"  # only a dir holding it is ever replaced
 DATA_DIR = "data"
 ROWS_PER_CHUNK = 200
 ASSETS = Path(__file__).with_name("run_report_assets")
 
 
-def write_run_report(workdir: Path, *, rows_per_chunk: int = ROWS_PER_CHUNK) -> Path:
-    """Write the report of the run in `workdir` (replacing an earlier one) and return the page's path."""
+def write_run_report(workdir: Path, *, rows_per_chunk: int = ROWS_PER_CHUNK, overwrite: bool = False) -> Path:
+    """Write the report of the run in `workdir` (replacing an earlier one) and return the page's path. `overwrite`:
+    replace a run-report dir `distill report` did not write."""
     workdir = Path(workdir)
+    if not (workdir / RUN_FILE).is_file():
+        read_steps(workdir)  # refuses what is not a run's workdir, saying what it is, before any lock file is made
+    (final_dir,) = claim_dir(workdir, [REPORT_DIR], REPORT, overwrite=overwrite, never=never_written(workdir))
+    with workdir_lock(workdir):  # a run replaces the step dirs the page reads: read them while none runs
+        return _write_locked(workdir, final_dir, rows_per_chunk)
+
+
+def _write_locked(workdir: Path, final_dir: Path, rows_per_chunk: int) -> Path:
     steps = read_steps(workdir)
     if REPORT_DIR in {step.name for step in steps}:
         raise UserError(f"{workdir}: the recipe has a step named {REPORT_DIR!r}, the directory `distill report` "
                         "writes; rename that step")
-    final_dir = workdir / REPORT_DIR
-    if final_dir.exists() and not (final_dir / REPORT_MARK).is_file():
-        raise UserError(f"{final_dir} exists and was not written by `distill report`; refusing to replace it "
-                        "(move it away)")
     # Written beside, then swapped in: an interrupted report never leaves a half-written page.
     tmp_dir = workdir / f".{REPORT_DIR}.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     (tmp_dir / DATA_DIR).mkdir(parents=True)
-    (tmp_dir / REPORT_MARK).write_text("Written by `distill report`; replaced whole by the next one.\n")
+    mark(tmp_dir, REPORT)
     sources = write_browser_data(workdir, steps, tmp_dir / DATA_DIR, rows_per_chunk)
     run = json.loads((workdir / RUN_FILE).read_text())
     evaluations = [rounds_section(step, run.get("models_by_round")) + evaluation_section(step, tmp_dir)

@@ -8,7 +8,8 @@ data/x.jsonl changed`, `math-verify 0.9.0 -> 0.9.1`, `config: n 4 -> 8`), the wa
 anything runs.
 
 The runner only ever replaces what it wrote: a directory with a step's name is replaced only if it holds a
-Distillery manifest, and a workdir that is a non-empty directory not made by `distill` is refused.
+Distillery manifest, and a workdir that is a non-empty directory not made by `distill run` is refused (the contract
+every command's outputs follow is `pipeline.outputs`'s).
 
 While a step runs, the console shows its progress row and nothing else (`pipeline.console`): what the step and its
 libraries write goes to `<step>/log.txt` (`.<step>.scratch/log.txt` when it fails); each step ends with one line.
@@ -24,6 +25,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import errno
 import os
 import shutil
 import time
@@ -37,20 +39,21 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__
-from pipeline.artifacts import (COMPLETE, MANIFEST, Artifact, Output, complete_key, publish, read_manifest,
-                                write_json_atomic)
+from pipeline.artifacts import (COMPLETE, FOREIGN, MANIFEST, NO_OUTPUT, UNREADABLE, Artifact, Output,
+                                clean_leftovers, clean_stale_temp_dirs, complete_key, output_state, publish,
+                                read_manifest, write_json_atomic)
 from pipeline.console import environment, step_console
 from pipeline.env import library_versions
 from pipeline.errors import UserError
 from pipeline.fingerprints import CACHE_FILE, Fingerprints
 from pipeline.models import STEP_PREFIX, hub_revision, is_hub_id, model_identity
-from pipeline.recipe import Recipe, split_round
+from pipeline.outputs import RUN, RUN_FILE, made_by, make_dir, remove_made
+from pipeline.recipe import ROUND_STEP_NAME, STEP_NAME, Recipe, split_round
 from pipeline.steps import STEP_MODULES, StepConfig, step_module
 from pipeline.training import (RUN_NAME_ENV, TrainingConfig, join_launch, machine_placement,
                                machine_rank_from_environment, trains_across_machines)
 
-RUN_FILE = "recipe.json"  # step order and resolved recipe of the last run, read by `distill status`
-WORKDIR_MARK = ".distillery"  # written into every workdir distill creates: only such a dir is ever written into
+LOCK_FILE = ".lock"  # in the workdir: held by the one `distill run` or `distill report` using it
 LOG_FILE = "log.txt"  # what a step and its libraries wrote while it ran, in its dir (in its scratch dir if it failed)
 
 
@@ -78,17 +81,47 @@ class StepPlan:
 def step_inputs(cfg: StepConfig, seed: int, parent_keys: dict[str, str], fingerprints: Fingerprints,
                 versions: dict[str, str]) -> dict:
     """Everything a step's output depends on, as the record its key hashes."""
-    return {
+    inputs = {
         "uses": cfg.uses,
         "config": cfg.model_dump(mode="json"),
         "seed": cfg.effective_seed(seed),
         "parents": parent_keys,
-        "files": {path: fingerprints.of(path) for path in dict.fromkeys(cfg.input_paths())},
+        "files": {input_file_name(path): fingerprints.of(path) for path in dict.fromkeys(cfg.input_paths())},
         "models": {ref: model_identity(ref, fingerprints) for ref in dict.fromkeys(cfg.model_refs())
                    if isinstance(ref, str) and not ref.startswith(STEP_PREFIX)},
         "libraries": {name: versions.get(name, "not installed") for name in cfg.libraries},
         "code": _code_version(cfg, fingerprints),
     }
+    dtype = cfg.dtype_choice()
+    if dtype is not None:  # `dtype: auto` runs in another dtype on other hardware, and the dtype changes outputs
+        inputs["dtype"] = dtype.dtype
+    return inputs
+
+
+def dtype_record(cfg: StepConfig) -> dict | None:
+    """The manifest's `dtype`: asked, chosen and why (None for a step that runs no model)."""
+    choice = cfg.dtype_choice()
+    return choice.record() if choice else None
+
+
+def input_file_name(path: str) -> str:
+    """How a step's key names a file it reads (its content is hashed beside the name). Distillery's own package data
+    (a registered benchmark's file in eval/data) by its place in the package, `distillery:eval/data/aime24.jsonl`,
+    so the same bytes installed or checked out elsewhere give the same key; any other file as the recipe wrote it
+    (a relative path stays relative, so moving a project or running it from another checkout re-runs nothing)."""
+    if Path(path).is_absolute():
+        resolved = Path(path).resolve()
+        for package, root in _package_roots().items():
+            if resolved.is_relative_to(root):
+                return f"distillery:{package}/{resolved.relative_to(root).as_posix()}"
+    return path
+
+
+def _package_roots() -> dict[str, Path]:
+    import eval as eval_package
+    import pipeline as pipeline_package
+
+    return {package.__name__: Path(package.__file__).resolve().parent for package in (eval_package, pipeline_package)}
 
 
 def step_key(inputs: dict) -> str:
@@ -112,7 +145,7 @@ def dry_run_config(cfg: StepConfig) -> StepConfig:
     return cfg.model_copy(update=update)
 
 
-def workdir_for(recipe: Recipe, dry_run: bool) -> Path:
+def _workdir_for(recipe: Recipe, dry_run: bool) -> Path:
     if not dry_run:
         return recipe.workdir
     # beside the workdir; `workdir: .` has no name of its own, so take the directory it stands for
@@ -120,10 +153,25 @@ def workdir_for(recipe: Recipe, dry_run: bool) -> Path:
     return workdir.with_name(workdir.name + "-dry-run")
 
 
+def workdir_for(recipe: Recipe, dry_run: bool) -> Path:
+    """`_workdir_for`, refused (naming the workdir) where its path holds a name longer than a file name may be
+    (ENAMETOOLONG: every use of it would raise OSError); a workdir that does not exist yet is fine (a run makes it),
+    and other problems are reported where the workdir is checked (check_workdir)."""
+    workdir = _workdir_for(recipe, dry_run)
+    try:
+        os.stat(workdir)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise UserError(f"{workdir}: cannot use this path as the workdir ({error.strerror or error})") from None
+    return workdir
+
+
 def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry_run: bool = False,
          fingerprints: Fingerprints | None = None, save_fingerprints: bool = True) -> list[StepPlan]:
     """Key every step (in order, up to `until`) and say which would run and why. Writes nothing but the
-    fingerprint cache of a workdir distill made (and not that without `save_fingerprints`)."""
+    fingerprint cache of a workdir distill made (and not that without `save_fingerprints`; nor where it cannot be
+    written), and removes what a killed run left (`_clean_leftovers_if_idle`).
+    A step runs unless its output is complete (`output_state`, the test `distill status` applies too) with its key."""
     names = list(recipe.steps)
     for step in ([until] if until else []) + [f for f in force if f != "all"]:
         if step not in recipe.steps:
@@ -131,6 +179,7 @@ def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry
     if until:
         names = names[: names.index(until) + 1]
     workdir = workdir_for(recipe, dry_run)
+    _clean_leftovers_if_idle(workdir, names)
     fingerprints = fingerprints or Fingerprints(workdir / CACHE_FILE)
     versions = library_versions()
     forced: set[str] = set(recipe.steps) if "all" in force else set(force)
@@ -144,9 +193,12 @@ def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry
         inputs = step_inputs(cfg, recipe.seed, {p: plans[p].key for p in parents}, fingerprints, versions)
         step = StepPlan(name, cfg, step_key(inputs), inputs, "skip", forced=name in forced)
         final_dir = workdir / name
+        complete, why_not = output_state(final_dir, name)  # what `distill status WORKDIR` says of it, too
         if step.forced:
             step.reasons = [f"parent {p} re-runs (--force)" for p in forced_parents] or ["--force"]
-        elif complete_key(final_dir) != step.key:
+        elif complete is None:
+            step.reasons = [why_not]
+        elif complete != step.key:
             step.reasons = _why(final_dir, inputs, plans)
         if step.reasons:
             step.action = "run"
@@ -159,26 +211,33 @@ def plan(recipe: Recipe, *, until: str | None = None, force: list[str] = (), dry
 
 def _why(final_dir: Path, inputs: dict, plans: dict[str, StepPlan]) -> list[str]:
     """The differences between what the step's existing output was made from and what it would be made from now."""
-    try:
-        manifest = read_manifest(final_dir)
-    except (OSError, ValueError):
-        return ["no output yet"]
-    if manifest.get("status") != COMPLETE:
-        return ["its output is incomplete"]
+    key, why_not = output_state(final_dir, final_dir.name)
+    if key is None:
+        return [why_not]
+    manifest = read_manifest(final_dir)
     old = manifest.get("inputs")
     if not isinstance(old, dict):
         return ["its output was written by an older Distillery, which kept no record of its inputs"]
     reasons = [f"config: {path} {_short(before)} -> {_short(after)}"
-               for path, before, after in _diff(old.get("config", {}), inputs["config"])]
+               for path, before, after in _diff(_mapping(old.get("config")), inputs["config"])]
     if old.get("seed") != inputs["seed"]:
         reasons.append(f"seed {old.get('seed')} -> {inputs['seed']}" if inputs["seed"] is not None else
                        f"seed {old.get('seed')} -> none (the step draws no random numbers: keyed without a seed)")
     for parent, key in inputs["parents"].items():
-        if old.get("parents", {}).get(parent) != key:
+        if _mapping(old.get("parents")).get(parent) != key:
             reruns = parent in plans and plans[parent].action == "run"
             reasons.append(f"parent {parent} {'re-runs' if reruns else 'changed'}")
     for what, label in (("files", "input file"), ("models", "model")):
-        before, after = old.get(what, {}), inputs[what]
+        before, after = dict(_mapping(old.get(what))), inputs[what]
+        if what == "files":  # recorded by absolute path before package data was keyed by its place in the package
+            for path in [p for p in before if p not in after and _package_file_name(p) in after]:
+                name, digest = _package_file_name(path), before.pop(path)
+                if digest == after[name]:
+                    reasons.append(f"{label} {name} was keyed by its path {path} (same content; package data is "
+                                   "now keyed by its place in the package, wherever it is installed)")
+                else:
+                    reasons.append(f"{label} {name} changed")
+                before[name] = after[name]
         for path in after:
             if path not in before:
                 reasons.append(f"new {label} {path}")
@@ -187,11 +246,26 @@ def _why(final_dir: Path, inputs: dict, plans: dict[str, StepPlan]) -> list[str]
                                f"{label} {path}: {before[path]} -> {after[path]}")
         reasons += [f"no longer reads {label} {path}" for path in before if path not in after]
     for library, version in inputs["libraries"].items():
-        if old.get("libraries", {}).get(library) != version:
-            reasons.append(f"{library} {old.get('libraries', {}).get(library, 'not recorded')} -> {version}")
+        if _mapping(old.get("libraries")).get(library) != version:
+            reasons.append(f"{library} {_mapping(old.get('libraries')).get(library, 'not recorded')} -> {version}")
     if old.get("code") != inputs["code"]:
         reasons.append(f"step code {old.get('code')} -> {inputs['code']}")
+    if old.get("dtype") != inputs.get("dtype"):
+        reasons.append(f"dtype {old.get('dtype', 'not recorded')} -> {inputs.get('dtype')}")
     return reasons or ["its inputs changed"]
+
+
+def _package_file_name(path: str) -> str:
+    """`input_file_name` of a path a manifest recorded, also where that package is no longer installed there."""
+    parts = Path(path).parts
+    if Path(path).is_absolute() and len(parts) > 3 and parts[-3:-1] == ("eval", "data"):
+        return f"distillery:eval/data/{parts[-1]}"
+    return input_file_name(path)
+
+
+def _mapping(value) -> dict:
+    """A manifest's record, or {} where a damaged or foreign manifest holds something else."""
+    return value if isinstance(value, dict) else {}
 
 
 def _diff(before, after, path: str = ""):
@@ -213,10 +287,59 @@ def _leftovers(workdir: Path, name: str, key: str) -> list[str]:
     notes = []
     if (workdir / f".{name}.tmp" / "error.json").exists():
         notes.append("it failed last time (error.json in its .tmp dir)")
-    key_file = workdir / f".{name}.scratch" / "KEY"
-    if key_file.is_file() and key_file.read_text() == key:
+    if _scratch_key(workdir / f".{name}.scratch") == key:
         notes.append("resumes the work an interrupted run saved")
     return notes
+
+
+def _scratch_key(scratch: Path) -> str | None:
+    """The key a step's scratch dir holds work for (its KEY file), or None."""
+    try:
+        return (scratch / "KEY").read_text()
+    except (OSError, ValueError):
+        return None
+
+
+def _clean_leftovers_if_idle(workdir: Path, names) -> None:
+    """Remove what killed runs left in a workdir distill made (`clean_leftovers`: a half-published step, `.STEP.old`,
+    a published step's scratch dir), so that `distill run` and `distill status` see the same steps, and the temporary
+    dirs of killed processes (`clean_stale_temp_dirs`). Only where there is something to remove, and only while no
+    run is using the workdir: this takes its lock without waiting, for that moment; a busy or read-only workdir is
+    left as it is."""
+    clean_stale_temp_dirs()
+    if not workdir.is_dir() or not _made_by_distill(workdir):
+        return
+    names = [name for name in names if _left_over(workdir, name)]
+    if not names:
+        return
+    try:
+        fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            fd = os.open(workdir / LOCK_FILE, os.O_RDONLY)  # a read-only workdir: nothing can be removed anyway
+        except OSError:
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # a run is using the workdir: what looks left over may be its work
+    try:
+        for name in names:
+            clean_leftovers(workdir, name)
+    finally:
+        os.close(fd)
+
+
+def _left_over(workdir: Path, name: str) -> bool:
+    """Whether a kill during or just after publishing step `name` left something (`clean_leftovers` removes it)."""
+    scratch, tmp_dir = workdir / f".{name}.scratch", workdir / f".{name}.tmp"
+    if (workdir / f".{name}.old").exists() or (tmp_dir / MANIFEST).is_file():
+        return True
+    if not scratch.is_dir() or tmp_dir.exists():
+        return False
+    key = output_state(workdir / name, name)[0]
+    return key is not None and _scratch_key(scratch) == key
 
 
 def check_workdir(workdir: Path, steps: list[StepPlan]) -> None:
@@ -224,16 +347,16 @@ def check_workdir(workdir: Path, steps: list[StepPlan]) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"workdir {workdir} is a file, not a directory")
     if workdir.is_dir() and any(workdir.iterdir()) and not _made_by_distill(workdir):
-        raise UserError(f"workdir {workdir} is a non-empty directory that `distill` did not create; refusing to "
+        raise UserError(f"workdir {workdir} is a non-empty directory that `distill run` did not create; refusing to "
                         "write into it (set `workdir:` to a new or empty directory)")
     for step in steps:
         final_dir = workdir / step.name
         if not final_dir.exists() and not final_dir.is_symlink():
             continue
-        try:
-            ours = final_dir.is_dir() and not final_dir.is_symlink() and read_manifest(final_dir).get("step") == step.name
-        except (OSError, ValueError):
-            ours = False
+        # ours: a dir whose manifest names the step, or whose manifest does not read (cut short) in a workdir distill
+        # made, which `distill run` re-runs the step over (`output_state`)
+        why_not = output_state(final_dir, step.name)[1]
+        ours = not why_not.endswith(FOREIGN) and (not why_not.startswith(UNREADABLE) or _made_by_distill(workdir))
         if not ours:
             raise UserError(f"{final_dir} exists and was not written by Distillery for step {step.name!r} "
                             f"(no manifest.json naming it); refusing to replace it: rename step {step.name!r} "
@@ -241,42 +364,38 @@ def check_workdir(workdir: Path, steps: list[StepPlan]) -> None:
 
 
 def _made_by_distill(workdir: Path) -> bool:
-    if (workdir / WORKDIR_MARK).is_file():
-        return True
-    try:  # made by a Distillery from before the mark
-        return {"recipe", "steps", "document"} <= set(json.loads((workdir / RUN_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def _create_workdir(workdir: Path) -> Path | None:
-    """Make the workdir (and its mark); the outermost directory this call created, if any."""
-    created = next((p for p in reversed([workdir, *workdir.parents]) if not p.exists()), None)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        mark = workdir / WORKDIR_MARK
-        if not mark.exists():
-            mark.write_text("This directory is a Distillery workdir: `distill run` writes and replaces step "
-                            "outputs here.\n")
-    except OSError as error:
-        raise UserError(f"workdir {workdir}: cannot create it ({error.strerror or error})") from None
-    return created
+    return made_by(workdir) == RUN
 
 
 def prepare_parent_workdir(parent: Path) -> None:
     """The workdir `distill run --seeds` puts its seed-N workdirs in: refused like any workdir if distill did not
     make it, created (and marked) otherwise."""
     check_workdir(parent, [])
-    _create_workdir(parent)
+    make_dir(parent, RUN, "workdir")
 
 
 @contextmanager
 def workdir_lock(workdir: Path):
-    with open(workdir / ".lock", "w") as lock:
+    """Hold the workdir's lock while the block runs, or refuse: one `distill run` or `distill report` at a time.
+    A refused run removes a workdir it made while it holds this lock; a process that opened the lock file before
+    that removal then locks a file no longer at its path, which guards nothing, so that counts as refused too."""
+    path = workdir / LOCK_FILE
+    busy = UserError(f"{workdir}: another `distill run` or `distill report` is using this workdir; try again when "
+                     "it ends")
+    try:
+        lock = open(path, "a")  # "a": never truncate a lock another process holds
+    except FileNotFoundError:
+        raise busy from None  # the workdir went away: a run that made it was refused meanwhile
+    except OSError as error:
+        raise UserError(f"{path}: cannot open the workdir's lock ({error.strerror or error})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{workdir}: another `distill run` is using this workdir") from None
+            held = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            raise busy
         yield
 
 
@@ -310,10 +429,11 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
         _join_from_other_machine(steps, recipe, workdir, machine_rank, dry_run=dry_run, console=console, label=label,
                                  run_name_prefix=run_name_prefix)
         return None  # machine 0's `distill run` reports the run and writes its page into the shared workdir
-    created = _create_workdir(workdir)
+    # Made before it is locked (the lock file is in it): a run that loses the lock to another never removes it.
+    made = make_dir(workdir, RUN, "workdir")
     outcomes: dict[str, StepOutcome] = {}
-    try:
-        with workdir_lock(workdir):
+    with workdir_lock(workdir):
+        try:
             # Another run may have finished steps while this one waited to start: plan again under the lock.
             steps = plan(recipe, until=until, force=force, dry_run=dry_run, fingerprints=fingerprints)
             write_json_atomic(workdir / RUN_FILE, {"recipe": recipe.source, "steps": list(recipe.steps),
@@ -361,10 +481,10 @@ def run_recipe(recipe: Recipe, *, until: str | None = None, force: list[str] = (
                 why = f"; runs because: {'; '.join(step.reasons)}" if step.reasons != ["no output yet"] else ""
                 console.print(f"[green]✓ {escape(step_label)}: done in {seconds:.1f}s[/green] "
                               f"({_rows(artifact)}){escape(why)}", soft_wrap=True)
-    except UserError:
-        if created is not None and not outcomes:
-            shutil.rmtree(created, ignore_errors=True)  # a refused run leaves nothing behind
-        raise
+        except UserError:
+            if not outcomes:
+                remove_made(workdir, made)  # a refused run leaves nothing behind; the lock keeps other runs out
+            raise
     return outcomes
 
 
@@ -480,6 +600,7 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run, 
         "seconds": round(seconds, 3),
         "versions": {"distillery": __version__, **library_versions()},
         "device": device(),
+        "dtype": dtype_record(cfg),
     }
     write_json_atomic(tmp_dir / MANIFEST, manifest)
     final_dir = workdir / name
@@ -500,25 +621,71 @@ def _rows(artifact: Artifact) -> str:
 
 def status(workdir: Path) -> list[dict]:
     """One row per step of the last run in `workdir`: type, round (None outside a rounds block), state, rows,
-    seconds, key."""
+    seconds, key, and `why`: what keeps an output that is there from being complete, in `plan`'s words (its
+    `output_state`: output missing, manifest unreadable, not this step's), else None; `refused`: whether that makes
+    `distill status WORKDIR` exit 2 (a manifest that does not read, a path that is not the step's output).
+    Reads only (besides removing what killed runs left, `_clean_leftovers_if_idle`), so a read-only workdir works.
+    A recipe.json that is not one `distill run` wrote is refused (UserError naming it)."""
     run_file = workdir / RUN_FILE
     if not run_file.exists():
         raise UserError(f"{workdir}: not a Distillery workdir (no {RUN_FILE}); run a recipe first")
-    last_run = json.loads(run_file.read_text())
-    steps, document_steps = last_run["steps"], last_run["document"].get("steps", {})
+    steps, document_steps = _last_run(run_file)
+    _clean_leftovers_if_idle(workdir, steps)
     rows = []
     for name in steps:
-        step_dir = workdir / name
-        row = {"step": name, "uses": document_steps.get(name, {}).get("uses", "?"), "round": split_round(name)[1],
-               "state": "pending", "rows": None, "seconds": None, "key": None}
-        # A started-but-unfinished run outranks an older complete output of the same step.
-        if (workdir / f".{name}.tmp" / "error.json").exists():
+        step_dir, tmp_dir, scratch = workdir / name, workdir / f".{name}.tmp", workdir / f".{name}.scratch"
+        spec = document_steps.get(name)
+        uses = spec.get("uses") if isinstance(spec, dict) else None
+        row = {"step": name, "uses": uses if isinstance(uses, str) else "?", "round": split_round(name)[1],
+               "state": "pending", "rows": None, "seconds": None, "key": None, "why": None, "refused": False}
+        key, why_not = output_state(step_dir, name)  # what `plan` (`distill run`) decides by
+        if why_not and why_not != NO_OUTPUT:
+            row.update(why=why_not, refused=why_not.startswith(UNREADABLE) or why_not.endswith(FOREIGN))
+        # A started-but-unfinished run outranks an older complete output of the same step; a scratch dir that holds
+        # the complete output's key is what a kill just after publishing left, not a run of its own.
+        if (tmp_dir / "error.json").exists():
             row["state"] = "failed"
-        elif (workdir / f".{name}.tmp").exists() or (workdir / f".{name}.scratch").exists():
+        elif tmp_dir.exists() or (scratch.exists() and (key is None or _scratch_key(scratch) != key)):
             row["state"] = "incomplete"
-        elif complete_key(step_dir):
-            manifest = read_manifest(step_dir)
-            row.update(state="complete", rows=manifest["stats"].get("rows"), seconds=manifest["seconds"],
-                       key=manifest["key"])
+        elif key is not None:
+            stats, seconds = _complete_record(step_dir)
+            row.update(state="complete", rows=stats.get("rows"), seconds=seconds, key=key)
+        elif row["why"]:
+            row["state"] = "incomplete"
         rows.append(row)
     return rows
+
+
+def _last_run(run_file: Path) -> tuple[list[str], dict]:
+    """The step names and the recipe document's steps from a workdir's recipe.json, or a UserError naming it."""
+    todo = ("it is not a record `distill run` wrote: run the recipe into this workdir again (`distill run RECIPE`) to "
+            "rewrite it, or give `distill status` a recipe file or another workdir")
+    try:
+        last_run = json.loads(run_file.read_text())
+    except OSError as error:
+        raise UserError(f"{run_file}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{run_file}: not UTF-8 text; {todo}") from None
+    except ValueError as error:
+        raise UserError(f"{run_file}: not valid JSON ({error}); {todo}") from None
+    if not isinstance(last_run, dict) or not isinstance(last_run.get("document"), dict):
+        raise UserError(f"{run_file}: not a Distillery run record (a JSON object with `recipe`, `steps` and "
+                        f"`document`); {todo}")
+    steps = last_run.get("steps")
+    if not isinstance(steps, list) or not all(
+            isinstance(name, str) and (STEP_NAME.fullmatch(name) or ROUND_STEP_NAME.fullmatch(name)) for name in steps):
+        raise UserError(f"{run_file}: `steps` is not a list of step names; {todo}")
+    if len(set(steps)) != len(steps):
+        raise UserError(f"{run_file}: `steps` names a step twice; {todo}")
+    document_steps = last_run["document"].get("steps")
+    return steps, document_steps if isinstance(document_steps, dict) else {}
+
+
+def _complete_record(step_dir: Path) -> tuple[dict, float | None]:
+    """A complete manifest's stats and seconds (empty where it records none)."""
+    try:
+        manifest = read_manifest(step_dir)
+    except (OSError, ValueError):
+        return {}, None
+    seconds = manifest.get("seconds")
+    return _mapping(manifest.get("stats")), seconds if isinstance(seconds, (int, float)) else None

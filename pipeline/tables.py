@@ -11,24 +11,34 @@ message that names the file and, where there is one, the line and row id — nev
   line that reader refuses (and any line whose type changes) sends it down a slow path that reads it line by line
   with `json.loads`, so a broken line, a line that is not an object or bytes that are not UTF-8 are reported with
   their line number. Blank lines are skipped; columns are the union of every row's keys; strings stay strings
-  (pyarrow would turn ISO dates into timestamps). The Arrow file is in datasets' temporary dir, removed when the
-  process exits, not in the datasets cache.
+  (pyarrow would turn ISO dates into timestamps). The Arrow file is in this process's temporary dir
+  (`pipeline.artifacts.temp_dir`, `$TMPDIR/distill-tmp-*`), removed when the process exits, or by the next
+  `distill run` or `distill status` when a kill left it; not in the datasets cache.
 - A top-level column of plain values that arrow cannot store as one type (strings mixed with numbers, an integer
   beyond 64 bits) becomes a column of strings, losslessly (`2` -> `"2"`; ids and answers are strings in every
-  contract anyway). Other mixes (an object in one row, a string in another) get datasets' `Json` feature, as
-  `datasets.Dataset.from_json` gives them; a value that even that cannot store is reported with its line.
+  contract anyway). Other mixes (an object in one row, a string in another; a boolean among strings, which must
+  not become the string "true") get datasets' `Json` feature, as `datasets.Dataset.from_json` gives them; a value
+  that even that cannot store, and NaN or an infinity in such a mixed column (it would become the string "NaN" or a
+  null), is reported with its line.
 - .json holding one array of objects: each item must be an object (reported by item index).
 - parquet is read by pyarrow, row group by row group into a memory-mapped Arrow file as above; .arrow files and
   dataset dirs by `datasets` (memory-mapped); a file or dir that cannot be read is reported with the reason.
 - `check_problems` tests the columns as Arrow arrays, in batches; Python sees a value only in columns of lists,
-  objects or mixed JSON values, and on the path that reports a duplicate id.
+  objects or mixed JSON values, and on the path that reports a duplicate id. `problem` and `answer` must be strings
+  or finite numbers: an object, a list, a boolean, NaN or an infinity is refused with its row (a float column is
+  tested with `is_finite`; in a column of booleans, lists or objects the first non-null value is the one reported).
+- A path that is empty, or names a FIFO, a socket or a device, is refused before anything opens it (a FIFO would
+  block the reader forever).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
+import stat
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -39,11 +49,20 @@ _SUFFIX_HELP = "use .jsonl, .json, .parquet, .arrow or a dir written by datasets
 
 def read_table(path: str | os.PathLike):
     """A datasets.Dataset from a file or a saved dataset dir, chosen by what is on disk."""
-    p = Path(path)
     name = str(path)
-    if not p.exists():
-        raise UserError(f"{name}: file not found (relative paths are read from {Path.cwd()})")
-    if p.is_dir():
+    if not name.strip():  # Path("") is the working directory
+        raise UserError("empty path: name a data file or a dir written by datasets.save_to_disk")
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode  # follows links: what is read is what it points at
+    except FileNotFoundError:
+        raise UserError(f"{name}: file not found (relative paths are read from {Path.cwd()})") from None
+    except OSError as e:
+        raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
+    # Before anything opens it: reading a FIFO blocks until a writer comes, a device may never end.
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError(f"{name}: is a {special_file_kind(mode)}, not a regular file or directory")
+    if stat.S_ISDIR(mode):
         return _read_dataset_dir(p, name)
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
@@ -60,8 +79,22 @@ def read_table(path: str | os.PathLike):
         raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
 
 
+def special_file_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a directory is, in words, from its `st_mode`."""
+    for test, kind in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+# Contract columns whose values must be strings or numbers, wherever they are present (required or not).
+PLAIN_COLUMNS = ("problem", "answer")
+
+
 def check_problems(ds, source: str, require: list[str], unique_ids: bool = True):
-    """Refuse missing columns, empty values and duplicate ids, naming the file, line, row and id."""
+    """Refuse missing columns, empty values, a problem or answer that is not a string or a number, and duplicate
+    ids, naming the file, line, row and id."""
     missing = [c for c in require if c not in ds.column_names]
     if missing:
         raise UserError(f"{source}: missing column(s) {missing}; columns are {ds.column_names} "
@@ -74,6 +107,21 @@ def check_problems(ds, source: str, require: list[str], unique_ids: bool = True)
         index, column = min(empties, key=lambda empty: (empty[0], require.index(empty[1])))
         row_id = ids[index]["id"] if ids is not None else index
         raise UserError(f"{source}: {_where(source, index)} (id {row_id!r}): empty {column!r}")
+    # Not plain: the model would be sent an object's or a list's Python repr as its problem, and an answer would be
+    # graded against "{'value': 5}" or "nan". The first such value in row order is reported.
+    wrong = [(found, column) for column in PLAIN_COLUMNS
+             if column in ds.column_names and (found := _first_not_plain(ds, column)) is not None]
+    if wrong:
+        (index, kind, value), column = min(wrong, key=lambda bad: (bad[0][0], PLAIN_COLUMNS.index(bad[1])))
+        row_id = f" (id {ds[index]['id']!r})" if "id" in ds.column_names else ""
+        raise UserError(f"{source}: {_where(source, index)}{row_id}: {column!r} is {kind}"
+                        + (f" ({value})" if value else "")
+                        + f"; {'an' if column[0] in 'aeiou' else 'a'} {column} must be a string or a number"
+                        + _NOT_PLAIN_HINTS.get(kind, ""))
+    if ids is not None and (bad_id := _first_bad_id(ds)) is not None:  # ids are checked only when required
+        index, value = bad_id
+        raise UserError(f"{source}: {_where(source, index)}: id {_shown(value) or repr(value)} is not a string or an "
+                        "integer (an id must be a string or an integer, e.g. \"a1\" or 7)")
     if unique_ids and ids is not None and _has_duplicates(ids):
         seen: set = set()  # found again, in row order, only on this error path
         for start, batch in _batches(ids):
@@ -123,6 +171,103 @@ def _first_empty(ds, column: str) -> int | None:
     return None
 
 
+_NOT_PLAIN_HINTS = {
+    # JSON's true/false is no maths answer, and written out it is neither what the file says nor what a model
+    # writes (str() gives "True"); a boolean answer is most often a flag column (is_correct) renamed onto `answer`.
+    "a boolean": " (true/false is no problem or answer to grade; if the word is meant, write it as a string, "
+                 "\"true\")",
+    "NaN": " (NaN is no value: give the row its value, or drop the row)",
+    "Infinity": r" (write it as a string, e.g. \infty)",
+    "-Infinity": r" (write it as a string, e.g. -\infty)",
+    "an object": " (flatten the file so that the text is a column of its own; `columns:` renames it)",
+    "a list": " (keep one value per row, or join the values into one string)",
+}
+
+
+def _not_plain(value) -> str | None:
+    """What `value` is, in words, when it is not a string, a finite number or null; None when it is one."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, bool):  # before int: True is an int to Python
+        return "a boolean"
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "NaN" if math.isnan(value) else "Infinity" if value > 0 \
+            else "-Infinity"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__} value"
+
+
+def _shown(value) -> str:
+    """An object or list as a short JSON text, for a message; empty for anything else."""
+    if not isinstance(value, (dict, list, tuple)):
+        return ""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_not_plain(ds, column: str) -> tuple[int, str, str] | None:
+    """(index, what it is, the value shown) of the first row whose `column` is not a string, a finite number or null.
+    In Arrow, batch by batch: a float column is tested with is_finite; in a column of booleans, lists, objects,
+    dates or bytes every value is one, so the first non-null is found. Python decodes the values only of a column
+    of mixed JSON values (a string in one row, an object in another) or of other features (class labels, images)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    feature = ds.features[column]
+    dtype = _plain_dtype(feature)
+    if dtype is not None and (dtype in ("string", "large_string", "null")
+                              or dtype.startswith(("int", "uint", "decimal"))):
+        return None
+    values = ds.select_columns([column])
+    if dtype is None and not isinstance(feature, (dict, datasets.List, datasets.LargeList)):
+        for start, batch in _batches(values):
+            for index, value in enumerate(batch[column], start):
+                if (kind := _not_plain(value)) is not None:
+                    return index, kind, _shown(value)
+        return None
+    for start, batch in _batches(values, arrow=True):
+        array = batch.column(0)
+        bad = pc.invert(pc.is_finite(array)) if dtype is not None and dtype.startswith("float") else array.is_valid()
+        position = pc.index(bad, True).as_py()  # nulls are skipped: an empty value is reported as empty
+        if position >= 0:
+            value = array[position].as_py()
+            kind = _not_plain(value) or ("an object" if isinstance(feature, dict) else "a list" if dtype is None
+                                         else f"a {dtype} value")
+            return start + position, kind, _shown(value)
+    return None
+
+
+def _first_bad_id(ds) -> tuple[int, object] | None:
+    """(index, value) of the first id that is neither a string nor an integer (a float must be finite and whole:
+    Infinity would load as the id "inf", 1.5 as "1.5"; a list or an object cannot be compared as an id); None when
+    every id is one. In Arrow for string, integer and float columns; decoded only for other columns."""
+    import pyarrow.compute as pc
+
+    dtype = _plain_dtype(ds.features["id"])
+    if dtype is not None and (dtype in ("string", "large_string", "null") or dtype.startswith(("int", "uint"))):
+        return None
+    values = ds.select_columns(["id"])
+    if dtype is not None and dtype.startswith("float"):
+        for start, batch in _batches(values, arrow=True):
+            array = batch.column(0)
+            whole = pc.and_(pc.is_finite(array), pc.equal(pc.floor(array), array))
+            position = pc.index(pc.invert(whole), True).as_py()  # nulls are skipped: reported as empty
+            if position >= 0:
+                return start + position, array[position].as_py()
+        return None
+    for start, batch in _batches(values):
+        for index, value in enumerate(batch["id"], start):
+            if value is not None and not (isinstance(value, str) or (isinstance(value, int)
+                                                                    and not isinstance(value, bool))):
+                return index, value
+    return None
+
+
 def _has_duplicates(ids) -> bool:
     """Whether the one-column dataset `ids` repeats a value (null counts as a value, as in a Python set)."""
     import pyarrow.compute as pc
@@ -162,12 +307,17 @@ def _read_json(p: Path, name: str):
                 schema = _strings_for_timestamps(table.schema)
                 table = paj.read_json(str(p), read_options=options,
                                       parse_options=paj.ParseOptions(explicit_schema=schema))
+            if table is not None:
+                table.validate(full=True)  # a corrupt list array (see _validated) raises: the slow path reads it
         except Exception:  # noqa: BLE001 - the slow path below reports what is wrong, with its line
             table = None
         ds = None if table is None else _dataset_from_table(table)
     if ds is None or _rounds_integers(ds):
         rows, lines = _read_json_lines(p, name)
         ds = _dataset_from_rows(rows, lines, name)
+    if not ds.column_names:  # every row is {}: Arrow keeps no rows without columns; refused, not lost
+        raise UserError(f"{name}: {_where(name, 0)}: row has no columns (an empty object {{}}); "
+                        "each row needs at least one key")
     if p.suffix.lower() == ".json" and len(ds) == 1:  # {"data": [{...}, ...]}: one row holding the real rows
         nested = [c for c, f in ds.features.items() if _is_list_of_objects(f)]
         if nested:
@@ -177,17 +327,27 @@ def _read_json(p: Path, name: str):
 
 
 def _rounds_integers(ds) -> bool:
-    """Whether a top-level float column holds a value of 2**53 or more: pyarrow reads a column of integers with one
-    beyond 64 bits as floats, which cannot hold such integers exactly (1180591620717411303424 would load as
-    1.1805916207174113e+21). The slow path reads the numbers as Python does, and such a column becomes strings."""
+    """Whether a float column, or a float inside a column of lists or objects, holds a value of 2**53 or more:
+    pyarrow reads integers with one beyond 64 bits (or integers among floats) as floats, which cannot hold such
+    integers exactly (1180591620717411303424 would load as 1.1805916207174113e+21, 9007199254740993 in a list of
+    floats as 9007199254740992.0). The slow path reads the numbers as Python does and keeps them exact. In Arrow:
+    list columns are flattened, struct fields taken, column by column."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    for column, feature in ds.features.items():
-        if _plain_dtype(feature) in ("float64", "float32"):
-            largest = pc.max(pc.abs(ds.with_format("arrow")[column])).as_py()
-            if largest is not None and largest >= 2 ** 53:
-                return True
-    return False
+    def large(array) -> bool:
+        t = array.type
+        if pa.types.is_floating(t):
+            largest = pc.max(pc.abs(array)).as_py()
+            return largest is not None and largest >= 2 ** 53
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return large(pc.list_flatten(array))
+        if pa.types.is_struct(t):
+            return any(large(pc.struct_field(array, [i])) for i in range(t.num_fields))
+        return False
+
+    table = ds.with_format("arrow")[:]
+    return any(large(table.column(i)) for i in range(table.num_columns))
 
 
 def _stream_json(p: Path, options, count: int):
@@ -201,21 +361,32 @@ def _stream_json(p: Path, options, count: int):
         if _has_timestamps(reader.schema):  # JSON has no timestamps: keep ISO-date strings as written
             schema = _strings_for_timestamps(reader.schema)
             reader = paj.open_json(str(p), read_options=options, parse_options=paj.ParseOptions(explicit_schema=schema))
-        return _memory_mapped(reader.schema, reader, count)
+        return _memory_mapped(reader.schema, _validated(reader), count)
     except Exception:  # noqa: BLE001 - the whole-file reader or the slow path reports what is wrong
         return None
 
 
+def _validated(batches):
+    """`batches`, each checked in full: pyarrow's JSON reader can build a corrupt list array (`{"b": [null, ""]}`:
+    list offsets beyond the values), which reads as wrong values or crashes; such a batch raises, and the file takes
+    the slow path."""
+    for batch in batches:
+        batch.validate(full=True)
+        yield batch
+
+
 def _memory_mapped(schema, batches, count: int | None = None):
-    """A Dataset memory-mapped from `batches` written to an Arrow file in datasets' temporary dir (removed when the
-    process exits): the rows are never all in memory. None where `count` is given and the rows are not that many."""
+    """A Dataset memory-mapped from `batches` written to an Arrow file in this process's temporary dir (removed when
+    the process exits, or after a kill by the next run: `pipeline.artifacts.temp_dir`): the rows are never all in
+    memory. None where `count` is given and the rows are not that many."""
     import tempfile
 
     import datasets
     import pyarrow as pa
-    from datasets.fingerprint import get_temporary_cache_files_directory
 
-    handle, path = tempfile.mkstemp(suffix=".arrow", dir=get_temporary_cache_files_directory())
+    from pipeline.artifacts import temp_dir
+
+    handle, path = tempfile.mkstemp(suffix=".arrow", dir=temp_dir())
     os.close(handle)
     try:
         rows = 0
@@ -242,6 +413,7 @@ def _is_list_of_objects(feature) -> bool:
 def _prescan(p: Path, name: str) -> tuple[int, int]:
     """(non-blank lines, longest line); UserError at the first line that is not UTF-8 or not a JSON object."""
     count = longest = lines_before = 0
+    bad_key = None  # the first line with an empty or NUL key: reported once no line is broken (the slow reader)
     for chunk in _chunks_of_lines(p):
         summary = _summary_if_plain(chunk)
         if summary is not None:
@@ -261,13 +433,79 @@ def _prescan(p: Path, name: str) -> tuple[int, int]:
                     _parse_line(p, name, number, raw)  # raises: not JSON or not an object (else it is one; go on)
                 count += 1
                 longest = max(longest, len(raw))
+        if bad_key is None and _may_have_bad_key(chunk):
+            for number, raw in enumerate(io.BytesIO(chunk), lines_before + 1):
+                try:
+                    row = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+                except ValueError:
+                    continue  # reported by the readers below, with its line
+                if (bad := _bad_key(row)) is not None:
+                    bad_key = f"{name}: line {number}: {_bad_key_message(bad)}"
+                    break
         lines_before += chunk.count(b"\n") + (not chunk.endswith(b"\n"))
     if not count:
         raise UserError(f"{name}: empty file (no rows)")
+    if bad_key is not None:
+        _read_json_lines(p, name)  # a line that is not JSON is reported first, wherever it is
+        raise UserError(bad_key)
     return count, longest
 
 
 PRESCAN_BYTES = 8 << 20
+
+_BAD_KEY_BYTES = re.compile(rb'""\s*:|\\u0000|\x00')
+
+
+def _may_have_bad_key(chunk: bytes) -> bool:
+    """Whether `chunk` may hold an object key that is empty or holds a NUL (`"":`, `\\u0000`, a raw NUL): one regex
+    search in C; only then are its lines parsed in Python."""
+    return _BAD_KEY_BYTES.search(chunk) is not None
+
+
+def _bad_key(value, path: tuple = ()) -> tuple | None:
+    """The key path of the first object key, at any depth, that is empty or holds a NUL; None when there is none.
+    Arrow and datasets cannot hold such a column name (they crash or mangle it)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "" or "\x00" in key:
+                return path + (key,)
+            if (found := _bad_key(inner, path + (key,))) is not None:
+                return found
+    elif isinstance(value, list):
+        for inner in value:
+            if (found := _bad_key(inner, path)) is not None:
+                return found
+    return None
+
+
+def _bad_key_message(key_path: tuple) -> str:
+    where = "" if len(key_path) == 1 else f" (in {'.'.join(map(repr, key_path[:-1]))})"
+    return (f"column name {key_path[-1]!r}{where} is empty or holds a NUL character, which a table cannot hold; "
+            "rename the key")
+
+
+def _bad_field_name(schema) -> tuple | None:
+    """`_bad_key` for an Arrow schema (parquet): the first field name, at any depth, that is empty or holds a NUL."""
+    import pyarrow as pa
+
+    def walk(t, path):
+        if pa.types.is_struct(t):
+            for i in range(t.num_fields):
+                f = t.field(i)
+                if f.name == "" or "\x00" in f.name:
+                    return path + (f.name,)
+                if (found := walk(f.type, path + (f.name,))) is not None:
+                    return found
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return walk(t.value_type, path)
+        return None
+
+    for f in schema:
+        if f.name == "" or "\x00" in f.name:
+            return (f.name,)
+        if (found := walk(f.type, (f.name,))) is not None:
+            return found
+    return None
 
 
 def _chunks_of_lines(p: Path):
@@ -373,6 +611,11 @@ def _read_json_array(p: Path, name: str) -> list[dict]:
         if not isinstance(row, dict):
             raise UserError(f"{name}: item {index} of the list is a JSON {_kind(row)}, not an object "
                             "(a JSON file must hold a list of objects)")
+    for index, row in enumerate(rows):
+        if (bad := _bad_key(row)) is not None:
+            raise UserError(f"{name}: item {index}: {_bad_key_message(bad)}")
+    if rows and not any(rows):
+        raise UserError(f"{name}: item 0: row has no columns (an empty object {{}}); each row needs at least one key")
     if not rows:
         raise UserError(f"{name}: empty list (no rows)")
     return rows
@@ -468,21 +711,30 @@ def _dataset_from_rows(rows: list[dict], lines: list[int] | None, name: str):
         if len(row) != len(columns) or any(key not in columns for key in row):
             columns.update(dict.fromkeys(row))
     mapping = {column: [row.get(column) for row in rows] for column in columns}
-    try:
-        return _dataset_from_table(pa.Table.from_pydict(mapping))
-    except errors:
-        pass
-    # Some column arrow cannot store as one type. Plain values (strings mixed with numbers, ints beyond int64)
-    # become strings, losslessly; other mixes (an object here, a string there) get datasets' Json feature, as
-    # datasets.Dataset.from_json gives them; a value that even that refuses is reported with its line.
-    needs_json = False
-    for column, values in mapping.items():
+    # A column arrow cannot store as one type, or only by changing values (pa.array makes true 1.0 among floats, and
+    # an integer beyond 2**53 in a list of floats a float): plain values (strings mixed with numbers, ints beyond
+    # int64) become strings, losslessly; other mixes (an object here, a string there, a boolean among numbers) get
+    # datasets' Json feature; a value that even that refuses is reported with its line.
+    for column, values in list(mapping.items()):
         try:
-            pa.array(values)
-            continue
+            array = pa.array(values)
+            if _faithful(values, array.to_pylist()):
+                mapping[column] = array
+                continue
         except errors:
             pass
-        if all(v is None or isinstance(v, (str, int, float)) for v in values):
+        # NaN and infinities among other types: json.dumps would write them as the strings "NaN" and "Infinity", and
+        # datasets' Json feature as null, both silently; refused, with the line.
+        odd = next((i for i, v in enumerate(values) if isinstance(v, float) and not math.isfinite(v)), None)
+        if odd is not None:
+            where = f"line {lines[odd]}" if lines is not None else f"item {odd}"
+            row_id = rows[odd].get("id")
+            id_part = f" (id {row_id!r})" if row_id is not None else ""
+            raise UserError(f"{name}: {where}{id_part}: column {column!r}: {json.dumps(values[odd])} in a column of "
+                            "other types cannot be stored as it is; write null, or the value as a string")
+        # Booleans take the Json feature below, not strings: JSON's true would become the string "true" (and an
+        # answer of true must be refused as such by check_problems, not graded as the text "true").
+        if all(v is None or (isinstance(v, (str, int, float)) and not isinstance(v, bool)) for v in values):
             strings = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
             try:
                 pa.array(strings, type=pa.string())
@@ -491,19 +743,99 @@ def _dataset_from_rows(rows: list[dict], lines: list[int] | None, name: str):
             except errors:
                 pass
         else:
+            # Encoded here, as JSON text, not by datasets' Json feature: it keeps a string that parses as JSON as
+            # that JSON (the string "null" would load as null, "1" as 1) and writes floats in 15 digits.
             try:
-                datasets.Dataset.from_dict({column: values}, on_mixed_types="use_json")
-                needs_json = True
+                texts = [None if v is None else json.dumps(v, ensure_ascii=False, allow_nan=False) for v in values]
+                _check_json_decodes(texts, column, rows, lines, name)
+                mapping[column] = pa.array(texts, type=pa.string()).cast(pa.json_())
                 continue
             except errors:
                 pass
         raise UserError(_first_bad_value(name, column, values, rows, lines))
     try:
-        if needs_json:
-            return datasets.Dataset.from_dict(mapping, on_mixed_types="use_json")
         return _dataset_from_table(pa.Table.from_pydict(mapping))
     except Exception as e:  # noqa: BLE001 - reported, not a traceback
         raise UserError(f"{name}: cannot build a table from its rows: {_reason(e)}") from None
+
+
+def _check_json_decodes(texts, column, rows, lines, name) -> None:
+    """Refuse, with its line, a value datasets' Json feature could store but not read back (its decoder, pandas'
+    ujson_loads, refuses an integer beyond 64 bits: every later read of the dataset would fail)."""
+    from datasets.utils.json import ujson_loads
+
+    for index, text in enumerate(texts):
+        if text is None:
+            continue
+        try:
+            ujson_loads(text)
+        except ValueError as e:
+            where = f"line {lines[index]}" if lines is not None else f"item {index}"
+            row_id = rows[index].get("id")
+            id_part = f" (id {row_id!r})" if row_id is not None else ""
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise UserError(f"{name}: {where}{id_part}: column {column!r}: cannot store {shown} in a column of mixed "
+                            f"types ({e}); write the number as a string") from None
+
+
+def _faithful(written: list, loaded: list) -> bool:
+    """Whether arrow's values `loaded` are the Python values `written`: a boolean stays a boolean, an integer may
+    become a float only of exactly its value, an object may gain keys holding null; NaN stays NaN."""
+    def same(w, v) -> bool:
+        if w is None:
+            return v is None
+        if isinstance(w, bool) or isinstance(v, bool):
+            return isinstance(w, bool) and isinstance(v, bool) and w == v
+        if isinstance(w, (int, float)):
+            if isinstance(w, float) and math.isnan(w):
+                return isinstance(v, float) and math.isnan(v)
+            return isinstance(v, (int, float)) and v == w
+        if isinstance(w, str):
+            return isinstance(v, str) and v == w
+        if isinstance(w, list):
+            return isinstance(v, list) and len(v) == len(w) and all(map(same, w, v))
+        if isinstance(w, dict):
+            return (isinstance(v, dict) and all(same(x, v.get(k)) for k, x in w.items())
+                    and all(x is None for k, x in v.items() if k not in w))
+        return w == v
+
+    return len(written) == len(loaded) and all(map(same, written, loaded))
+
+
+def number_texts(path: str | os.PathLike, column: str) -> list[str | None] | None:
+    """Each row's top-level `column` number as the JSON (or JSONL) file writes it, for a column arrow read as floats
+    (an integer among floats, `1` beside `2.5`, would otherwise be written as "1.0"): an integer as str(int), a
+    float as str(float); None for a value that is not a number. None for a file that is not JSON. Python reads
+    every row (json.loads), so this is for the `id` and `answer` columns only, and only when they are floats."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        return None
+
+    def as_int(text: str):
+        return _IntText(text)
+
+    def text_of(value):
+        if isinstance(value, _IntText):
+            return str(int(value))
+        if isinstance(value, float):
+            return str(value)
+        return None
+
+    if p.suffix.lower() == ".json" and _first_char(p) == "[":
+        rows = json.loads(p.read_bytes().decode("utf-8").removeprefix("\ufeff"), parse_int=as_int)
+        return [text_of(row.get(column)) for row in rows]
+    texts = []
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            text = raw.decode("utf-8")
+            text = text.removeprefix("\ufeff") if number == 1 else text
+            if text.strip():
+                texts.append(text_of(json.loads(text, parse_int=as_int).get(column)))
+    return texts
+
+
+class _IntText(str):
+    """An integer's JSON text (number_texts)."""
 
 
 def _first_bad_value(name, column, values, rows, lines) -> str:
@@ -562,6 +894,12 @@ def _read_arrow_file(p: Path, name: str, suffix: str):
             # pyarrow directly: datasets' parquet builder logs its own traceback before raising.
             import pyarrow.parquet as pq
 
+            try:
+                schema = pq.read_schema(str(p))
+            except Exception:  # noqa: BLE001 - the readers below report it
+                schema = None
+            if schema is not None and (bad := _bad_field_name(schema)) is not None:
+                raise UserError(f"{name}: {_bad_key_message(bad)}")
             try:  # row group by row group into a memory-mapped file
                 parquet = pq.ParquetFile(str(p))
                 ds = _memory_mapped(parquet.schema_arrow, parquet.iter_batches())
@@ -571,6 +909,8 @@ def _read_arrow_file(p: Path, name: str, suffix: str):
                 ds = _dataset_from_table(pq.read_table(str(p)))
         else:
             ds = datasets.Dataset.from_file(str(p))  # memory-mapped
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many kinds; reported, not a traceback
         kind = "parquet" if suffix == ".parquet" else "Arrow (datasets cache / IPC stream)"
         raise UserError(f"{name}: not a readable {kind} file: {_reason(e)}") from None

@@ -317,15 +317,15 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
 # ---- scoring given sequences with a model -------------------------------------------------------------------------
 
 
-def load_scoring_model(model_path: str, who: str):
-    """A model for scoring: float32 on a CPU, bf16 on a GPU, eval mode, with the chunked log-prob forward. `who`
-    starts the error message (the step and the role of the model)."""
+def load_scoring_model(model_path: str, who: str, dtype: str):
+    """A model for scoring in `dtype` (a `pipeline.compute_dtype` choice), eval mode, on the GPU where there is one,
+    with the chunked log-prob forward. `who` starts the error message (the step and the role of the model)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.errors import UserError
 
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     model = model.to("cuda" if cuda else "cpu").eval()
     try:
         add_token_logprob_forward(model)

@@ -7,8 +7,8 @@ Read top to bottom:
 - `train_here_or_launch`, every training step's `run`: the step's own `train(cfg, inputs, out)` in this process, or in
   `accelerate launch` processes (below) when the step asks for several;
 - the pieces a step's `build_trainer` assembles its trainer from: `training_arguments` (the transformers
-  TrainingArguments, with `bf16_supported`), `load_tokenizer` (chat template, eos, and a pad token that is not eos:
-  `use_distinct_pad_token`), `drop_overlong` (rows over max_length are dropped and counted, never cut) and
+  TrainingArguments, autocast in the dtype `pipeline.compute_dtype` chooses), `load_tokenizer` (chat template, eos,
+  and a pad token that is not eos: `use_distinct_pad_token`), `drop_overlong` (rows over max_length are dropped and counted, never cut) and
   `peft_config`;
 - `train_and_save`: train, resuming from the last checkpoint in the step's scratch dir, then save the model, the
   tokenizer and the model card, and return the manifest stats;
@@ -38,8 +38,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.compute_dtype import DtypeSetting
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig
 
@@ -88,7 +89,7 @@ class TrackedConfig(StepConfig):
         check_trackers_installed(self.report_to, self.uses)
 
 
-class TrainingConfig(TrackedConfig):
+class TrainingConfig(DtypeSetting, TrackedConfig):
     """Settings every training step (sft, redi, opsd, onpolicy) has: the model, LoRA, the schedule, checkpoints,
     precision, launch."""
 
@@ -126,11 +127,6 @@ class TrainingConfig(TrackedConfig):
         default=False,
         description="Recompute activations in the backward pass: far less memory on long sequences, about a third slower.",
     )
-    bf16: bool | None = Field(
-        default=None,
-        description="bfloat16 mixed precision (weights stay float32). null: on where the hardware has it (a CUDA GPU with "
-        "bf16, a CPU with AVX-512 BF16 or AMX), else float32.",
-    )
     use_liger_kernel: bool = Field(
         default=False,
         description="Liger's Triton kernels in the model's layers (RMSNorm, RoPE, SwiGLU, ...): less activation memory "
@@ -151,6 +147,14 @@ class TrainingConfig(TrackedConfig):
         "recipes/accelerate/zero3_multinode.yaml (several machines: each machine's rank and machine 0's address come "
         "from NODE_RANK and MASTER_ADDR); when set, the step runs under `accelerate launch --config_file` it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_is_now_dtype(cls, data):
+        if isinstance(data, dict) and "bf16" in data:  # recipes written before `dtype` was every step's setting
+            raise ValueError("bf16: replaced by `dtype: auto | bfloat16 | float16 | float32` (the autocast dtype; "
+                             "auto picks bfloat16 where the hardware has it)")
+        return data
 
     @field_validator("chat_template", "accelerate_config")
     @classmethod
@@ -196,20 +200,11 @@ def train_here_or_launch(cfg: TrainingConfig, inputs, out):
 # ---- building a trainer -----------------------------------------------------------------------------------------
 
 
-def bf16_supported() -> bool:
-    """bfloat16 compute in hardware: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX (about 2x fp32 here)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def training_arguments(cfg: TrainingConfig, out) -> dict:
     """transformers TrainingArguments every training step passes to its TRL config."""
     import torch
 
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_supported()
+    autocast = cfg.dtype_choice().dtype  # over float32 weights: bf16, fp16 (CUDA only) or none
     project, run_name = tracking_run(out)
     if cfg.use_liger_kernel:
         from transformers.utils import is_liger_kernel_available
@@ -236,7 +231,8 @@ def training_arguments(cfg: TrainingConfig, out) -> dict:
         project=project,  # Trackio's
         run_name=run_name,
         disable_tqdm=True,  # the step's progress row shows training (`progress_callback`); the logs go to its log file
-        bf16=bf16,
+        bf16=autocast == "bfloat16",
+        fp16=autocast == "float16",
         gradient_checkpointing=cfg.gradient_checkpointing,
         use_liger_kernel=cfg.use_liger_kernel,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -351,7 +347,7 @@ def train_and_save(trainer, cfg: TrainingConfig, out, card: str, *, chat_templat
         tokens_seen=trainer.state.num_input_tokens_seen,
         train_seconds=round(seconds, 2),
         tokens_per_second=round(tokens_this_run / seconds, 1) if seconds else None,
-        bf16=trainer.args.bf16,
+        autocast="bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else None,
         processes=trainer.args.world_size,
     )
 
@@ -472,12 +468,9 @@ def accelerate_settings(cfg: TrainingConfig) -> dict:
     """The step's accelerate config file, read as `accelerate launch` reads it (YAML or JSON); {} without one."""
     if not cfg.accelerate_config:
         return {}
-    import yaml
+    from pipeline import strict_yaml
 
-    try:
-        settings = yaml.safe_load(Path(cfg.accelerate_config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"accelerate_config {cfg.accelerate_config}: cannot read it ({error})") from None
+    settings = strict_yaml.load_file(cfg.accelerate_config, "accelerate_config") or {}
     if not isinstance(settings, dict):
         raise UserError(f"accelerate_config {cfg.accelerate_config}: not a mapping of accelerate settings")
     return settings
@@ -485,7 +478,11 @@ def accelerate_settings(cfg: TrainingConfig) -> dict:
 
 def trains_across_machines(cfg: TrainingConfig) -> bool:
     """Whether the step's accelerate config asks for several machines (num_machines above 1)."""
-    return int(accelerate_settings(cfg).get("num_machines") or 1) > 1
+    machines = accelerate_settings(cfg).get("num_machines") or 1
+    if isinstance(machines, bool) or not isinstance(machines, int):
+        raise UserError(f"accelerate_config {cfg.accelerate_config}: num_machines must be a whole number, got "
+                        f"{machines!r}")
+    return machines > 1
 
 
 def machine_rank_from_environment(where: str = "multi-machine training") -> int | None:

@@ -109,5 +109,6 @@ def test_eval_refuses_an_out_dir_it_did_not_write(tmp_path, capsys):
     before = snapshot(tmp_path)
     assert main(["eval", "builtin:tiny-random", "--benchmarks", "arith_test:1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "holds notes.txt, which no evaluation wrote" in err and "Traceback" not in err
+    assert f"{out} is a non-empty directory that no `distill` command made" in err and "--overwrite" in err
+    assert "Traceback" not in err
     assert snapshot(tmp_path) == before

@@ -61,6 +61,9 @@ def test_verify_cache_and_decode_benchmarks_write_their_numbers(tmp_path):
     assert 100e6 < decode["params"] < 200e6 and decode["hidden"] == 576 and decode["batch"] == 8
     assert decode["matmul_gflops_peak"] >= decode["matmul_gflops_decode_shape"] > 0 and decode["copy_gbps"] > 0
     assert abs(decode["compute_bound_tokens_per_s"] - decode["matmul_gflops_peak"] * 1e9 / (2 * decode["params"])) < 1
+    assert decode["matmul_gflops_peak"] >= decode["matmul_gflops_peak_fp32"] >= decode["matmul_gflops_decode_shape"]
+    assert abs(decode["compute_bound_tokens_per_s_fp32"]
+               - decode["matmul_gflops_peak_fp32"] * 1e9 / (2 * decode["params"])) < 1
 
 
 def test_verify_samples_are_teacher_like_and_the_pathological_set_replaces_5_percent():

@@ -209,7 +209,16 @@ def test_scratch_of_the_same_key_is_resumed_without_force(setup):
     assert run_recipe(load_recipe(recipe))["side"].artifact.stats["found_in_scratch"] == ["progress"]
 
 
-def test_pinned_hub_revision_is_in_the_key_and_unpinned_warns(tmp_path, capsys):
+def test_pinned_hub_revision_is_in_the_key_and_unpinned_warns(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    # an unpinned org/name must be in the hub cache (else it reads as a local dir written without ./ and is refused)
+    cached = tmp_path / "hub" / "models--Qwen--Qwen2.5-Math-1.5B"
+    (cached / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (cached / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     recipe = tmp_path / "hub.yaml"
     recipe.write_text(f"""\
 name: hub

@@ -20,6 +20,21 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "models"
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face hub cache holding HuggingFaceTB/SmolLM2-135M-Instruct at main (config.json only): an unpinned
+    `org/name` passes the check only when the hub cache has it (else it reads as a local dir without `./`)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
 def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -40,7 +55,7 @@ def test_malformed_refs_are_refused(ref):
 
 @pytest.mark.parametrize("ref", ["builtin:tiny-random", "builtin:smollm2-135m-instruct", "step:sft",
                                  "HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"])
-def test_valid_refs_pass(ref):
+def test_valid_refs_pass(ref, hub_cache):
     check_model_ref(ref)
 
 
@@ -60,7 +75,7 @@ def test_step_refs_resolve_to_the_step_model_dir(tmp_path):
         resolve_model("step:merged", inputs)
 
 
-def test_local_dirs_and_hub_ids(tmp_path):
+def test_local_dirs_and_hub_ids(tmp_path, hub_cache):
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -180,7 +180,7 @@ def test_gradients_reach_only_the_student(problems, tmp_path):
 def test_chunked_loss_and_gradients_equal_trls_full_logits(problems, tmp_path, monkeypatch, settings):
     """compute_loss scores 3 positions at a time from hidden states; TRL's loss from the full logits is the same."""
     monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 3)
-    trainer, _ = opsd.build_trainer(config(bf16=False, **settings), problems, output(tmp_path))
+    trainer, _ = opsd.build_trainer(config(dtype="float32", **settings), problems, output(tmp_path))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
     batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(4)])
@@ -223,7 +223,7 @@ def test_chunked_loss_never_holds_the_logits_of_every_completion_position(proble
             return result
 
     monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 4)
-    trainer, _ = opsd.build_trainer(config(bf16=False), problems, output(tmp_path))
+    trainer, _ = opsd.build_trainer(config(dtype="float32"), problems, output(tmp_path))
     vocab, hidden = trainer.model.config.vocab_size, trainer.model.config.hidden_size
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -242,7 +242,7 @@ def test_chunked_loss_never_holds_the_logits_of_every_completion_position(proble
 
 def test_training_lowers_the_divergence_and_leaves_the_frozen_teacher_unchanged(problems, tmp_path):
     # float32: bf16 autocast (on where the CPU has it) would round the two forwards differently.
-    trainer, _ = opsd.build_trainer(config(max_steps=16, divergence_cap=0.05, bf16=False), problems, output(tmp_path))
+    trainer, _ = opsd.build_trainer(config(max_steps=16, divergence_cap=0.05, dtype="float32"), problems, output(tmp_path))
     trainer.model.train()
     batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(4)])
     teacher_before, student_before = teacher_logits(trainer, batch), student_logits(trainer, batch)

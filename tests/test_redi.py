@@ -67,7 +67,7 @@ def test_gradients_reach_both_terms():
 
 def test_trainer_loss_is_the_formula_in_one_forward_without_a_reference(pairs, tmp_path):
     # fp32, so the trainer's loss can be compared with a hand computation to 1e-4
-    trainer, data_stats, _ = redi.build_trainer(config(lora=None, bf16=False), {"pairs": pairs}, output(tmp_path))
+    trainer, data_stats, _ = redi.build_trainer(config(lora=None, dtype="float32"), {"pairs": pairs}, output(tmp_path))
     assert trainer.ref_model is None and not trainer.is_peft  # full fine-tuning, and still no reference model
     assert (data_stats["rows"], data_stats["dropped_truncated"]) == (8, 0)
     model = trainer.model
@@ -303,7 +303,7 @@ def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_p
                                                                      one_sequence_at_a_time):
     # 7 positions per chunk: the completions' token counts are not multiples of it, and each spans several chunks.
     monkeypatch.setattr(redi, "LOGPROB_CHUNK_SIZE", 7)
-    cfg = config(lora=lora, bf16=False, one_sequence_at_a_time=one_sequence_at_a_time)
+    cfg = config(lora=lora, dtype="float32", one_sequence_at_a_time=one_sequence_at_a_time)
     trainer, _, _ = redi.build_trainer(cfg, {"pairs": pairs}, output(tmp_path))
     model = trainer.model
     base = model.get_base_model() if trainer.is_peft else model
@@ -353,7 +353,7 @@ def test_use_liger_kernel_trains_the_redi_loss(pairs, tmp_path, monkeypatch):
     applied = []  # liger-kernel's Triton kernels need a GPU: here the Trainer's call to apply them is recorded
     monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda *args, **kwargs: True)
     monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: applied.append(config))
-    cfg = config(lora=None, bf16=False, use_liger_kernel=True, batch_size=8, max_steps=1)
+    cfg = config(lora=None, dtype="float32", use_liger_kernel=True, batch_size=8, max_steps=1)
     trainer, _, _ = redi.build_trainer(cfg, {"pairs": pairs}, output(tmp_path))
     assert trainer.args.use_liger_kernel
 

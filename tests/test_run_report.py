@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.outputs import RUN_FILE, WORKDIR_MARK
 from pipeline.run_report import REPORT_DIR, funnel, graph_layout, logged_curves, read_steps, write_run_report
-from pipeline.runner import RUN_FILE, WORKDIR_MARK
 
 DISTILL = str(Path(sys.executable).with_name("distill"))
 
@@ -101,6 +101,8 @@ def make_workdir(workdir: Path, steps: dict[str, dict]) -> Path:
         if "stats" not in step:
             continue
         (workdir / name).mkdir()
+        if step["produces"] in ("dataset", "model"):  # a complete output has its data/ or model/ dir
+            (workdir / name / {"dataset": "data", "model": "model"}[step["produces"]]).mkdir()
         (workdir / name / "manifest.json").write_text(json.dumps({
             "step": name, "uses": step["uses"], "produces": step["produces"], "status": "complete",
             "key": f"{position:016x}", "parents": {p: "k" for p in step.get("parents", [])},

@@ -57,6 +57,7 @@ def run_benchmarks(targets: list[str], opts, console) -> dict:
 
     from pipeline.env import device
     from pipeline.generation import usable_cores
+    from pipeline.outputs import write_file
 
     chosen = [b for b in BENCHMARKS if b in targets or ("all" in targets and b not in NOT_IN_ALL)]
     if "sample" in chosen and "decode" in chosen:
@@ -84,8 +85,8 @@ def run_benchmarks(targets: list[str], opts, console) -> dict:
             table.add_row(key, "-" if target is None else f"{'≥' if higher else '≤'} {target:g}",
                           "-" if value is None else f"{value:.3g}", "-" if met is None else "yes" if met else "[red]no")
     console.print(table)
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
+    if opts.json:  # `distill bench` claimed it before the benchmarks ran (`pipeline.outputs`)
+        write_file(Path(opts.json), lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
         console.print(f"results -> {opts.json}")
     return results
 
@@ -122,6 +123,16 @@ def token_lengths(text: str) -> list[int]:
     return lengths
 
 
+def dtype_list(text: str) -> list[str]:
+    """`--dtypes bfloat16,float32`: model dtypes, each once."""
+    import argparse
+
+    dtypes = [part.strip() for part in text.split(",") if part.strip()]
+    if not dtypes or len(set(dtypes)) < len(dtypes) or not set(dtypes) <= {"bfloat16", "float16", "float32"}:
+        raise argparse.ArgumentTypeError(f"not distinct dtypes of bfloat16, float16, float32: {text!r}")
+    return dtypes
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="+", choices=[*BENCHMARKS, "all"], metavar="{sample,verify,train,cache,"
                         "decode,data,ray,all}", help="benchmarks to run (all: every one but ray)")
@@ -132,6 +143,9 @@ def add_arguments(parser) -> None:
     sample.add_argument("--n", type=int, default=4, help="completions per prompt")
     sample.add_argument("--max-tokens", type=int, default=128, help="new tokens per completion at most")
     sample.add_argument("--hf-batch-size", type=int, default=64, help="prompts per HF generate call")
+    sample.add_argument("--dtypes", type=dtype_list, default=["bfloat16", "float32"], metavar="DTYPE,...",
+                        help="dtypes to run every case in (bfloat16,float32 by default; the headlines use the one "
+                        "`dtype: auto` picks here)")
     verify = parser.add_argument_group("verify")
     verify.add_argument("--samples", type=int, default=4000, help="MATH-500/GSM8K samples to grade (4 per problem)")
     verify.add_argument("--rounds", type=int, default=7, help="1- and 2-worker runs back to back; medians reported")

@@ -3,12 +3,13 @@
 A decode step of a dense transformer does about 2 FLOP per parameter per token (one multiply-add per weight; the
 attention over a short context is left out), so at best
 
-    tokens/s <= GFLOP/s / (2 * params)                  the compute bound, used for decode_fraction_of_bound
+    tokens/s <= GFLOP/s / (2 * params)                  the compute bound (in fp32: decode_fraction_of_bound)
     tokens/s <= batch * bytes/s / (bytes of weights)    the memory-bandwidth bound: every decode step reads all
                                                         weights once for the whole batch
 
-GFLOP/s is the best torch matmul measured here, fp32 and bf16 (vLLM's dtype on this CPU), at the decode shape
-(batch x hidden @ hidden x hidden) and a large square. bytes/s is a large tensor copy (read + write). At the batches vLLM runs, the compute bound is the
+GFLOP/s is the best torch matmul measured here, in fp32 and bf16 (the two dtypes `dtype: auto` chooses between;
+a CPU without AVX-512 BF16/AMX runs bf16 ~30x slower), at the decode shape (batch x hidden @ hidden x hidden) and a
+large square. bytes/s is a large tensor copy (read + write). At the batches vLLM runs, the compute bound is the
 lower (binding) one on a CPU.
 """
 
@@ -60,7 +61,9 @@ def model_shape(model: str) -> tuple[int, int]:
 def measure(model: str, batch: int, square: int) -> dict:
     params, hidden = model_shape(model)
     decode_shape = {dtype: matmul_gflops(batch, hidden, hidden, dtype) for dtype in ("float32", "bfloat16")}
-    peak = max(*decode_shape.values(), *(matmul_gflops(square, square, square, dtype) for dtype in decode_shape))
+    square_shape = {dtype: matmul_gflops(square, square, square, dtype) for dtype in decode_shape}
+    peak = max(*decode_shape.values(), *square_shape.values())
+    peak_fp32 = max(decode_shape["float32"], square_shape["float32"])
     bandwidth = copy_gbps()
     return {
         "model": model,
@@ -71,8 +74,11 @@ def measure(model: str, batch: int, square: int) -> dict:
         "matmul_gflops_decode_shape_bf16": round(decode_shape["bfloat16"], 2),
         "matmul_gflops_peak": round(peak, 2),
         "copy_gbps": round(bandwidth, 2),
+        "matmul_gflops_peak_fp32": round(peak_fp32, 2),
         "compute_bound_tokens_per_s": round(peak * 1e9 / (2 * params), 1),
-        # bf16 weights (2 bytes each), vLLM's dtype here
+        # float32: what every CPU computes natively, the bound `dtype: auto` runs against where bf16 is emulated
+        "compute_bound_tokens_per_s_fp32": round(peak_fp32 * 1e9 / (2 * params), 1),
+        # bf16 weights (2 bytes each)
         "memory_bound_tokens_per_s": round(batch * bandwidth * 1e9 / (2 * params), 1),
     }
 
@@ -89,6 +95,8 @@ def print_table(raw: dict, console) -> None:
     table.add_row("matmul GFLOP/s, best (peak, fp32 or bf16)", f"{raw['matmul_gflops_peak']:.1f}")
     table.add_row("copy GB/s", f"{raw['copy_gbps']:.1f}")
     table.add_row("compute bound, tokens/s (peak / 2·params)", f"{raw['compute_bound_tokens_per_s']:.0f}")
+    table.add_row("compute bound in fp32, tokens/s (fp32 peak / 2·params)",
+                  f"{raw['compute_bound_tokens_per_s_fp32']:.0f}")
     table.add_row(f"memory bound, tokens/s (batch {raw['batch']}, bf16 weights)",
                   f"{raw['memory_bound_tokens_per_s']:.0f}")
     console.print(table)

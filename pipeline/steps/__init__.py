@@ -8,9 +8,11 @@ time, so validating a recipe never loads torch or vLLM; `run` imports what it ne
 from __future__ import annotations
 
 import importlib
+import types
+import typing
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -59,6 +61,16 @@ class StepConfig(BaseModel):
     # the runs of `distill run --seeds` share it whenever its inputs are the same.
     uses_seed: ClassVar[bool] = True
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info):
+        """`limit: true` is refused, not read as 1: pydantic's lax mode takes a bool for an int or float (in every
+        step's fields, nested settings such as `lora: {r: ...}` and lists of numbers), YAML writes one bare."""
+        found = _bool_where_number(cls.model_fields[info.field_name].annotation, value)
+        if found is not None:
+            raise ValueError(f"{found[0]}{str(found[1]).lower()} is a boolean, not a number")
+        return value
+
     @model_validator(mode="after")
     def _seed_only_where_used(self) -> "StepConfig":
         if self.seed is not None and not self.uses_seed:
@@ -70,6 +82,11 @@ class StepConfig(BaseModel):
         if not self.uses_seed:
             return None
         return recipe_seed if self.seed is None else self.seed
+
+    def dtype_choice(self):
+        """The dtype this step runs its model in (`pipeline.compute_dtype.DtypeChoice`), part of its key and manifest;
+        None for a step that runs no model here."""
+        return None
 
     def model_refs(self) -> list[str]:
         """Model references this step reads (checked at load; `step:NAME` ones are dependencies)."""
@@ -91,6 +108,58 @@ class StepConfig(BaseModel):
         return [self.input] if self.input else []
 
 
+def _leaves(annotation) -> list:
+    """The types a field annotation admits, unions and Annotated unwrapped (`int | None` -> [int, NoneType])."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _leaves(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaves(arg)]
+    return [annotation]
+
+
+def _takes_bool(leaf) -> bool:
+    if typing.get_origin(leaf) is Literal:
+        return any(isinstance(v, bool) for v in typing.get_args(leaf))
+    return leaf in (bool, Any, object) or isinstance(leaf, typing.TypeVar)
+
+
+def _takes_number(leaf) -> bool:
+    if typing.get_origin(leaf) is Literal:
+        return any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in typing.get_args(leaf))
+    return isinstance(leaf, type) and issubclass(leaf, (int, float)) and not issubclass(leaf, bool)
+
+
+def _bool_where_number(annotation, value, path: str = "") -> tuple[str, bool] | None:
+    """Where in `value` a bool stands for a number that `annotation` takes (and no bool), and that bool: the place
+    is "" for the value itself, "r: " or "2: " inside it; None when there is none."""
+    leaves = _leaves(annotation)
+    if isinstance(value, bool):
+        takes_number = any(_takes_number(leaf) for leaf in leaves) and not any(_takes_bool(leaf) for leaf in leaves)
+        return (path, value) if takes_number else None
+    for leaf in leaves:
+        origin, args = typing.get_origin(leaf), typing.get_args(leaf)
+        if isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset) and args:
+            items = args[:1] * len(value) if origin is not tuple or args[-1] is Ellipsis else args
+            for index, (item, item_type) in enumerate(zip(value, items)):
+                where = _bool_where_number(item_type, item, f"{path}{index}: ")
+                if where is not None:
+                    return where
+        elif isinstance(value, dict) and origin is dict and len(args) == 2:
+            for key, item in value.items():
+                where = _bool_where_number(args[1], item, f"{path}{key}: ")
+                if where is not None:
+                    return where
+        elif isinstance(value, dict) and isinstance(leaf, type) and issubclass(leaf, BaseModel):
+            for name, info in leaf.model_fields.items():
+                key = info.alias if info.alias in value else name
+                if key in value:
+                    where = _bool_where_number(info.annotation, value[key], f"{path}{key}: ")
+                    if where is not None:
+                        return where
+    return None
+
+
 def _strings(value) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -98,11 +167,25 @@ def _strings(value) -> list[str]:
 
 
 def _names_a_path(value: str) -> bool:
+    """Whether a string setting of a step without `path_fields` names an existing file or directory (made one of
+    the step's inputs, so hashed). Never `~` (a note "~" would hash the whole home directory; `~` is not expanded,
+    and a value starting with it names no path here), and never the filesystem root or the home directory: a
+    declared `path_fields` entry still hashes whatever it names."""
+    import os
     from pathlib import Path
 
     # "." or ".." would make a whole tree (the repo, the workdir) an input
-    return value.strip() not in ("", ".", "..", "/") and "\n" not in value and len(value) < 4096 \
-        and Path(value).expanduser().exists()
+    if value.strip() in ("", ".", "..", "/") or "\n" in value or len(value) >= 4096 or value.startswith("~"):
+        return False
+    try:
+        path = Path(value)
+        if not path.exists():
+            return False
+        resolved = os.path.realpath(path)
+        too_big = {os.path.realpath(os.sep), os.path.realpath(Path.home()), os.path.realpath(os.getcwd())}
+        return resolved not in too_big
+    except (RuntimeError, OSError, ValueError):  # a name too long, a NUL: names no path
+        return False
 
 
 def repeated(names: list[str]) -> list[str]:

@@ -42,7 +42,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline import chat
 from pipeline.artifacts import Artifact, Output, write_json_atomic
+from pipeline.compute_dtype import DtypeSetting
 from pipeline.errors import UserError
+from pipeline.outputs import EVAL, claim_dir, make_dir, never_written, remove_made
 from pipeline.ray_engine import EngineFields
 from pipeline.steps import repeated
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
@@ -66,7 +68,7 @@ SHARD_DIR = "chunks"  # in scratch: one file per finished chunk
 RESULTS_JSON = "results.json"
 
 
-class Config(TrackedConfig, EngineFields):
+class Config(DtypeSetting, TrackedConfig, EngineFields):
     models: list[str] = Field(min_length=1, description=(
         "Models to evaluate: builtin:NAME, step:NAME (a model an earlier step trained), a local dir or a hub id."))
     benchmarks: list[str] = Field(min_length=1, description=(
@@ -85,8 +87,6 @@ class Config(TrackedConfig, EngineFields):
         "Most new tokens per sample; longer samples stop with finish_reason 'length' and count as truncated."))
     max_model_len: int | None = Field(default=None, ge=1, description=(
         "Longest prompt + completion in tokens; default: the model's own limit."))
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="Weights dtype in vLLM; auto lets vLLM choose (bfloat16 on CPU).")
     prompt_template: str = Field(default="r1", description=(
         "User turn: 'r1' (the problem, then the \\boxed{} instruction), 'open-r1' (lighteval's MATH prompt) or "
         "your own text where {column} is replaced by that column of the problem (at least {problem}); other "
@@ -218,9 +218,10 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
         "baseline": cfg.baseline or cfg.models[0],
         "preset": cfg.preset,
         # chunk_size too: with bfloat16 weights, what shares a chunk can change a sample's rounding
-        "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "max_model_len",
-                                                  "dtype", "chunk_size", "tensor_parallel_size",
-                                                  "data_parallel_size")},
+        "sampling": {**{k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "max_model_len",
+                                                     "chunk_size", "tensor_parallel_size", "data_parallel_size")},
+                     "dtype": cfg.dtype_choice().dtype},
+        "dtype": cfg.dtype_choice().record(),  # what was asked, what ran, and why
         "n": n_by_spec,
         "prompt_template": cfg.template_text,
         "prompt_template_name": cfg.prompt_template if cfg.prompt_template in PROMPT_TEMPLATES else "custom",
@@ -238,21 +239,74 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
 
 def rescore(run_dir: Path, *, workers: int | None = None, timeout_s: float | None = None) -> dict:
     """Re-grade a finished evaluation's saved completions (no generation) and rewrite its outputs."""
-    import datasets
-
     from pipeline.env import library_versions
 
     run_dir = Path(run_dir)
-    results_path, samples_path = run_dir / RESULTS_JSON, run_dir / SAMPLES_DIR
-    if not results_path.is_file() or not samples_path.is_dir():
-        raise UserError(f"--rescore {run_dir}: not an evaluation output (needs {RESULTS_JSON} and {SAMPLES_DIR}/)")
-    meta = json.loads(results_path.read_text())["meta"]
+    meta, rows = _read_evaluation(run_dir)
     if workers is not None or timeout_s is not None:
         meta["grader"] = {"workers": workers or meta["grader"]["workers"],
                           "timeout_s": timeout_s or meta["grader"]["timeout_s"]}
-    rows = datasets.load_from_disk(str(samples_path)).to_list()
     meta["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
     return _grade_score_and_write(rows, meta, run_dir)
+
+
+# what re-grading reads of each sample (the rest it writes)
+SAMPLE_COLUMNS = ("benchmark", "id", "model", "sample_idx", "answer", "completion", "finish_reason",
+                  "completion_tokens")
+
+
+def _read_evaluation(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The meta of an evaluation's results.json and its samples' rows, checked for everything re-grading reads: a
+    results.json or samples/ that is not an evaluation's is refused naming it and what is wrong."""
+    import datasets
+
+    results_path, samples_path = run_dir / RESULTS_JSON, run_dir / SAMPLES_DIR
+    if not results_path.is_file() or not samples_path.is_dir():
+        raise UserError(f"--rescore {run_dir}: not an evaluation output (needs {RESULTS_JSON} and {SAMPLES_DIR}/)")
+    try:
+        document = json.loads(results_path.read_text())
+    except (OSError, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+        raise UserError(f"{results_path}: cannot be read as JSON ({error})") from None
+    meta = document.get("meta") if isinstance(document, dict) else None
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{results_path}: not the results.json of an evaluation: {problem}")
+    try:
+        samples = datasets.load_from_disk(str(samples_path))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # what datasets raises for a dir it did not save
+        raise UserError(f"{samples_path}: not a saved dataset ({error})") from None
+    missing = [column for column in SAMPLE_COLUMNS if column not in samples.column_names]
+    if missing:
+        raise UserError(f"{samples_path}: not the samples of an evaluation (no column {', '.join(missing)})")
+    rows = samples.to_list()
+    for row in rows:
+        if row["model"] not in meta["models"] or row["benchmark"] not in meta["n"]:
+            raise UserError(f"{samples_path}: row id {row['id']!r}: model {row['model']!r} or benchmark "
+                            f"{row['benchmark']!r} is not one of {results_path}'s meta")
+    return meta, rows
+
+
+def _meta_problem(meta) -> str | None:
+    """What in a results.json's meta re-grading could not read, or None."""
+    if not isinstance(meta, dict):
+        return "no `meta`"
+    models, n, benchmarks, grader = (meta.get(key) for key in ("models", "n", "benchmarks", "grader"))
+    if not isinstance(models, dict) or not models or not all(
+            isinstance(model, dict) and isinstance(model.get("completion_prefix"), str) for model in models.values()):
+        return "meta.models is not model -> {completion_prefix, ...}"
+    if not isinstance(n, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                          for v in n.values()):
+        return "meta.n is not benchmark -> samples per problem"
+    if not isinstance(benchmarks, dict) or not all(
+            isinstance(benchmarks.get(spec), dict) and isinstance(benchmarks[spec].get("gold_is_latex"), bool)
+            for spec in n):
+        return "meta.benchmarks is not benchmark -> {gold_is_latex, ...} for every benchmark of meta.n"
+    if not isinstance(grader, dict) or not all(isinstance(grader.get(key), (int, float)) and grader[key] > 0
+                                               for key in ("workers", "timeout_s")):
+        return "meta.grader is not {workers, timeout_s}"
+    if not isinstance(meta.get("seed"), int) or isinstance(meta.get("seed"), bool):
+        return "meta.seed is not an integer"
+    return None
 
 
 def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
@@ -362,7 +416,7 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     counts = [n_by_spec[spec] for spec in cfg.benchmarks for _ in suites[spec][1]]
     chunks = generation.chunk_ranges([len(suites[spec][1]) for spec in cfg.benchmarks], cfg.chunk_size)
     request = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
-                   seed=seed, max_model_len=cfg.max_model_len, dtype=cfg.dtype, think_prefix=think_prefix,
+                   seed=seed, max_model_len=cfg.max_model_len, dtype=cfg.dtype_choice().dtype, think_prefix=think_prefix,
                    tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                    distributed_executor_backend=cfg.distributed_executor_backend)
     paths = []
@@ -551,6 +605,8 @@ def add_cli_arguments(parser) -> None:
 
 def run_cli(args) -> int:
     if args.rescore:
+        claim_dir(Path(args.rescore), EVAL_OUTPUTS, EVAL, overwrite=args.overwrite,
+                  never=never_written(Path(args.rescore)))
         document = rescore(Path(args.rescore), workers=_positive(args.workers, "--workers", int),
                            timeout_s=_positive(args.timeout_s, "--timeout-s", float))
         print_table(document)
@@ -567,29 +623,25 @@ def run_cli(args) -> int:
                              for e in error.errors())
         raise UserError(f"distill eval: {problems}") from None
     out_dir = Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S"))
-    _check_out_dir(out_dir)
+    read = [Path(path).expanduser() for path in [*cfg.input_paths(), *cfg.models] if Path(path).expanduser().exists()]
+    claim_dir(out_dir, EVAL_OUTPUTS, EVAL, overwrite=args.overwrite, never=never_written(out_dir, read=read))
     models = {ref: resolve_cli_model(ref) for ref in cfg.models}
+    made = make_dir(out_dir, EVAL, "--out")
     scratch = out_dir / ".scratch"
-    document = evaluate_models(cfg, models, out_dir, scratch, args.seed)
+    try:
+        document = evaluate_models(cfg, models, out_dir, scratch, args.seed)
+    except UserError:
+        remove_made(out_dir, made)  # a refused evaluation leaves nothing behind
+        raise
     shutil.rmtree(scratch, ignore_errors=True)  # everything is in samples/ now
     print_table(document)
     print(f"results → {out_dir / RESULTS_JSON}, report → {out_dir / 'report.md'}")
     return 0
 
 
-# What `distill eval` writes into --out; a directory holding anything else is not ours to write into.
-EVAL_OUTPUTS = {RESULTS_JSON, SAMPLES_DIR, SAMPLES_DIR + ".tmp", "report.md", "accuracy.png", "lengths.png",
-                ".scratch"}
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an --out that is a file, or a directory holding anything an evaluation did not write."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a directory")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EVAL_OUTPUTS) if out_dir.is_dir() else []
-    if foreign:
-        raise UserError(f"--out {out_dir} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
-                        "no evaluation wrote; refusing to write into it (choose a new or empty directory)")
+# What `distill eval` writes into --out (and --rescore rewrites), each checked before anything is written.
+EVAL_OUTPUTS = (RESULTS_JSON, SAMPLES_DIR, SAMPLES_DIR + ".tmp", "report.md", "accuracy.png", "lengths.png",
+                ".scratch")
 
 
 def _positive(value: str | None, flag: str, kind: type) -> int | float | None:

@@ -214,6 +214,7 @@ def teacher_check(cfg: Config, inputs, out, model_path: str) -> dict:
     from pipeline import privileged_teacher
     from pipeline.console import user_console
     from pipeline.template_check import teacher_prompt
+    from pipeline.compute_dtype import choose
     from pipeline.token_logprobs import load_scoring_model
 
     saved = out.scratch / TEACHER_CHECK_FILE
@@ -230,7 +231,7 @@ def teacher_check(cfg: Config, inputs, out, model_path: str) -> dict:
             rows = rows.select(picked)
             tokenizer = load_tokenizer(cfg, model_path)
             prompt_with_think_prefix(tokenizer, cfg)  # the prompts the rollouts get
-            model = load_scoring_model(model_path, who="opsd: model")
+            model = load_scoring_model(model_path, who="opsd: model", dtype=choose(cfg.dtype).dtype)
             check = privileged_teacher.measure(
                 model, tokenizer, [list(prompt) for prompt in rows["prompt"]],
                 [teacher_prompt(list(row["prompt"]), row["privileged_context"], cfg.teacher_template) for row in rows],

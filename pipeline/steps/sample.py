@@ -48,6 +48,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifacts import Artifact, Output, write_json_atomic
+from pipeline.compute_dtype import DtypeSetting
 from pipeline.errors import UserError
 from pipeline.ray_engine import EngineFields
 from pipeline.steps import StepConfig
@@ -60,7 +61,7 @@ SHARD_DIR = "shards"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-class Config(StepConfig, EngineFields):
+class Config(DtypeSetting, StepConfig, EngineFields):
     input: str = Field(description="Name of the step whose problems dataset (id, problem, answer) is sampled.")
     model: str = Field(description="Model to sample from: builtin:NAME, step:NAME, a local HF dir or a hub id; "
                                    "with backend openai, the model name the server serves.")
@@ -98,8 +99,6 @@ class Config(StepConfig, EngineFields):
                                   "model's chat template ('<think>\\n' when it expects the reply to open it).")
     max_model_len: int | None = Field(
         default=None, ge=1, description="Longest prompt + completion in tokens; default: the model's own limit.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="Weights dtype in vLLM; auto lets vLLM choose (bfloat16 on CPU).")
     stop: list[str] | None = Field(
         default=None, description="Strings that end a completion (not included in it); eos always does.")
     chunk_size: int = Field(
@@ -125,6 +124,9 @@ class Config(StepConfig, EngineFields):
 
     def model_refs(self) -> list[str]:
         return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
+
+    def dtype_choice(self):
+        return super().dtype_choice() if self.backend == "vllm" else None  # the server's dtype is its own
 
     @model_validator(mode="after")
     def _openai_settings(self) -> "Config":
@@ -213,7 +215,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                 cfg.base_url, cfg.model, prompts, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
                 max_retries=cfg.max_retries, request_timeout=cfg.request_timeout, **sampling)
         else:
-            engine = dict(max_model_len=cfg.max_model_len, dtype=cfg.dtype, think_prefix=think.appended,
+            engine = dict(max_model_len=cfg.max_model_len, dtype=cfg.dtype_choice().dtype, think_prefix=think.appended,
                           tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                           distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase)
             if cfg.engine == "ray":

@@ -46,6 +46,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
+from pipeline.compute_dtype import DtypeSetting
 from pipeline.errors import UserError
 from pipeline.steps import StepConfig, repeated, require_columns
 
@@ -56,7 +57,7 @@ SCORES_FILE = "student_scores.jsonl"  # scratch: (teacher, row) -> summed NLL an
 DIFFICULTY_BUCKETS = ((1 / 3, "hard"), (2 / 3, "medium"), (math.inf, "easy"))  # pooled pass rate below -> bucket
 
 
-class Config(StepConfig):
+class Config(DtypeSetting, StepConfig):
     teachers: list[str] = Field(
         min_length=2, description="Graded sample steps (verify outputs) to compare, over the same problems; each "
                                   "teacher is named by its step.")
@@ -97,6 +98,9 @@ class Config(StepConfig):
 
     def dataset_inputs(self) -> list[str]:
         return list(self.teachers)
+
+    def dtype_choice(self):
+        return super().dtype_choice() if self.student else None  # the student's scoring is the one model run
 
     @field_validator("privileged")
     @classmethod
@@ -234,7 +238,8 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
             scores[(entry["teacher"], entry["row"])] = (entry["nll"], entry["tokens"])
     todo = sorted((trace for trace in traces if trace[0] not in scores), key=lambda trace: len(trace[1]))
     if todo:
-        model = load_scoring_model(resolve_model(cfg.student, inputs), who="teachers: student")
+        model = load_scoring_model(resolve_model(cfg.student, inputs), who="teachers: student",
+                                   dtype=cfg.dtype_choice().dtype)
         with progress(total=len(traces), unit="traces", completed=len(traces) - len(todo)) as bar, \
                 open(scores_path, "a") as file:
             for start in range(0, len(todo), cfg.batch_size):
