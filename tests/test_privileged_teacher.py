@@ -17,7 +17,7 @@ def model_and_tokenizer():
     from transformers import AutoTokenizer
 
     path = resolve_model("builtin:tiny-random", {})
-    return load_scoring_model(path, who="test"), AutoTokenizer.from_pretrained(path)
+    return load_scoring_model(path, who="test", dtype="float32"), AutoTokenizer.from_pretrained(path)
 
 
 def prompt(i):

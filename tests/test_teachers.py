@@ -164,7 +164,7 @@ def test_score_traces_pads_a_batch_without_changing_a_score():
 
     path = resolve_model("builtin:tiny-random", {})
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_scoring_model(path, who="test")
+    model = load_scoring_model(path, who="test", dtype="float32")
     traces = [(("a", i), *trained_token_ids(tokenizer, PROMPT, text))
               for i, text in enumerate(["\\boxed{5}", "It is five, so the answer is \\boxed{5} for sure."])]
     together = score_traces(model, tokenizer, traces)
