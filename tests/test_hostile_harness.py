@@ -679,10 +679,12 @@ def _problems_verdict(case: ProblemsCase) -> tuple[str, str | None, list[str]]:
                 if key in seen:
                     return "bad", "duplicate id", [f"rows {seen[key]} and {index} share id {value!r}"]
                 seen[key] = index
-    for row in rows:
+    # every row, not only those within `limit`: the file is read whole, so a value past the limit that cannot be
+    # stored beside the others (an integer beyond 64 bits among strings) is refused, naming its line
+    for row in case.rows:
         for column in ("id", "answer", "problem"):
-            value = row[column]
-            if not isinstance(value, str) or not standard(value):
+            value = row.get(column)
+            if value is not None and (not isinstance(value, str) or not standard(value)):
                 verdict = "either"
                 why.append(f"{column} {value!r}")
         if not standard(row.get("extra")):
