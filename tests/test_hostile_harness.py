@@ -639,6 +639,16 @@ def acceptable_strings(value) -> set[str] | None:
     return None
 
 
+def beyond_64_bits(value) -> bool:
+    """Whether a value holds, at any depth, an integer Arrow cannot store in 64 bits (read_table may refuse it,
+    naming its line)."""
+    if isinstance(value, dict):
+        return any(map(beyond_64_bits, value.values()))
+    if isinstance(value, list):
+        return any(map(beyond_64_bits, value))
+    return isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63
+
+
 def problems_verdict(case: ProblemsCase) -> tuple[str, str | None, list[str]]:
     """(ok | bad | either, what a refusal must name, why)."""
     verdict, must_name, why = _problems_verdict(case)
@@ -667,7 +677,9 @@ def _problems_verdict(case: ProblemsCase) -> tuple[str, str | None, list[str]]:
     if bad:
         index = bad[0][0]
         where = f"line {case.lines[index]}" if case.lines else f"row {index}"
-        only = all(i == index for i, _ in bad) and all(standard(row) for row in case.rows)
+        # the file is read whole before rows are checked: an integer beyond 64 bits anywhere may be refused first
+        only = (all(i == index for i, _ in bad) and all(standard(row) for row in case.rows)
+                and not any(beyond_64_bits(row) for row in case.rows))
         return "bad", where if only else None, [w for _, w in bad]
     verdict = "ok"
     if case.step.get("unique_ids", True):
