@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # Package data (setup.cfg [options.package_data]), found from this file so that it does not depend on the working
 # directory and ships in the wheel. Provenance and checksums: data/SOURCES.md in the repo.
@@ -70,7 +70,7 @@ def load_benchmark(spec: str, limit: int | None = None) -> tuple[Benchmark, list
 
     `limit` and a `:N` suffix both cut to the first problems; with both, the smaller wins.
     """
-    from pipeline.tables import check_problems, read_table
+    from pipeline.text.tables import check_problems, read_table
 
     benchmark = get_benchmark(spec)
     _, suffix_limit = split_spec(spec)

@@ -2,7 +2,7 @@
 
 from datasets import Dataset
 
-from pipeline.artifacts import Artifact, Output
+from pipeline.core.artifacts import Artifact, Output
 
 
 def run_on_rows(module, tmp_path, rows, *, uses, input_name="graded", dry_run=False, **config):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from pipeline import training
-from pipeline.artifacts import Artifact, Output
-from pipeline.cli import main
-from pipeline.recipe import load_recipe
-from pipeline.runner import plan, run_recipe
+from pipeline.training import launch
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.commands.cli import main
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import plan, run_recipe
 from pipeline.steps import redi, sft
 
 CONFIGS = Path("recipes/accelerate")
@@ -46,9 +46,9 @@ def parsed_launch(config_file, num_processes=1):
 
     cfg = sft.Config(uses="sft", input="d", model="builtin:tiny-random", accelerate_config=str(config_file),
                      num_processes=num_processes)
-    command = training.launch_command(cfg, Path("payload.json"))
+    command = launch.launch_command(cfg, Path("payload.json"))
     # Every training step launches the shared entry point; the payload names the step type whose `train` it runs.
-    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-3:] == ["-m", "pipeline.training",
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-3:] == ["-m", "pipeline.training.launch",
                                                                                       "payload.json"]
     return _validate_launch_command(launch_command_parser().parse_args(command[3:]))
 
@@ -179,7 +179,7 @@ def test_every_machine_keys_the_step_the_same(tmp_path, monkeypatch):
                     {"SLURM_NODEID": "1", "SLURM_NNODES": "4", "MASTER_ADDR": "host-b", "MASTER_PORT": "29617"}):
         on_machine(monkeypatch, **machine)
         keys.append({step.name: step.key for step in plan(recipe)})
-        commands.append(training.launch_command(recipe.steps["train"], Path("payload.json")))
+        commands.append(launch.launch_command(recipe.steps["train"], Path("payload.json")))
     assert keys[0] == keys[1] == keys[2]
     assert len({tuple(command) for command in commands}) == 3  # while each machine launches its own part
     # The config file is part of the key: what differs per machine or per job must not be written in it.
@@ -230,10 +230,10 @@ def fake_launch(monkeypatch):
             out = Path(payload["out"]["dir"])
             (out / "model").mkdir(parents=True)
             (out / "model" / "config.json").write_text("{}")
-            (Path(payload["out"]["scratch"]) / training.LAUNCH_RESULT).write_text(json.dumps({"steps": 2}))
+            (Path(payload["out"]["scratch"]) / launch.LAUNCH_RESULT).write_text(json.dumps({"steps": 2}))
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(training.subprocess, "run", run)
+    monkeypatch.setattr(launch.subprocess, "run", run)
     return launches
 
 
@@ -300,7 +300,7 @@ def test_a_training_step_runs_under_accelerate_launch(tmp_path):
                               "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")
     cfg = redi.Config(uses="redi", input="pairs", model="builtin:tiny-random", lora={"r": 4}, max_steps=2,
                       batch_size=2, logging_steps=1, max_length=64, accelerate_config=str(single_process))
-    assert training.runs_distributed(cfg)
+    assert launch.runs_distributed(cfg)
     out = Output(name="redi", kind="model", dir=tmp_path / "redi", scratch=tmp_path / "scratch", seed=0)
     out.dir.mkdir()
     out.scratch.mkdir()
@@ -309,4 +309,4 @@ def test_a_training_step_runs_under_accelerate_launch(tmp_path):
     assert artifact.stats["steps"] == 2 and artifact.stats["rows"] == 4 and artifact.stats["processes"] == 1
     assert (out.model_dir / "adapter_model.safetensors").exists()
     assert "with REDI" in (out.model_dir / "README.md").read_text()  # redi's own `train` ran under the launch
-    assert json.loads((out.scratch / "launch.json").read_text())["uses"] == "redi"
+    assert json.loads((out.scratch / "launch.json").read_text())["train"] == "pipeline.steps.redi:train"

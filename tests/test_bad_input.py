@@ -3,7 +3,7 @@
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 GOOD_ROWS = '{"id": "a", "problem": "1 + 1?", "answer": "2"}\n{"id": "b", "problem": "2 + 2?", "answer": "4"}\n'
 

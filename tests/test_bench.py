@@ -3,10 +3,10 @@
 import json
 import statistics
 
-from pipeline.bench import HEADLINES
-from pipeline.bench.train import PROMPT_ROOM, skewed_rows
-from pipeline.bench.verify import long_traces, teacher_like_samples
-from pipeline.cli import main
+from pipeline.commands.bench import HEADLINES
+from pipeline.commands.bench.train import PROMPT_ROOM, skewed_rows
+from pipeline.commands.bench.verify import long_traces, teacher_like_samples
+from pipeline.commands.cli import main
 
 TINY_RECIPE = """\
 name: tiny
@@ -100,7 +100,7 @@ def test_training_rows_have_long_tailed_lengths():
 
 
 def test_data_benchmark_times_every_step_at_each_size(tmp_path):
-    from pipeline.bench.data import CASES
+    from pipeline.commands.bench.data import CASES
 
     out = tmp_path / "bench.json"
     assert main(["bench", "data", "--data-rows", "40,400", "--json", str(out)]) == 0
@@ -125,7 +125,7 @@ def test_data_benchmark_times_every_step_at_each_size(tmp_path):
 
 
 def test_synthetic_problems_share_phrasing_and_plant_duplicates():
-    from pipeline.bench.data import problem_texts
+    from pipeline.commands.bench.data import problem_texts
     from pipeline.steps.filter import ngrams
 
     texts = problem_texts(2000, seed=0)

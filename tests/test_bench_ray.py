@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from pipeline.bench import BENCHMARKS, NOT_IN_ALL, run_benchmarks, run_child
-from pipeline.bench.ray import DRIVER_OWN_PHASES, decode_model, fit, long_chunk, per_gb, problems, summarize
-from pipeline.cli import build_parser, main
-from pipeline.ray_engine import DRIVER_PHASES, RayGenerations
+from pipeline.commands.bench import BENCHMARKS, NOT_IN_ALL, run_benchmarks, run_child
+from pipeline.commands.bench.ray import DRIVER_OWN_PHASES, decode_model, fit, long_chunk, per_gb, problems, summarize
+from pipeline.commands.cli import build_parser, main
+from pipeline.engines.ray_engine import DRIVER_PHASES, RayGenerations
 
 
 def test_ray_is_a_benchmark_named_on_its_own_with_its_flags(capsys):
@@ -32,13 +32,13 @@ def test_all_runs_every_benchmark_but_ray(monkeypatch):
     real_import = importlib.import_module
 
     def fake_import(name, *args):
-        if name.startswith("pipeline.bench."):
+        if name.startswith("pipeline.commands.bench."):
             short = name.rsplit(".", 1)[1]
             return types.SimpleNamespace(run=lambda opts, console: (ran.append(short) or ({}, {})))
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake_import)
-    monkeypatch.setattr("pipeline.env.device", lambda: "cpu (test)")
+    monkeypatch.setattr("pipeline.core.env.device", lambda: "cpu (test)")
     console = types.SimpleNamespace(print=lambda *a, **k: None)
     run_benchmarks(["all"], types.SimpleNamespace(json=None), console)
     assert ran == ["sample", "verify", "train", "cache", "data"]  # decode is part of sample
@@ -88,8 +88,8 @@ def test_long_chunk_times_decoding_and_writing_a_shard_of_long_completions():
 
 
 def test_the_sample_step_on_long_completions_reports_seconds_and_memory_per_gb(tmp_path):
-    # in a child process: the case replaces the engine (pipeline.generation.generate) in the process it runs in
-    run = run_child("pipeline.bench.ray", {"case": "long_samples", "prompts": 6, "chars": 3000,
+    # in a child process: the case replaces the engine (pipeline.engines.generation.generate) in the process it runs in
+    run = run_child("pipeline.commands.bench.ray", {"case": "long_samples", "prompts": 6, "chars": 3000,
                                            "model": "builtin:tiny-random", "workdir": str(tmp_path)})
     assert run["prompts"] == 6 and run["text_gb"] == 0.0 and run["seconds"] > 0 and run["peak_rss_gib"] > 0
     import datasets

@@ -1,14 +1,15 @@
-"""The dtype decision (`pipeline.compute_dtype`) for each kind of device, with the capabilities injected, and how a
+"""The dtype decision (`pipeline.core.compute_dtype`) for each kind of device, with the capabilities injected, and how a
 step's key and manifest carry it."""
 
 import json
 
 import pytest
 
-from pipeline import compute_dtype, runner
-from pipeline.cli import main
-from pipeline.compute_dtype import Hardware, choose
-from pipeline.errors import UserError
+from pipeline.core import compute_dtype
+from pipeline.core import runner
+from pipeline.commands.cli import main
+from pipeline.core.compute_dtype import Hardware, choose
+from pipeline.core.errors import UserError
 
 AMX_CPU = Hardware("cpu", "Xeon (AMX)", cpu_bf16=True)
 AVX2_CPU = Hardware("cpu", "EPYC (Zen 2)")
@@ -85,7 +86,7 @@ def test_key_and_manifest_carry_the_choice(tmp_path, monkeypatch):
     assert manifest["inputs"]["dtype"] == "float32"
     assert manifest["dtype"] == {"requested": "auto", "dtype": "float32", "reason": choose(hw=AVX2_CPU).reason,
                                  "slow": None}
-    from pipeline.recipe import load_recipe
+    from pipeline.core.recipe import load_recipe
 
     key_here = runner.plan(load_recipe(path))[0].key
     monkeypatch.setattr(compute_dtype, "hardware", lambda: AMX_CPU)  # the same recipe on a bf16 machine

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.console import progress
-from pipeline.steps import StepConfig
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.console import progress
+from pipeline.core.step import StepConfig
 
 DISTILL = str(Path(sys.executable).with_name("distill"))
 HIDDEN = ("printed by the step", "written to stderr", "UserWarning: warned by the step", "logged by the step",
@@ -106,7 +106,7 @@ def test_verbose_shows_everything_as_it_comes(tmp_path):
 
 
 def test_plain_progress_lines_at_each_phase_and_tenth_with_rate_and_eta(capsys, monkeypatch):
-    monkeypatch.setattr("pipeline.console.PLAIN_LINE_SECONDS", 3600)  # only phases and tenths make lines here
+    monkeypatch.setattr("pipeline.core.console.PLAIN_LINE_SECONDS", 3600)  # only phases and tenths make lines here
     with progress("sampling", total=40, unit="chunks") as bar:
         bar.phase("loading model")
         bar.advance(3)  # still in the first tenth: no line
@@ -120,7 +120,7 @@ def test_plain_progress_lines_at_each_phase_and_tenth_with_rate_and_eta(capsys, 
 
 
 def test_plain_progress_lines_every_few_seconds(capsys, monkeypatch):
-    monkeypatch.setattr("pipeline.console.PLAIN_LINE_SECONDS", 0)
+    monkeypatch.setattr("pipeline.core.console.PLAIN_LINE_SECONDS", 0)
     with progress(total=1000, unit="steps") as bar:
         for step in range(1, 4):
             bar.update(completed=step, note=f"loss {4 - step}")
@@ -184,8 +184,8 @@ def test_real_libraries_are_quiet_on_the_console_and_kept_in_the_logs(tmp_path):
 
 
 def test_the_engine_process_reports_its_phases_and_each_finished_sample():
-    from pipeline.generation import generate
-    from pipeline.models import resolve_model
+    from pipeline.engines.generation import generate
+    from pipeline.core.models import resolve_model
 
     events = []
     prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]

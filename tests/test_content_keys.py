@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.fingerprints import Fingerprints
-from pipeline.recipe import load_recipe
-from pipeline.runner import plan, run_recipe
+from pipeline.commands.cli import main
+from pipeline.core.fingerprints import Fingerprints
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import plan, run_recipe
 
 RECIPE = """\
 name: keyed
@@ -91,7 +91,7 @@ def test_replacing_a_local_models_weights_reruns_the_steps_that_read_it(setup):
 
 def test_a_library_version_change_reruns_the_steps_that_depend_on_it(tmp_path, monkeypatch):
     """verify depends on math-verify: simulate an upgrade by changing the version the runner reads."""
-    import pipeline.runner as runner
+    import pipeline.core.runner as runner
 
     recipe = tmp_path / "regrade.yaml"
     recipe.write_text(f"""\

@@ -12,7 +12,7 @@ import pytest
 
 from eval.benchmarks import BENCHMARKS, load_benchmark
 from eval.answers import grade
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"

@@ -4,7 +4,7 @@ refused with exit code 2, naming the row and why, before any model is loaded."""
 import json
 from pathlib import Path
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "qwen3.jinja"
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]

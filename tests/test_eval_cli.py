@@ -6,7 +6,7 @@ import json
 import datasets
 import pytest
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 QUICK_TINY = ["eval", "builtin:tiny-random", "--benchmarks", "gsm8k:5", "--preset", "quick",
               "--max-tokens", "24", "--seed", "3"]  # --max-tokens keeps a random model's rambling short
@@ -76,7 +76,7 @@ def test_a_recipe_step_dir_names_its_model(tmp_path, capsys):
 def test_two_models_get_paired_differences(tmp_path, capsys, monkeypatch):
     import shutil
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells at 80 columns without a terminal
     # the same weights under another name: every sample is the same, so the paired difference is exactly 0
@@ -98,7 +98,7 @@ def test_two_models_get_paired_differences(tmp_path, capsys, monkeypatch):
 
 def test_eval_help_prints_every_setting(capsys):
     """Settings' help texts go through argparse, which formats them with %: a literal % must not break --help."""
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--help"])

@@ -9,10 +9,10 @@ import datasets
 import pydantic
 import pytest
 
-import pipeline.generation
-from pipeline import chat
-from pipeline.artifacts import Artifact, Output
-from pipeline.generation import Completion, Generations
+import pipeline.engines.generation
+from pipeline.text import chat
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.engines.generation import Completion, Generations
 from pipeline.steps import evaluate
 
 
@@ -55,7 +55,7 @@ def test_presets_fill_only_what_is_not_set():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-random"))
 
@@ -89,7 +89,7 @@ def arithmetic_answers(model, messages, n, think_prefix):
 
 
 def fake_generate(calls, answers=arithmetic_answers, fail_after_chunks=None):
-    """A stand-in for pipeline.generation.generate with its chunk contract; records each call and the chunks it
+    """A stand-in for pipeline.engines.generation.generate with its chunk contract; records each call and the chunks it
     generated, and raises (as a killed run would stop) once `fail_after_chunks` chunks were handed over."""
 
     def generate(model, prompts, *, n, seed, think_prefix, ids, chunks, skip_chunks=(), on_chunk=None, **_):
@@ -115,7 +115,7 @@ def fake_generate(calls, answers=arithmetic_answers, fail_after_chunks=None):
 def fake_models(monkeypatch):
     """Stand-in generator, and model descriptions that need no tokenizer on disk."""
     calls = []
-    monkeypatch.setattr(pipeline.generation, "generate", fake_generate(calls))
+    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls))
 
     def describe(model, think_prefix):
         prefix = think_prefix or ""
@@ -185,7 +185,7 @@ def test_a_run_killed_mid_benchmark_resumes_losing_at_most_one_chunk(tmp_path, m
     calls = fake_models
     cfg = make_config(models=["step:half", "step:good"], benchmarks=["arith_test:5", "gsm8k:3"], n=2, chunk_size=2)
     # chunks: arith_test 0-1, 2-3, 4; gsm8k 0-1, 2 -- per model
-    monkeypatch.setattr(pipeline.generation, "generate", fake_generate(calls, fail_after_chunks=3))
+    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls, fail_after_chunks=3))
     with pytest.raises(RuntimeError, match="died"):
         run_evaluate(tmp_path, cfg)
     shard_dir = tmp_path / "scratch" / evaluate.SHARD_DIR
@@ -193,7 +193,7 @@ def test_a_run_killed_mid_benchmark_resumes_losing_at_most_one_chunk(tmp_path, m
     assert len(saved) == 3 and calls[0]["generated"] == [0, 1, 2]  # died after the last arith_test chunk
 
     calls.clear()
-    monkeypatch.setattr(pipeline.generation, "generate", fake_generate(calls))
+    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls))
     _, resumed = run_evaluate(tmp_path, cfg)
     assert [c["generated"] for c in calls] == [[3, 4], [0, 1, 2, 3, 4]]  # nothing generated twice
     assert all(shard_dir.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in saved.items())
@@ -224,7 +224,7 @@ def test_think_prefix_makes_unclosed_thinking_score_nothing(tmp_path, fake_model
     def answers(model, messages, n, think_prefix):
         return [Completion("the product is 304", "stop", 10, 5)] * n
 
-    monkeypatch.setattr(pipeline.generation, "generate", fake_generate([], answers))
+    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate([], answers))
     plain = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="")
     assert run_evaluate(tmp_path / "a", plain)[1]["models"]["step:good"]["arith_test:1"]["pass@1"] == 1.0
     thinking = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="<think>\n")

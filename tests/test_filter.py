@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from eval.benchmarks import load_benchmark
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.steps import filter as filter_step
 from tests.step_runner import run_on_rows
 

@@ -1,4 +1,4 @@
-"""The load step and pipeline.tables: formats, the problems contract, and errors that name the file, line, column
+"""The load step and pipeline.text.tables: formats, the problems contract, and errors that name the file, line, column
 and row id (exit code 2 through the CLI, no traceback)."""
 
 import json
@@ -8,12 +8,12 @@ import sys
 import datasets
 import pytest
 
-from pipeline import tables
-from pipeline.artifacts import Output
-from pipeline.cli import main
-from pipeline.errors import UserError
+from pipeline.text import tables
+from pipeline.core.artifacts import Output
+from pipeline.commands.cli import main
+from pipeline.core.errors import UserError
 from pipeline.steps.load import Config, run
-from pipeline.tables import read_table
+from pipeline.text.tables import read_table
 
 ROWS = [{"id": "a", "problem": "1+1?", "answer": 2, "level": 1},
         {"id": "b", "problem": "2+3?", "answer": "5", "level": 2}]

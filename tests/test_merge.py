@@ -8,9 +8,9 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 
-from pipeline.artifacts import MANIFEST, Artifact, Output, write_json_atomic
-from pipeline.errors import UserError
-from pipeline.models import resolve_model
+from pipeline.core.artifacts import MANIFEST, Artifact, Output, write_json_atomic
+from pipeline.core.errors import UserError
+from pipeline.core.models import resolve_model
 from pipeline.steps import merge, sft
 
 

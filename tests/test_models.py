@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from pipeline import models
-from pipeline.artifacts import Artifact
-from pipeline.errors import UserError
-from pipeline.models import check_model_ref, resolve_model
+from pipeline.core import models
+from pipeline.core.artifacts import Artifact
+from pipeline.core.errors import UserError
+from pipeline.core.models import check_model_ref, resolve_model
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_valid_refs_pass(ref, hub_cache):
 
 
 def test_checking_refs_imports_nothing_heavy():
-    code = ("import sys; from pipeline.models import check_model_ref; check_model_ref('builtin:tiny-random'); "
+    code = ("import sys; from pipeline.core.models import check_model_ref; check_model_ref('builtin:tiny-random'); "
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -7,10 +7,10 @@ import math
 import pytest
 from datasets import Dataset
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.models import resolve_model
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.commands.cli import main
+from pipeline.core.errors import UserError
+from pipeline.core.models import resolve_model
 from pipeline.steps import onpolicy
 
 

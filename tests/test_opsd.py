@@ -7,11 +7,11 @@ import torch
 from datasets import Dataset
 from pydantic import ValidationError
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
-from pipeline.recipe import load_recipe
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
+from pipeline.core.recipe import load_recipe
 from pipeline.steps import opsd
-from pipeline.template_check import teacher_prompt
+from pipeline.training.template_check import teacher_prompt
 
 
 def problem_rows(count):

@@ -1,4 +1,4 @@
-"""One contract for every command's outputs (`pipeline.outputs`), through the CLI: a command writes into a directory
+"""One contract for every command's outputs (`pipeline.core.outputs`), through the CLI: a command writes into a directory
 it made, or a new path; an existing file or a directory no command made is refused (exit 2, naming it) unless
 --overwrite; a step's input never, whatever the flags; and a refused command leaves every file as it was."""
 
@@ -14,11 +14,11 @@ import datasets
 import pytest
 from rich.console import Console
 
-from pipeline import runner
-from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.outputs import EVAL, mark
-from pipeline.recipe import load_recipe
+from pipeline.core import runner
+from pipeline.commands.cli import main
+from pipeline.core.errors import UserError
+from pipeline.core.outputs import EVAL, mark
+from pipeline.core.recipe import load_recipe
 
 ROWS = '{"id": "a", "problem": "1 + 1?", "answer": "2"}\n{"id": "b", "problem": "2 + 2?", "answer": "4"}\n'
 RESULTS = {"models": {"m": {"arith_test:2": {"pass@1": 0.5, "stderr": 0.5, "per_problem": {"a": [1, 1], "b": [0, 1]}}}},

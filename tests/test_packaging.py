@@ -57,15 +57,15 @@ def test_wheel_carries_the_benchmarks_and_the_code(installed):
             member = f"eval/data/{benchmark.path.name}"
             assert member in names
             assert z.read(member) == benchmark.path.read_bytes()
-        assert {"pipeline/cli.py", "pipeline/tables.py", "pipeline/steps/load.py", "eval/benchmarks.py"} <= names
+        assert {"pipeline/commands/cli.py", "pipeline/text/tables.py", "pipeline/steps/load.py", "eval/benchmarks.py"} <= names
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "distill = pipeline.cli:main" in z.read(entry_points).decode()
+        assert "distill = pipeline.commands.cli:main" in z.read(entry_points).decode()
         assert not any(n.startswith(("tests/", "data/")) for n in names)
 
 
 def test_installed_package_imports_from_the_wheel_and_runs_a_recipe(installed, tmp_path):
     site, _, env = installed
-    probe = ("import pipeline, eval, pipeline.tables\n"
+    probe = ("import pipeline, eval, pipeline.text.tables\n"
              "from eval.benchmarks import load_benchmark\n"
              "print(pipeline.__file__); print(eval.__file__)\n"
              "print(len(load_benchmark('aime24:2')[1]), len(load_benchmark('gsm8k')[1]))\n")

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.steps import pairs
 from tests.step_runner import run_on_rows
 

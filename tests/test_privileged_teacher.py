@@ -1,15 +1,15 @@
-"""The privileged-teacher check opsd runs before training (pipeline/privileged_teacher.py), on builtin:tiny-random."""
+"""The privileged-teacher check opsd runs before training (pipeline/training/privileged_teacher.py), on builtin:tiny-random."""
 
 import json
 
 import pytest
 from datasets import Dataset
 
-from pipeline import privileged_teacher
-from pipeline.artifacts import Artifact, Output
-from pipeline.models import resolve_model
+from pipeline.training import privileged_teacher
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.models import resolve_model
 from pipeline.steps import opsd
-from pipeline.token_logprobs import load_scoring_model, score_traces
+from pipeline.training.token_logprobs import load_scoring_model, score_traces
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
+from pipeline.commands import cli
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -49,9 +49,9 @@ def test_ray_settings_are_refused_with_the_local_engine(capsys):
 
 
 def test_the_local_engine_never_imports_ray():
-    check = ("import sys; from pipeline.recipe import load_recipe; "
+    check = ("import sys; from pipeline.core.recipe import load_recipe; "
              f"load_recipe({str(REPO / 'recipes' / 'smoke.yaml')!r}, []); "
-             "import pipeline.steps.sample, pipeline.steps.evaluate, pipeline.generation, pipeline.cli; "
+             "import pipeline.steps.sample, pipeline.steps.evaluate, pipeline.engines.generation, pipeline.commands.cli; "
              "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO)
 

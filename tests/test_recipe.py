@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.recipe import apply_override, load_recipe
+from pipeline.commands.cli import main
+from pipeline.core.recipe import apply_override, load_recipe
 
 GOOD = """\
 name: t

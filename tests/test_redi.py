@@ -6,8 +6,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
 from pipeline.steps import merge, redi, sft
 
 
@@ -187,7 +187,7 @@ def test_an_adapter_model_with_new_lora_settings_is_refused(pairs, sft_adapter, 
                            output(tmp_path))
 
 
-# ---- long traces: the completion log-probs in chunks (pipeline.token_logprobs) -------------------------------------
+# ---- long traces: the completion log-probs in chunks (pipeline.training.token_logprobs) -------------------------------------
 
 
 def full_logits_logprobs(hidden, weight, bias, labels):
@@ -212,7 +212,7 @@ def random_head_inputs(with_bias, rows=3, length=10, hidden_size=16, vocab=50):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 4, 8, 5, 7, 100])  # 24 scored positions: divided, not divided, one chunk
 def test_chunked_logprobs_and_gradients_equal_the_full_logits(chunk_size, with_bias):
-    from pipeline.token_logprobs import token_logprobs
+    from pipeline.training.token_logprobs import token_logprobs
 
     hidden, weight, bias, labels, upstream = random_head_inputs(with_bias)
     assert (labels != -100).sum() == 24
@@ -236,7 +236,7 @@ def test_chunked_logprobs_never_hold_the_logits_of_every_position():
     """No tensor made in forward or backward is as large as the logits of all scored positions."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pipeline.token_logprobs import token_logprobs
+    from pipeline.training.token_logprobs import token_logprobs
 
     class LargestOutput(TorchDispatchMode):
         numel = 0
@@ -261,7 +261,7 @@ def test_chunked_logprobs_never_hold_the_logits_of_every_position():
 
 
 def test_chunked_logprobs_under_bf16_autocast():
-    from pipeline.token_logprobs import token_logprobs
+    from pipeline.training.token_logprobs import token_logprobs
 
     hidden, weight, bias, labels, upstream = random_head_inputs(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -284,7 +284,7 @@ def test_heads_the_chunks_would_get_wrong_are_refused():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
+    from pipeline.training.token_logprobs import UnsupportedHead, add_token_logprob_forward
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)

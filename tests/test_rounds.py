@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.recipe import load_recipe
-from pipeline.runner import plan, status
+from pipeline.commands.cli import main
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import plan, status
 
 TINY = "builtin:tiny-random"
 RECIPE = """\
@@ -160,9 +160,9 @@ def test_distill_run_shows_accuracy_by_round_and_each_round_minus_the_one_before
 
     from rich.console import Console
 
-    from pipeline.cli import _print_rounds
+    from pipeline.commands.cli import _print_rounds
 
-    monkeypatch.setattr("pipeline.cli.console", Console(width=200))  # one line per row
+    monkeypatch.setattr("pipeline.commands.cli.console", Console(width=200))  # one line per row
     by_round_results(tmp_path)
     _print_rounds(load_recipe(recipe_path), {"report": SimpleNamespace(name="report",
                                                                       artifact=SimpleNamespace(path=tmp_path))})
@@ -179,7 +179,7 @@ def test_the_run_page_plots_accuracy_by_round_with_paired_intervals(recipe_path,
     import re
     from types import SimpleNamespace
 
-    from pipeline.run_report import rounds_section
+    from pipeline.commands.run_report import rounds_section
 
     by_round_results(tmp_path)
     step = SimpleNamespace(name="report", path=tmp_path)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.recipe import load_recipe
-from pipeline.runner import run_recipe, status
+from pipeline.commands.cli import main
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import run_recipe, status
 
 RECIPE = """\
 name: chain

@@ -3,10 +3,10 @@
 import pytest
 from datasets import Dataset
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
-from pipeline.generation import chunk_ranges, generate
-from pipeline.models import resolve_model
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
+from pipeline.engines.generation import chunk_ranges, generate
+from pipeline.core.models import resolve_model
 from pipeline.steps import sample
 
 PROBLEMS = [
@@ -57,7 +57,7 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_model):
 def test_prompts_use_the_chat_template_then_the_think_prefix(tiny_model):
     from transformers import AutoTokenizer
 
-    from pipeline.generation import _render
+    from pipeline.engines.generation import _render
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     messages = [{"role": "user", "content": "hi"}]

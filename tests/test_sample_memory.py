@@ -7,8 +7,8 @@ import tracemalloc
 import pytest
 from datasets import Dataset
 
-from pipeline import generation
-from pipeline.artifacts import Artifact, Output
+from pipeline.engines import generation
+from pipeline.core.artifacts import Artifact, Output
 from pipeline.steps import sample
 
 

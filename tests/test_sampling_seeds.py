@@ -2,15 +2,15 @@
 problems, benchmarks, limits, chunk sizes or n that share the run, and a killed evaluate resumes chunk by chunk.
 
 tiny-random's matmuls round the same in any batch on this CPU, so these tests see the seeds alone; with bfloat16
-weights of a real model, what shares a chunk can still change some samples by rounding (pipeline/generation.py).
+weights of a real model, what shares a chunk can still change some samples by rounding (pipeline/engines/generation.py).
 """
 
 import datasets
 import pytest
 
-import pipeline.generation
-from pipeline.artifacts import Artifact, Output
-from pipeline.models import resolve_model
+import pipeline.engines.generation
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.models import resolve_model
 from pipeline.steps import evaluate, sample
 
 TINY = "builtin:tiny-random"
@@ -72,7 +72,7 @@ class Killed(Exception):
 
 def test_a_killed_evaluate_resumes_and_loses_at_most_one_chunk(tmp_path, tiny_model, monkeypatch):
     settings = dict(benchmarks=["aime24:3", "gsm8k:3"], n=2, chunk_size=2)  # chunks: aime24 2 + 1, gsm8k 2 + 1
-    real_generate = pipeline.generation.generate
+    real_generate = pipeline.engines.generation.generate
 
     def dies_after_the_first_chunk(*args, on_chunk, **kwargs):
         def save_then_die(chunk, completions, seconds):
@@ -81,7 +81,7 @@ def test_a_killed_evaluate_resumes_and_loses_at_most_one_chunk(tmp_path, tiny_mo
 
         return real_generate(*args, on_chunk=save_then_die, **kwargs)
 
-    monkeypatch.setattr(pipeline.generation, "generate", dies_after_the_first_chunk)
+    monkeypatch.setattr(pipeline.engines.generation, "generate", dies_after_the_first_chunk)
     with pytest.raises(Killed):
         evaluate_tiny(tmp_path / "run", tiny_model, **settings)
     shards = list((tmp_path / "run" / ".scratch" / evaluate.SHARD_DIR).glob("*.json"))
@@ -99,12 +99,12 @@ def test_a_killed_evaluate_resumes_and_loses_at_most_one_chunk(tmp_path, tiny_mo
 
         return real_generate(*args, on_chunk=count_then_save, skip_chunks=skip_chunks, **kwargs)
 
-    monkeypatch.setattr(pipeline.generation, "generate", counting)
+    monkeypatch.setattr(pipeline.engines.generation, "generate", counting)
     resumed = evaluate_tiny(tmp_path / "run", tiny_model, **settings)
     assert skipped == [0] and generated == [1, 2, 3]
     assert first_shard.stat().st_mtime_ns == saved_at  # the saved chunk was read, not written again
 
-    monkeypatch.setattr(pipeline.generation, "generate", real_generate)
+    monkeypatch.setattr(pipeline.engines.generation, "generate", real_generate)
     uninterrupted = evaluate_tiny(tmp_path / "fresh", tiny_model, **settings)
     assert [r["completion"] for r in resumed] == [r["completion"] for r in uninterrupted]
     assert len(resumed) == (3 + 3) * 2

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.compare import compare_paths, render_markdown
+from pipeline.commands.cli import main
+from pipeline.commands.compare import compare_paths, render_markdown
 
 DATA = Path("data/train/arith_train.jsonl").resolve()
 RECIPE = """\

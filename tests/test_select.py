@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.steps import select
 from tests.step_runner import run_on_rows
 
@@ -80,7 +80,7 @@ def test_all_correct_and_shortest_k(tmp_path):
 def test_max_tokens_counts_the_students_tokens_and_think_prefix_is_kept(tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     rows = [graded_row("a", 0, True), graded_row("a", 1, True)]
     rows[0]["completion"] = "word " * 50  # far over the limit

@@ -1,5 +1,5 @@
 """`distill status` and `distill run` agree on every step, whatever is left on disk: one test decides whether a step's
-output is complete (`pipeline.artifacts.output_state`); what a killed run left is put right, not counted as a step
+output is complete (`pipeline.core.artifacts.output_state`); what a killed run left is put right, not counted as a step
 that is incomplete; status works in a read-only workdir and refuses a foreign recipe.json or manifest.json with
 exit 2, naming it; and a step's key names files by content and place in the package, not by where it is installed.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts
-from pipeline.cli import main
-from pipeline.recipe import load_recipe
-from pipeline.runner import plan, run_recipe, status
+from pipeline.core import artifacts
+from pipeline.commands.cli import main
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import plan, run_recipe, status
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,14 +163,14 @@ def test_temp_dirs_of_killed_processes_are_removed(tmp_path, monkeypatch):
     tmp.mkdir()
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "problem": f"{i}?", "answer": str(i)}) + "\n" for i in range(50)))
-    code = ("import os, signal; from pipeline.tables import read_table; ds = read_table(%r); "
+    code = ("import os, signal; from pipeline.text.tables import read_table; ds = read_table(%r); "
             "assert len(ds) == 50; os.kill(os.getpid(), signal.SIGKILL)" % str(data))
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO)
     assert proc.returncode == -signal.SIGKILL
     left = [p for p in tmp.iterdir()]
     assert [p.name.startswith(artifacts.TEMP_PREFIX) for p in left] == [True], left  # no hf_datasets-* either
     assert list(left[0].glob("*.arrow"))
-    live = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.artifacts import temp_dir; "
+    live = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.core.artifacts import temp_dir; "
                              "print(temp_dir(), flush=True); time.sleep(60)"],
                             env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -290,8 +290,8 @@ def test_keys_name_files_by_content_not_where_they_live(tmp_path, monkeypatch, c
     # another checkout: the package's benchmarks (the same bytes) at another path
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO / "eval", checkout / "eval", ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import json, sys; sys.path.insert(0, %r); import eval, pipeline.runner as r; "
-            "from pipeline.recipe import load_recipe; assert eval.__file__.startswith(%r), eval.__file__; "
+    code = ("import json, sys; sys.path.insert(0, %r); import eval, pipeline.core.runner as r; "
+            "from pipeline.core.recipe import load_recipe; assert eval.__file__.startswith(%r), eval.__file__; "
             "print(json.dumps({s.name: [s.key, s.reasons] for s in r.plan(load_recipe('recipe.yaml'))}))"
             % (str(checkout), str(checkout)))
     result = subprocess.run([sys.executable, "-c", code], cwd=moved, capture_output=True, text=True,

@@ -7,16 +7,15 @@ import json
 import os
 import signal
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
-from pipeline import tables
-from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.fingerprints import Fingerprints
-from pipeline.tables import read_table
+from pipeline.text import tables
+from pipeline.commands.cli import main
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprints import Fingerprints
+from pipeline.text.tables import read_table
 
 QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "qwen3.jinja"
 GOOD = {"id": "a", "problem": "What is 2 + 3?", "answer": "5"}

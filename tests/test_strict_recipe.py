@@ -1,7 +1,7 @@
 """Strict recipe input (issue 24): what used to be read silently wrong, crash or hang is refused at load with exit 2,
 naming the file and the key (and line): duplicate YAML keys, booleans given for numbers, names with a trailing
 newline, recursive or exploding YAML aliases and `${...}` references, reserved step names, and model references
-that can never resolve (`~nosuchuser/m`, a local dir written without `./`). Through `pipeline.cli.main` in-process,
+that can never resolve (`~nosuchuser/m`, a local dir written without `./`). Through `pipeline.commands.cli.main` in-process,
 as `distill check` / `distill run` would run them."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import signal
 
 import pytest
 
-from pipeline import strict_yaml
-from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.recipe import load_recipe
+from pipeline.core import strict_yaml
+from pipeline.commands.cli import main
+from pipeline.core.errors import UserError
+from pipeline.core.recipe import load_recipe
 
 TOY = "tests.toy_steps"
 LIMIT_S = 10  # every refusal here takes well under a second; a hang fails the test instead of hanging it
@@ -332,8 +332,8 @@ def test_a_setting_under_a_user_that_does_not_exist_is_no_traceback(write, capsy
 
 
 def test_the_reserved_names_are_the_ones_distill_writes():
-    from pipeline import recipe
-    from pipeline.run_report import REPORT_DIR
+    from pipeline.core import recipe
+    from pipeline.commands.run_report import REPORT_DIR
 
     assert recipe.REPORT_DIR == REPORT_DIR
     assert all(not recipe.STEP_NAME.fullmatch(name) for name in

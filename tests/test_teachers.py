@@ -8,10 +8,10 @@ import torch
 from datasets import Dataset
 from pydantic import ValidationError
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
 from pipeline.steps import teachers
-from pipeline.token_logprobs import load_scoring_model, score_traces
+from pipeline.training.token_logprobs import load_scoring_model, score_traces
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -109,7 +109,7 @@ def test_bad_input_is_refused(tmp_path):
 
 def direct_nll(model, tokenizer, prompt, text) -> tuple[float, int]:
     """-sum log p of the tokens SFT trains on, from the model's own full logits: the reference."""
-    from pipeline.template_check import completion_token_ids
+    from pipeline.training.template_check import completion_token_ids
 
     trained = completion_token_ids(tokenizer, prompt, text)
     ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=True,
@@ -124,7 +124,7 @@ def direct_nll(model, tokenizer, prompt, text) -> tuple[float, int]:
 def test_student_nll_equals_a_direct_forward_and_resumes(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     texts = ["Adding 2 and 3 gives \\boxed{5}.", "Two plus three.\nThat is five: \\boxed{5}", "\\boxed{5}"]
     rows = {"a": [sample("p1", i, True, 3, completion=text) for i, text in enumerate(texts)],
@@ -159,8 +159,8 @@ def test_student_nll_equals_a_direct_forward_and_resumes(tmp_path):
 def test_score_traces_pads_a_batch_without_changing_a_score():
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
-    from pipeline.template_check import trained_token_ids
+    from pipeline.core.models import resolve_model
+    from pipeline.training.template_check import trained_token_ids
 
     path = resolve_model("builtin:tiny-random", {})
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import chat
-from pipeline.errors import UserError
-from pipeline.template_check import TrainingRow, check_rows, check_teacher_prompts, row_problem
+from pipeline.text import chat
+from pipeline.core.errors import UserError
+from pipeline.training.template_check import TrainingRow, check_rows, check_teacher_prompts, row_problem
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 MODEL = "builtin:tiny-random"
@@ -20,7 +20,7 @@ TRACE = "<think>\nTwo plus three: count on from 2.\n</think>\n\nThe answer is \\
 def smollm_tokenizer():
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(MODEL))
 

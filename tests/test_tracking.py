@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.steps import evaluate, sft
-from pipeline.training import check_trackers_installed
+from pipeline.training.tracking import check_trackers_installed
 from tests.test_console import conversations
 
 DISTILL = str(Path(sys.executable).with_name("distill"))

@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
 from pipeline.steps import verify
 
 SAMPLES = [  # id, answer, completion, finish_reason, expected label
@@ -173,7 +173,7 @@ def test_regrade_recipe_grades_a_completions_file_without_a_model(tmp_path):
     model_cache = tmp_path / "model_cache"
     model_cache.mkdir()
     env = {**os.environ, "DISTILL_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "recipes/regrade.yaml", "-o",
+    subprocess.run([sys.executable, "-m", "pipeline.commands.cli", "run", "recipes/regrade.yaml", "-o",
                     f"workdir={tmp_path / 'run'}"], env=env, check=True, capture_output=True)
     graded = datasets.load_from_disk(str(tmp_path / "run" / "graded" / "data"))
     assert graded["label"] == ["correct", "incorrect", "correct", "truncated", "correct", "no_answer"]

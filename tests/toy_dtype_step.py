@@ -3,9 +3,9 @@
 Used as `uses: tests.toy_dtype_step`; it writes the dtype it was told to run in.
 """
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.compute_dtype import DtypeSetting
-from pipeline.steps import StepConfig
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.compute_dtype import DtypeSetting
+from pipeline.core.step import StepConfig
 
 
 class Config(DtypeSetting, StepConfig):

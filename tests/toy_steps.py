@@ -10,8 +10,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.steps import StepConfig
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.step import StepConfig
 
 
 class Config(StepConfig):

@@ -25,7 +25,7 @@ on its own (no prefix cache carried from one chunk to the next). So a benchmark'
 benchmarks, on the order of benchmarks or models, or on a kill and resume. They do depend on the model, the
 prompt, the sampling settings and the seed; and, through rounding, with bfloat16 weights (vLLM's default on CPU)
 on what shares a problem's chunk: another `chunk_size`, n or limit on the same benchmark can change some samples
-(see pipeline/generation.py).
+(see pipeline/engines/generation.py).
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline import chat
-from pipeline.artifacts import Artifact, Output, write_json_atomic
-from pipeline.compute_dtype import DtypeSetting
-from pipeline.errors import UserError
-from pipeline.outputs import EVAL, claim_dir, make_dir, never_written, remove_made
-from pipeline.ray_engine import EngineFields
-from pipeline.steps import repeated
+from pipeline.text import chat
+from pipeline.core.artifacts import Artifact, Output, write_json_atomic
+from pipeline.core.compute_dtype import DtypeSetting
+from pipeline.core.errors import UserError
+from pipeline.core.outputs import EVAL, claim_dir, make_dir, never_written, remove_made
+from pipeline.engines.ray_engine import EngineFields
+from pipeline.core.step import repeated
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.training import TrackedConfig
+from pipeline.training.config import TrackedConfig
 
 # lighteval's MATH prompt, used by open-r1's evaluation
 OPEN_R1_TEMPLATE = (
@@ -181,7 +181,7 @@ class Config(DtypeSetting, TrackedConfig, EngineFields):
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     models = {ref: resolve_model(ref, inputs) for ref in cfg.models}
     results = evaluate_models(cfg, models, out.dir, out.scratch, out.seed)
@@ -198,7 +198,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
     """Generate, grade and score every model (label -> resolved dir or hub id) on every benchmark of `cfg`;
     write samples/, results.json, report.md and plots into out_dir; return the results dict."""
     from eval.benchmarks import load_benchmark
-    from pipeline.env import library_versions
+    from pipeline.core.env import library_versions
 
     suites = {spec: load_benchmark(spec, cfg.limit) for spec in cfg.benchmarks}
     n_by_spec = {spec: cfg.samples_per_problem(benchmark) for spec, (benchmark, _) in suites.items()}
@@ -239,7 +239,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: Path, scratch:
 
 def rescore(run_dir: Path, *, workers: int | None = None, timeout_s: float | None = None) -> dict:
     """Re-grade a finished evaluation's saved completions (no generation) and rewrite its outputs."""
-    from pipeline.env import library_versions
+    from pipeline.core.env import library_versions
 
     run_dir = Path(run_dir)
     meta, rows = _read_evaluation(run_dir)
@@ -317,7 +317,7 @@ def _grade_score_and_write(rows: list[dict], meta: dict, out_dir: Path) -> dict:
     from eval.grading_pool import iter_grades
     from eval.metrics import benchmark_scores, compare_to_baseline, removed_problems
     from eval.report import write_report
-    from pipeline.console import progress
+    from pipeline.core.console import progress
 
     completions = [meta["models"][r["model"]]["completion_prefix"] + r["completion"] for r in rows]
     gold_format = [meta["benchmarks"][r["benchmark"]]["gold_is_latex"] for r in rows]
@@ -407,8 +407,8 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     """
     from dataclasses import asdict
 
-    from pipeline import generation
-    from pipeline.console import progress
+    from pipeline.engines import generation
+    from pipeline.core.console import progress
 
     problems = [row for spec in cfg.benchmarks for row in suites[spec][1]]
     prompts = [[{"role": "user", "content": render_prompt(cfg.template_text, row)}] for row in problems]
@@ -440,7 +440,7 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
 
         chunked = dict(n=counts, ids=ids, chunks=chunks, skip_chunks=set(shards), on_chunk=save, on_phase=bar.phase)
         if cfg.engine == "ray":
-            from pipeline import ray_engine
+            from pipeline.engines import ray_engine
 
             generations = ray_engine.generate(model, prompts, **cfg.ray_settings(), **chunked, **request)
         else:
@@ -460,10 +460,10 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
 
 def report_to_trackers(cfg: Config, document: dict, out: Output) -> None:
     """The results' `tracked_metrics`, with the step's config and seed, to each tracker in `report_to`, as one run
-    named like a training step's (`pipeline.training.tracking_run`)."""
+    named like a training step's (`pipeline.training.tracking.tracking_run`)."""
     import importlib
 
-    from pipeline.training import TENSORBOARD_DIR, tracking_run, trackers
+    from pipeline.training.tracking import TENSORBOARD_DIR, tracking_run, trackers
 
     metrics = tracked_metrics(document)
     config = {**cfg.model_dump(mode="json"), "seed": out.seed}
@@ -540,7 +540,7 @@ def print_table(document: dict) -> None:
     """Models x benchmarks, pass@1 ± stderr in percent; then each model minus the baseline, paired."""
     from rich.table import Table
 
-    from pipeline.console import user_console
+    from pipeline.core.console import user_console
 
     results = document["models"]
     specs = list(next(iter(results.values())))
@@ -658,8 +658,8 @@ def _positive(value: str | None, flag: str, kind: type) -> int | float | None:
 
 def resolve_cli_model(ref: str) -> str:
     """A model the command can load: a recipe step dir means its model/; everything else as in recipes."""
-    from pipeline.artifacts import read_manifest
-    from pipeline.models import STEP_PREFIX, resolve_model
+    from pipeline.core.artifacts import read_manifest
+    from pipeline.core.models import STEP_PREFIX, resolve_model
 
     path = Path(ref).expanduser()
     if (path / "manifest.json").is_file():

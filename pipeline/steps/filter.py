@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from pipeline.steps import StepConfig, require_columns
+from pipeline.core.step import StepConfig, require_columns
 
 REMOVED_FILE = "removed.jsonl"
 # near_duplicate's MinHash LSH. Each candidate it returns is checked by exact Jaccard, so a false positive costs one

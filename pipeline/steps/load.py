@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig
-from pipeline.tables import check_problems, number_texts, read_table
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
+from pipeline.core.step import StepConfig
+from pipeline.text.tables import check_problems, number_texts, read_table
 
 REQUIRED_COLUMNS = ("id", "problem", "answer")
 
@@ -37,7 +37,7 @@ class Config(StepConfig):
     dry_run_overrides: ClassVar[dict] = {"limit": 4}
     path_fields: ClassVar = ("path",)
     libraries: ClassVar = ("datasets",)
-    # 2: pipeline.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
+    # 2: pipeline.text.tables reads JSON(L) itself: mixed str/number columns become exact strings, ISO dates stay strings.
     # 3: a column of numbers with an integer beyond 64 bits is exact strings too (pyarrow made it floats).
     # 4: problem and answer must be strings or numbers (objects, lists, booleans, NaN refused); a JSON column mixing
     #    booleans with strings keeps them as booleans (was the strings "true"/"false").

@@ -19,8 +19,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig
+from pipeline.core.errors import UserError
+from pipeline.core.step import StepConfig
 
 # Prompts the merged and the adapter model must agree on, token by token.
 CHECK_PROMPTS = (
@@ -102,7 +102,7 @@ def base_model_path(adapter_config: dict, source) -> str:
         return recorded
     ref = source.stats.get("base_model")
     if ref and not ref.startswith("step:"):
-        from pipeline.models import resolve_model
+        from pipeline.core.models import resolve_model
 
         return resolve_model(ref)  # e.g. a builtin whose cache dir moved since training
     if recorded:
@@ -132,7 +132,7 @@ def upstream_steps(step_dir: Path) -> list[str]:
 
     Read from the manifests the runner wrote beside the input step; a step without one (run by hand) ends the walk.
     """
-    from pipeline.artifacts import read_manifest
+    from pipeline.core.artifacts import read_manifest
 
     lines, seen, pending = [], set(), [step_dir]
     while pending:

@@ -31,11 +31,11 @@ import functools
 
 from pydantic import Field
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.steps.opsd import RolloutConfig, prompt_with_think_prefix, rollouts_fact
 from pipeline.steps.sample import render_prompt
-from pipeline.training import (load_tokenizer, model_card, peft_config, train_and_save, train_here_or_launch,
-                               training_arguments)
+from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
+from pipeline.training.launch import train_here_or_launch
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
@@ -69,7 +69,7 @@ class Config(RolloutConfig):
 
 
 def run(cfg: Config, inputs, out):
-    return train_here_or_launch(cfg, inputs, out)
+    return train_here_or_launch(cfg, inputs, out, train)
 
 
 def train(cfg: Config, inputs, out) -> dict:
@@ -95,7 +95,7 @@ def build_trainer(cfg: Config, inputs, out):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     set_seed(out.seed)
     model_path = resolve_model(cfg.model, inputs)

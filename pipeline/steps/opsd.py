@@ -24,7 +24,7 @@ Long traces: TRL's loss materialises the student's and the teacher's logits for 
 [batch, completion, vocabulary] in float32 each, plus their log-softmaxes (at 16k tokens and a 152k vocabulary,
 10 GiB per copy). `OpsdTrainer.compute_loss` computes the same per-token losses (TRL's functions, or the capped
 divergence) from the final hidden states instead, `SCORE_CHUNK_SIZE` positions at a time, recomputed in backward
-(`pipeline.token_logprobs.ChunkedHeadLoss`): the teacher's forward returns its hidden states only.
+(`pipeline.training.token_logprobs.ChunkedHeadLoss`): the teacher's forward returns its hidden states only.
 
 Logged each logging step: `self_distillation/distillation_loss` (the divergence), `completions/mean_length`, and
 `opsd/leak_share`: the share of rollouts that copy `leak_ngram` or more consecutive tokens of their privileged text
@@ -50,14 +50,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.errors import UserError
-from pipeline.models import resolve_model
-from pipeline.steps import require_columns
+from pipeline.core.errors import UserError
+from pipeline.core.models import resolve_model
+from pipeline.core.step import require_columns
 from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.training import (TrainingConfig, load_tokenizer, model_card, peft_config, train_and_save,
-                               train_here_or_launch, training_arguments)
+from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
+from pipeline.training.config import TrainingConfig
+from pipeline.training.launch import train_here_or_launch
 
-# Completion positions whose student and teacher logits exist at once (pipeline.token_logprobs.ChunkedHeadLoss). Each
+# Completion positions whose student and teacher logits exist at once (pipeline.training.token_logprobs.ChunkedHeadLoss). Each
 # chunk holds ~10 float32 copies of [positions, vocabulary] while its divergence is differentiated: 0.5 GiB at 256
 # positions and SmolLM2's 49,152 entries, 1.5 GiB at Qwen's 151,936.
 SCORE_CHUNK_SIZE = 256
@@ -92,7 +93,7 @@ class RolloutConfig(TrainingConfig):
     think_prefix: str | None = Field(
         default=None, description="Text appended after the generation prompt of every rollout (and teacher) prompt, "
                                   "e.g. '<think>\\n'. null: from the model's chat template, as sample and evaluate "
-                                  "decide it (pipeline.chat).")
+                                  "decide it (pipeline.text.chat).")
     use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
     vllm_mode: Literal["colocate", "server"] = Field(
         default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
@@ -115,7 +116,7 @@ def rollouts_fact(cfg: RolloutConfig) -> str:
 def prompt_with_think_prefix(tokenizer, cfg: RolloutConfig) -> tuple[str, str]:
     """Make the trainer's own prompt rendering (TRL renders rollout prompts itself) end with the think prefix that
     `sample` and `evaluate` would append for this model; returns (the prefix, the model's template to save)."""
-    from pipeline.chat import template_appending, think_prefix
+    from pipeline.text.chat import template_appending, think_prefix
 
     own_template = tokenizer.chat_template
     think = think_prefix(tokenizer, cfg.think_prefix)
@@ -165,7 +166,7 @@ class Config(RolloutConfig):
         description="Before training, on this many rows with an answer (seeded), measure whether the model shown the "
                     "privileged context is a better teacher than the student: pass rate sampling with and without it, "
                     "and the NLL per token of the student's verified traces with and without it "
-                    "(pipeline.privileged_teacher); in the manifest as teacher_check, with a warning when it is no "
+                    "(pipeline.training.privileged_teacher); in the manifest as teacher_check, with a warning when it is no "
                     "better. 0: skip.")
     teacher_check_samples: int = Field(default=4, ge=1,
                                        description="Completions per problem and prompt in the teacher check.")
@@ -197,25 +198,25 @@ def run(cfg: Config, inputs, out):
         raise UserError(f"opsd: model {cfg.model!r} is a LoRA adapter; merge it first (a merge step) and give the "
                         "merged model, so the frozen teacher is well defined")
     check = teacher_check(cfg, inputs, out, model_path) if cfg.teacher_check_problems else None
-    model = train_here_or_launch(cfg, inputs, out)
+    model = train_here_or_launch(cfg, inputs, out, train)
     if check is not None:
         model.stats["teacher_check"] = check
     return model
 
 
 def teacher_check(cfg: Config, inputs, out, model_path: str) -> dict:
-    """`pipeline.privileged_teacher`'s check of the model before training, once (kept in the scratch dir, so a
+    """`pipeline.training.privileged_teacher`'s check of the model before training, once (kept in the scratch dir, so a
     resumed run does not sample again); warns on the terminal when the teacher is no better than the student."""
     import gc
     import json
 
     import torch
 
-    from pipeline import privileged_teacher
-    from pipeline.console import user_console
-    from pipeline.template_check import teacher_prompt
-    from pipeline.compute_dtype import choose
-    from pipeline.token_logprobs import load_scoring_model
+    from pipeline.training import privileged_teacher
+    from pipeline.core.console import user_console
+    from pipeline.training.template_check import teacher_prompt
+    from pipeline.core.compute_dtype import choose
+    from pipeline.training.token_logprobs import load_scoring_model
 
     saved = out.scratch / TEACHER_CHECK_FILE
     if saved.exists():
@@ -312,13 +313,13 @@ def build_trainer(cfg: Config, inputs, out):
 
 def template_check(cfg: Config, inputs, tokenizer) -> dict:
     """The teacher's prompt of every row renders as the student's but for the privileged context
-    (`pipeline.template_check`), with the think prefix the rollouts get."""
+    (`pipeline.training.template_check`), with the think prefix the rollouts get."""
     prompt_with_think_prefix(tokenizer, cfg)
     return template_check_rows(opsd_dataset(inputs[cfg.input].dataset(), cfg, cfg.input)[0], cfg, tokenizer)
 
 
 def template_check_rows(rows, cfg: Config, tokenizer) -> dict:
-    from pipeline.template_check import check_teacher_prompts, teacher_prompt
+    from pipeline.training.template_check import check_teacher_prompts, teacher_prompt
 
     pairs = ((f"row {i}", row["prompt"], teacher_prompt(row["prompt"], row["privileged_context"], cfg.teacher_template))
              for i, row in enumerate(rows))
@@ -459,7 +460,7 @@ def opsd_trainer():
         def __init__(self, *args, divergence_cap: float | None, leak_ngram: int, **kwargs):
             from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-            from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
+            from pipeline.training.token_logprobs import UnsupportedHead, add_token_logprob_forward
 
             self.divergence_cap = divergence_cap
             self.leak_ngram = leak_ngram
@@ -502,7 +503,7 @@ def opsd_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """TRL's loss (SDFTTrainer.compute_loss: the per-token loss averaged over each completion's scored tokens,
             then over completions), without the logits of every position: see the module docstring."""
-            from pipeline.token_logprobs import projection_dtype
+            from pipeline.training.token_logprobs import projection_dtype
 
             if return_outputs or self.use_teacher_server:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -539,7 +540,7 @@ def opsd_trainer():
                                                           compute_sampled_token_self_distillation_loss,
                                                           compute_topk_self_distillation_loss)
 
-            from pipeline.token_logprobs import chunk_logits, head_params
+            from pipeline.training.token_logprobs import chunk_logits, head_params
 
             teacher_weight, teacher_bias = head_params(self.teacher_head)
             teacher_logits = chunk_logits(teacher_hidden, teacher_weight.detach().to(teacher_dtype),

@@ -20,7 +20,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from eval.answers import GRADED
-from pipeline.steps import StepConfig, require_columns
+from pipeline.core.step import StepConfig, require_columns
 from pipeline.steps.select import (SAMPLING_COLUMNS, arrow_columns, assistant_texts, message, message_list, numbers,
                                    problem_index, ranks_in_problem, rows_by_problem, sampling_columns,
                                    sampling_features, token_counter, token_counts, warn_dry_run_stand_ins, write_rows)

@@ -15,7 +15,7 @@ nothing (under FSDP, where TRL would still load the copy for that precompute, th
 each logging step: `redi/chosen_norm`, `redi/rejected_norm` (mean length-normalised log-probs) and `redi/margin`
 (their difference).
 
-Long traces: the completion tokens' log-probs come from `pipeline.token_logprobs`, which projects the final hidden
+Long traces: the completion tokens' log-probs come from `pipeline.training.token_logprobs`, which projects the final hidden
 states onto the vocabulary `LOGPROB_CHUNK_SIZE` positions at a time and recomputes each chunk in backward, so no
 full-vocabulary logits of the whole sequence ever exist, and prompt and padding positions are not projected at all.
 TRL's fused LM head (what DPOTrainer uses) tiles too, but in 4,096-position x 32,768-entry tiles, scores every
@@ -44,13 +44,21 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipeline.errors import UserError
-from pipeline.steps import require_columns
-from pipeline.training import (LoraSettings, TrainingConfig, drop_overlong, load_tokenizer, model_card, peft_config,
-                               train_and_save, train_here_or_launch, training_arguments)
+from pipeline.core.errors import UserError
+from pipeline.core.step import require_columns
+from pipeline.training.build import (
+    drop_overlong,
+    load_tokenizer,
+    model_card,
+    peft_config,
+    train_and_save,
+    training_arguments,
+)
+from pipeline.training.config import LoraSettings, TrainingConfig
+from pipeline.training.launch import train_here_or_launch
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
-# Positions whose full-vocabulary logits exist at once (pipeline.token_logprobs): 192 MiB of float32 logits per copy
+# Positions whose full-vocabulary logits exist at once (pipeline.training.token_logprobs): 192 MiB of float32 logits per copy
 # at SmolLM2's 49,152 entries, a few copies at a time; more positions per chunk are fewer, larger matrix products.
 LOGPROB_CHUNK_SIZE = 1024
 
@@ -80,13 +88,13 @@ class Config(TrainingConfig):
     @field_validator("lora")
     @classmethod
     def _no_adapter_on_the_head(cls, lora: LoraSettings | None) -> LoraSettings | None:
-        # TRL and pipeline.token_logprobs refuse any adapter on the head when the trainer is built; this names the
+        # TRL and pipeline.training.token_logprobs refuse any adapter on the head when the trainer is built; this names the
         # usual way in, before anything runs.
         if lora is not None:
             targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
             if "lm_head" in targets:
                 raise ValueError("redi cannot train an adapter on the output head: its log-probs are computed in "
-                                 "chunks from lm_head's own weight (pipeline.token_logprobs); leave lm_head out of "
+                                 "chunks from lm_head's own weight (pipeline.training.token_logprobs); leave lm_head out of "
                                  "target_modules")
         return lora
 
@@ -102,7 +110,7 @@ def redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, al
 
 
 def run(cfg: Config, inputs, out):
-    return train_here_or_launch(cfg, inputs, out)
+    return train_here_or_launch(cfg, inputs, out, train)
 
 
 def train(cfg: Config, inputs, out) -> dict:
@@ -126,8 +134,8 @@ def build_trainer(cfg: Config, inputs, out):
     from transformers import AutoModelForCausalLM, set_seed
     from trl import DPOConfig
 
-    from pipeline.artifacts import Artifact
-    from pipeline.models import resolve_model
+    from pipeline.core.artifacts import Artifact
+    from pipeline.core.models import resolve_model
 
     set_seed(out.seed)
     model_path = resolve_model(cfg.model, inputs)
@@ -179,9 +187,9 @@ def build_trainer(cfg: Config, inputs, out):
 
 def template_check(cfg: Config, inputs, tokenizer) -> dict:
     """Both completions of every pair through the chat template as the trainer will tokenize them
-    (`pipeline.template_check`)."""
-    from pipeline.chat import think_prefix
-    from pipeline.template_check import check_rows, training_rows
+    (`pipeline.training.template_check`)."""
+    from pipeline.text.chat import think_prefix
+    from pipeline.training.template_check import check_rows, training_rows
 
     return check_rows(tokenizer, training_rows(inputs[cfg.input].dataset(), ("chosen", "rejected")), step=cfg.uses,
                       dataset=cfg.input, think=think_prefix(tokenizer), model_ref=cfg.model)
@@ -206,7 +214,7 @@ def redi_trainer():
     from trl import DPOTrainer
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-    from pipeline.token_logprobs import UnsupportedHead, add_token_logprob_forward
+    from pipeline.training.token_logprobs import UnsupportedHead, add_token_logprob_forward
 
     class RediTrainer(DPOTrainer):
         _tag_names = ["trl", "redi", "distillery"]
@@ -221,7 +229,7 @@ def redi_trainer():
             # there is nothing to precompute; REDI has no reference, so that load is replaced by "no model".
             with mock.patch.object(dpo_module, "create_model_from_path", lambda *args, **kwargs: None):
                 super().__init__(*args, **kwargs)
-            # The completion log-probs in chunks (pipeline.token_logprobs), patched into the model under the peft
+            # The completion log-probs in chunks (pipeline.training.token_logprobs), patched into the model under the peft
             # wrapper so the call still goes through every wrapper's forward; ZeRO-3 gathers the head's weight for it.
             try:
                 add_token_logprob_forward(self.model.get_base_model() if self.is_peft else self.model,

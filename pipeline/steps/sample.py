@@ -5,11 +5,11 @@ Each problem row comes out n times, contiguous and in input order, with all its 
 `sample_idx`, `prompt` (the chat messages sent), `prompt_text` (the prompt as the model read it: the chat
 template's rendering plus the think prefix; null with `backend: openai`, where the server renders it),
 `completion`, `reasoning` and `response` (the completion's think span and what follows it, see
-`pipeline.chat.split_reasoning`), `finish_reason`, `prompt_tokens`, `completion_tokens`, `model` (the reference
+`pipeline.text.chat.split_reasoning`), `finish_reason`, `prompt_tokens`, `completion_tokens`, `model` (the reference
 as the recipe wrote it) and `think_prefix` (text the completion continues: the prefix appended to the prompt, or
 the `<think>\n` the chat template wrote itself; verify, select and the training checks read it).
 
-The think prefix comes from the model's chat template (`pipeline.chat.think_prefix`, the same rule as `evaluate`,
+The think prefix comes from the model's chat template (`pipeline.text.chat.think_prefix`, the same rule as `evaluate`,
 `opsd` and `onpolicy`) unless `think_prefix` is set.
 
 Resume: problems are generated in chunks of `chunk_size`; each finished chunk is written atomically as
@@ -18,7 +18,7 @@ have no shard, and a sample is never written twice. The dataset is then written 
 (through an Arrow file in the scratch dir), so memory holds one chunk's completions, not the run's.
 
 Determinism: sample k of a problem is drawn with its own seed from (recipe seed, problem id, k)
-(`pipeline.generation.sample_seed`), so its random draws do not depend on the other problems in the input,
+(`pipeline.engines.generation.sample_seed`), so its random draws do not depend on the other problems in the input,
 on `chunk_size`, on n, or on a kill and resume: an interrupted-and-resumed run gives the samples of an
 uninterrupted one, and the same input, settings and versions on the same machine give the same samples.
 Rounding is the exception: the problems of one chunk are computed as one batch, and with bfloat16 weights
@@ -47,11 +47,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.artifacts import Artifact, Output, write_json_atomic
-from pipeline.compute_dtype import DtypeSetting
-from pipeline.errors import UserError
-from pipeline.ray_engine import EngineFields
-from pipeline.steps import StepConfig
+from pipeline.core.artifacts import Artifact, Output, write_json_atomic
+from pipeline.core.compute_dtype import DtypeSetting
+from pipeline.core.errors import UserError
+from pipeline.engines.ray_engine import EngineFields
+from pipeline.core.step import StepConfig
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 SAMPLE_COLUMNS = ("sample_idx", "prompt", "prompt_text", "completion", "reasoning", "response", "finish_reason",
@@ -161,10 +161,10 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from pipeline import chat
-    from pipeline.console import progress
-    from pipeline.generation import Completion, chunk_ranges, generate, generate_openai
-    from pipeline.models import resolve_model
+    from pipeline.text import chat
+    from pipeline.core.console import progress
+    from pipeline.engines.generation import Completion, chunk_ranges, generate, generate_openai
+    from pipeline.core.models import resolve_model
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
@@ -219,7 +219,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
                           tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                           distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase)
             if cfg.engine == "ray":
-                from pipeline import ray_engine
+                from pipeline.engines import ray_engine
 
                 generations = ray_engine.generate(model_path, prompts, **cfg.ray_settings(), **engine, **sampling)
             else:
@@ -276,7 +276,7 @@ def _tally(path, shard: dict, completion_prefix: str) -> dict:
     """What the step keeps of a chunk's shard until it writes the dataset: where the shard is, its stats, and
     whether it holds a non-null reasoning / finish_reason (a column with none anywhere is typed null, as Arrow
     infers it from all-None values)."""
-    from pipeline import chat
+    from pipeline.text import chat
 
     completions = [c for per_problem in shard["completions"] for c in per_problem]
     return {"path": path, "generate_seconds": shard["generate_seconds"],
@@ -349,12 +349,12 @@ def _write_samples(cfg: Config, problems, prompts: list[list[dict]], prompt_text
 
 
 def _split_traces(traces: list[str], completion_prefix: str, reasoning_type, response_type):
-    """Arrow arrays of the traces' reasoning and response (`pipeline.chat.split_reasoning`), each trace's reasoning
+    """Arrow arrays of the traces' reasoning and response (`pipeline.text.chat.split_reasoning`), each trace's reasoning
     copied into Arrow as it is split (pa.array holds every item of a list or iterator until it is done), so Python
     holds the copies of one trace at a time."""
     import pyarrow as pa
 
-    from pipeline import chat
+    from pipeline.text import chat
 
     reasonings, responses = [], []
     for trace in traces:

@@ -28,8 +28,8 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig, require_columns
+from pipeline.core.errors import UserError
+from pipeline.core.step import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
 # Sample columns carried into training data (as named here): how each trace was sampled.
@@ -206,7 +206,7 @@ def token_counter(model_ref: str, inputs):
     """`count(texts) -> list[int]` with the tokenizer of `model_ref` (no special tokens added)."""
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_ref, inputs))
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]

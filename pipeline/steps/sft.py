@@ -10,12 +10,12 @@ than `max_length` are dropped before tokenization and counted (`dropped_truncate
 distinct from eos; a batch without a single trained token stops the run instead of adding a silent zero loss.
 Checkpoints go to the step's scratch dir; a killed step resumes from the last one.
 
-Before the model is loaded, every row goes through `pipeline.template_check` with the tokenizer and chat template the
+Before the model is loaded, every row goes through `pipeline.training.template_check` with the tokenizer and chat template the
 trainer uses (think spans kept, the loss mask exactly the completion and its end of turn, the prompt the one the model
 generates from); a row that would train wrongly stops the step with exit code 2, naming it.
 
 What every training step shares (`TrainingConfig`, the Trainer arguments, resume and save, the model card, and the
-`accelerate launch` path for several GPUs) is in `pipeline.training`.
+`accelerate launch` path for several GPUs) is in `pipeline.training.launch`.
 
 Output: with LoRA, the adapter (peft dir) + tokenizer, stats `adapter: true` and `base_model`; a `merge` step
 turns it into a standalone model. With `lora: null`, the full fine-tuned model.
@@ -27,10 +27,18 @@ import functools
 
 from pydantic import Field
 
-from pipeline.errors import UserError
-from pipeline.steps import require_columns
-from pipeline.training import (TrainingConfig, drop_overlong, load_tokenizer, model_card, peft_config, train_and_save,
-                               train_here_or_launch, training_arguments)
+from pipeline.core.errors import UserError
+from pipeline.core.step import require_columns
+from pipeline.training.build import (
+    drop_overlong,
+    load_tokenizer,
+    model_card,
+    peft_config,
+    train_and_save,
+    training_arguments,
+)
+from pipeline.training.config import TrainingConfig
+from pipeline.training.launch import train_here_or_launch
 
 
 class Config(TrainingConfig):
@@ -48,7 +56,7 @@ class Config(TrainingConfig):
 
 
 def run(cfg: Config, inputs, out):
-    return train_here_or_launch(cfg, inputs, out)
+    return train_here_or_launch(cfg, inputs, out, train)
 
 
 def train(cfg: Config, inputs, out) -> dict:
@@ -64,7 +72,7 @@ def build_trainer(cfg: Config, inputs, out):
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig
 
-    from pipeline.models import resolve_model
+    from pipeline.core.models import resolve_model
 
     set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
     model_path = resolve_model(cfg.model, inputs)
@@ -96,9 +104,9 @@ def build_trainer(cfg: Config, inputs, out):
 
 
 def template_check(cfg: Config, inputs, tokenizer) -> dict:
-    """Every row through the chat template as the trainer will tokenize it (`pipeline.template_check`)."""
-    from pipeline.chat import think_prefix
-    from pipeline.template_check import check_rows, training_rows
+    """Every row through the chat template as the trainer will tokenize it (`pipeline.training.template_check`)."""
+    from pipeline.text.chat import think_prefix
+    from pipeline.training.template_check import check_rows, training_rows
 
     return check_rows(tokenizer, training_rows(inputs[cfg.input].dataset()), step=cfg.uses, dataset=cfg.input,
                       think=think_prefix(tokenizer), model_ref=cfg.model)

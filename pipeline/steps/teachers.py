@@ -25,7 +25,7 @@ compares it with each other teacher paired over problems (pass rate, and NLL whe
 `eval.metrics.paired_difference`'s bootstrap interval.
 
 Privileged teachers (`privileged`): opsd steps, whose teacher is the student itself shown a privileged context. Each
-measured, before it trained, whether that teacher is better than the student (`pipeline.privileged_teacher`: pass rate
+measured, before it trained, whether that teacher is better than the student (`pipeline.training.privileged_teacher`: pass rate
 sampling with and without the context, and the student's NLL per token of its verified traces with and without it);
 the report shows those numbers beside the sources, and says which privileged teachers are no better.
 
@@ -46,9 +46,9 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from pipeline.compute_dtype import DtypeSetting
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig, repeated, require_columns
+from pipeline.core.compute_dtype import DtypeSetting
+from pipeline.core.errors import UserError
+from pipeline.core.step import StepConfig, repeated, require_columns
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "label", "correct", "extracted", "sample_idx")
 TEACHERS_JSON, PROBLEMS_JSONL, REPORT_MD, PLOT_PNG = "teachers.json", "teacher_problems.jsonl", "report.md", \
@@ -203,11 +203,11 @@ def trace_lengths_and_scores(cfg: Config, graded: dict, inputs, out):
 
     from transformers import AutoTokenizer
 
-    from pipeline.console import progress
-    from pipeline.models import resolve_model
+    from pipeline.core.console import progress
+    from pipeline.core.models import resolve_model
     from pipeline.steps.select import arrow_columns, assistant_texts
-    from pipeline.template_check import trained_token_ids
-    from pipeline.token_logprobs import load_scoring_model, score_traces
+    from pipeline.training.template_check import trained_token_ids
+    from pipeline.training.token_logprobs import load_scoring_model, score_traces
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.student, inputs))
     if not tokenizer.chat_template:

@@ -31,9 +31,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from eval.answers import GRADED, LABELS, UNGRADED, Grade, last_boxed
-from pipeline.artifacts import Artifact, Output
-from pipeline.errors import UserError
-from pipeline.steps import StepConfig, require_columns
+from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.errors import UserError
+from pipeline.core.step import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "answer", "completion")
 PROGRESS_FILE = "grades.jsonl"

@@ -1,0 +1,424 @@
+"""`distill`: run recipes, show a workdir's state, print the environment.
+
+Exit codes: 0 success, 1 a step failed, 2 bad input (recipe, override, data, model reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.core.errors import UserError
+from pipeline.core.outputs import add_overwrite_argument
+
+console = Console()
+
+
+def cmd_run(args) -> int:
+    from pipeline.core.recipe import load_recipe
+    from pipeline.core.runner import run_recipe, workdir_for
+
+    recipe = load_recipe(args.recipe, args.override)
+    force = [name for value in args.force for name in value.split(",") if name]
+    if args.seeds is not None:
+        return _run_seeds(recipe, _parse_seeds(args.seeds), args, force)
+    outcomes = run_recipe(recipe, until=args.until, force=force, dry_run=args.dry_run, console=console,
+                          verbose=args.verbose)
+    if outcomes is None:  # this machine only joined another machine's training step
+        return 0
+    _print_outcomes(recipe, outcomes)
+    _write_report(workdir_for(recipe, args.dry_run))
+    return 0
+
+
+def _write_report(workdir: Path) -> None:
+    """The run's page (`distill report`), written after every run so it shows the latest state."""
+    from pipeline.commands.run_report import write_run_report
+
+    console.print(f"run page → {write_run_report(workdir)}", soft_wrap=True)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct integers separated by commas, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def _run_seeds(recipe, seeds: list[int], args, force: list[str]) -> int:
+    """The recipe once per seed, each in <workdir>/seed-N, sharing every step whose key is the same in an earlier
+    seed's workdir; then `distill compare` over their evaluations, also written to <workdir>/compare.md/.json."""
+    from dataclasses import replace
+
+    from pipeline.commands.compare import compare_paths, print_comparison, write_comparison
+    from pipeline.core.runner import prepare_parent_workdir, run_recipe, workdir_for
+
+    parent = recipe.workdir
+    prepare_parent_workdir(parent)
+    workdirs = []
+    for position, seed in enumerate(seeds, 1):
+        seeded = replace(recipe, seed=seed, workdir=parent / f"seed-{seed}",
+                         document={**recipe.document, "seed": seed, "workdir": str(parent / f"seed-{seed}")})
+        console.rule(f"[bold]seed {seed} ({position}/{len(seeds)})")
+        outcomes = run_recipe(seeded, until=args.until, force=force, dry_run=args.dry_run, console=console,
+                              share_from=workdirs, label=f"seed {seed} ({position}/{len(seeds)}) ",
+                              verbose=args.verbose, run_name_prefix=f"{recipe.name}/seed-{seed}")
+        _print_outcomes(seeded, outcomes, prefix=f"seed {seed}: ")
+        workdirs.append(workdir_for(seeded, args.dry_run))
+        _write_report(workdirs[-1])
+    comparison = compare_paths(workdirs)
+    if comparison["evaluations"]:
+        print_comparison(comparison, console)
+        paths = write_comparison(comparison, parent)
+        console.print(f"seeds {','.join(map(str, seeds))} → {parent}; comparison → {', '.join(map(str, paths))}")
+    return 0
+
+
+def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
+    # A cached evaluate step printed nothing this time: show its table again, the run's headline.
+    for outcome in outcomes.values():
+        if outcome.state == "skipped" and recipe.steps[outcome.name].uses == "evaluate":
+            from pipeline.steps.evaluate import print_table
+
+            print_table(json.loads((outcome.artifact.path / "results.json").read_text()))
+    if recipe.rounds:
+        _print_rounds(recipe, outcomes)
+    counts = {state: sum(o.state == state for o in outcomes.values()) for state in ("ran", "copied", "skipped")}
+    copied = f", {counts['copied']} copied" if counts["copied"] else ""
+    console.print(f"[bold]{prefix}{recipe.name}[/bold]: {counts['ran']} step(s) ran{copied}, {counts['skipped']} "
+                  f"skipped → {outcomes[next(reversed(outcomes))].artifact.path.parent}")
+
+
+def _print_rounds(recipe, outcomes) -> None:
+    """For each evaluation after the rounds block that holds two or more of the rounds' models (round 0: the model
+    round 1 starts from): pass@1 by round and each round minus the one before, paired over problems."""
+    from pipeline.commands.compare import by_round
+    from pipeline.core.recipe import split_round
+
+    for outcome in outcomes.values():
+        if recipe.steps[outcome.name].uses != "evaluate" or split_round(outcome.name)[1] is not None:
+            continue  # an evaluate step inside the block already compares its round with the one before
+        results_path = outcome.artifact.path / "results.json"
+        rows = by_round(recipe.rounds.models_by_round(), results_path, json.loads(results_path.read_text()))
+        if not rows:
+            continue
+        table = Table(title=f"{outcome.name}: pass@1 (%) by round; minus the round before, paired over problems")
+        for column in ("round", "model", "benchmark", "pass@1 ± stderr", "minus the round before [95%]", "MDD"):
+            # fold, not cut: a model's name and an interval are read whole even on a narrow terminal
+            table.add_column(column, justify="left" if column in ("model", "benchmark") else "right",
+                             overflow="fold")
+        for row in rows:
+            stderr = "" if row["stderr"] is None else f" ± {100 * row['stderr']:.1f}"
+            paired = row["minus_round_before"]
+            versus = "–" if paired is None else (
+                f"{100 * paired['difference']:+.1f}"
+                + ("" if paired["stderr"] is None else f" ± {100 * paired['stderr']:.1f}")
+                + f" [{100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}]"
+                + ("" if paired["detectable"] else ", no detectable difference"))
+            mdd = "–" if paired is None or paired["mdd"] is None else f"{100 * paired['mdd']:.1f}"
+            table.add_row(str(row["round"]), row["model"], row["benchmark"], f"{100 * row['pass@1']:.1f}{stderr}",
+                          versus, mdd)
+        console.print(table)
+
+
+def cmd_check(args) -> int:
+    """Every training step's rows through its student's chat template, as the trainer will tokenize them
+    (`pipeline.training.template_check`), without loading a model or training. A step whose inputs are not produced yet is
+    listed as not checked: the same check runs when it starts."""
+    from pipeline.core.artifacts import Artifact
+    from pipeline.core.models import resolve_model
+    from pipeline.core.recipe import load_recipe
+    from pipeline.core.runner import plan, workdir_for
+    from pipeline.core.step import step_module
+    from pipeline.training.build import load_tokenizer
+    from pipeline.training.config import TrainingConfig
+
+    recipe = load_recipe(args.recipe, args.override)
+    workdir = workdir_for(recipe, args.dry_run)
+    plans = {step.name: step for step in plan(recipe, dry_run=args.dry_run)}
+    _warn_slow_dtypes(recipe)
+    failed = []
+    for name, step in plans.items():
+        cfg = step.cfg
+        if not isinstance(cfg, TrainingConfig):
+            continue
+        module = step_module(cfg.uses)
+        if not hasattr(module, "template_check"):
+            console.print(f"[dim]-  {name} ({cfg.uses}): nothing to check (teacher and student read the same token "
+                          "ids)[/dim]")
+            continue
+        parents = recipe.dependencies(name)
+        pending = [parent for parent in parents if plans[parent].action == "run"]
+        if pending:
+            console.print(f"[yellow]?[/yellow]  {name} ({cfg.uses}): not checked, {', '.join(pending)} not produced "
+                          f"yet (`distill run {args.recipe} --until {pending[-1]}`); it is checked when it starts")
+            continue
+        inputs = {parent: Artifact.from_dir(workdir / parent) for parent in parents}
+        try:
+            # First the input's columns and rows as the step checks them when it runs, before its template check
+            # (sft: `messages` ending in an assistant turn; redi: prompt, chosen, rejected): a dataset that run
+            # refuses with exit 2 is refused here with the same message, not a traceback from the template check.
+            for prepare in ("prompt_completion_dataset", "preference_dataset"):
+                if hasattr(module, prepare):
+                    getattr(module, prepare)(inputs[cfg.input].dataset(), cfg.input)
+            stats = module.template_check(cfg, inputs, load_tokenizer(cfg, resolve_model(cfg.model, inputs)))
+        except UserError as error:
+            failed.append(name)
+            console.print(f"[red]✗[/red]  {error}", soft_wrap=True)
+            continue
+        console.print(f"[green]✓[/green]  {name} ({cfg.uses}): {stats['template_checked_rows']} rows of {cfg.input!r} "
+                      f"render through the chat template of {cfg.model!r} as they will train")
+    if failed:
+        raise UserError(f"{args.recipe}: the chat-template check failed for {', '.join(failed)} (above)")
+    return 0
+
+
+def _warn_slow_dtypes(recipe) -> None:
+    from pipeline.core.compute_dtype import slow_dtype_warnings
+
+    for warning in slow_dtype_warnings(recipe.steps):
+        console.print(f"[yellow]![/yellow]  {warning}", soft_wrap=True)
+
+
+def cmd_status(args) -> int:
+    if Path(args.path).is_file():
+        return _status_of_recipe(args)
+    if args.override or args.dry_run:
+        raise UserError(f"{args.path}: -o and --dry-run go with a recipe file, not a workdir")
+    from rich.markup import escape
+
+    from pipeline.core.artifacts import UNREADABLE
+    from pipeline.core.runner import status
+
+    args.workdir = args.path
+    rows = status(Path(args.workdir))
+    with_rounds = any(row["round"] is not None for row in rows)  # a recipe with a rounds block
+    table = Table(title=str(args.workdir))
+    for column in ("step", "type", *(["round"] if with_rounds else []), "state", "rows", "seconds", "key"):
+        table.add_column(column, justify="right" if column in ("round", "rows", "seconds") else "left")
+    colors = {"complete": "green", "failed": "red", "incomplete": "yellow", "pending": "dim"}
+    previous_round = None
+    for row in rows:
+        if with_rounds and row["round"] != previous_round:
+            table.add_section()  # a rule between rounds, and around the block
+        previous_round = row["round"]
+        table.add_row(row["step"], escape(row["uses"]), *([str(row["round"] or "")] if with_rounds else []),
+                      f"[{colors[row['state']]}]{row['state']}", "" if row["rows"] is None else str(row["rows"]),
+                      "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["key"] or "")
+    console.print(table)
+    # What `distill run` says of a step whose output is there but not complete (`output_state`), in its words.
+    for row in rows:
+        if row["why"] and not row["refused"]:
+            console.print(f"[yellow]would run[/yellow]  {row['step']}: {escape(row['why'])}", soft_wrap=True)
+    refused = [row for row in rows if row["refused"]]
+    if refused:
+        workdir = Path(args.workdir)
+        raise UserError("; ".join(
+            f"step {row['step']!r}: {row['why']}: " + (
+                f"`distill run` of this workdir's recipe re-runs the step and replaces {workdir / row['step']}"
+                if row["why"].startswith(UNREADABLE) else
+                f"move or remove {workdir / row['step']}, or rename step {row['step']!r} in the recipe")
+            for row in refused))
+    return 0
+
+
+def _status_of_recipe(args) -> int:
+    """What `distill run RECIPE` would run and why, like `dvc status`; runs nothing."""
+    from rich.markup import escape
+
+    from pipeline.core.recipe import load_recipe, split_round
+    from pipeline.core.runner import plan, workdir_for
+
+    recipe = load_recipe(args.path, args.override)
+    steps = plan(recipe, dry_run=args.dry_run)
+    console.print(f"[bold]{args.path}[/bold] → {workdir_for(recipe, args.dry_run)}")
+    _warn_slow_dtypes(recipe)
+    previous_round = None
+    for step in steps:
+        round_number = split_round(step.name)[1]  # only the steps of a rounds block have one
+        if round_number not in (None, previous_round):
+            console.print(f"[bold]{recipe.rounds.title(round_number)}[/bold]")
+        previous_round = round_number
+        state = "[yellow]would run [/yellow]" if step.action == "run" else "[green]up to date[/green]"
+        why = f": {'; '.join(step.reasons)}" if step.reasons else ""
+        indent = "  " if round_number is not None else ""  # a round's steps under its title
+        # soft_wrap: a reason is never cut into pieces, so it can be copied and searched for
+        console.print(f"{indent}{state}  {step.name} ({step.cfg.uses}, key {step.key}){escape(why)}", soft_wrap=True)
+    would_run = sum(step.action == "run" for step in steps)
+    console.print(f"{would_run} step(s) would run, {len(steps) - would_run} up to date")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.commands.run_report import write_run_report
+
+    console.print(f"report → {write_run_report(Path(args.workdir), overwrite=args.overwrite)}", soft_wrap=True)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from pipeline import __version__
+    from pipeline.core.env import device, library_versions
+
+    table = Table(title="distill env")
+    table.add_column("component")
+    table.add_column("version")
+    from pipeline.core.compute_dtype import choose
+
+    for name, version in {"distillery": __version__, **library_versions(), "device": device()}.items():
+        table.add_row(name, version)
+    for use, choice in (("inference", choose()), ("training", choose(training=True))):
+        table.add_row(f"dtype: auto ({use})", f"{choice.dtype}: {choice.reason}")
+    console.print(table)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.commands.compare import COMPARE_JSON, COMPARE_MD, compare_paths, print_comparison, write_comparison
+    from pipeline.core.outputs import COMPARE, claim_dir, make_dir, never_written
+
+    comparison = compare_paths([Path(p) for p in args.paths], args.baseline)
+    if not comparison["evaluations"]:
+        raise UserError(f"{', '.join(args.paths)}: no evaluation results found (results.json of an evaluate step "
+                        "or of `distill eval`)")
+    out = Path(args.out) if args.out else None
+    if out:
+        read = [Path(path) for evaluation in comparison["evaluations"].values() for path in evaluation["paths"]]
+        claim_dir(out, [COMPARE_MD, COMPARE_JSON], COMPARE, overwrite=args.overwrite,
+                  never=never_written(out, read=read))
+    print_comparison(comparison, console)
+    if out:
+        make_dir(out, COMPARE, "--out")
+        console.print(f"comparison → {', '.join(map(str, write_comparison(comparison, out)))}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.steps.evaluate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_export(args) -> int:
+    from pipeline.commands.export import export
+
+    path, rows = export(args.step_dir, args.format, args.out, overwrite=args.overwrite)
+    console.print(f"{rows} rows -> {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipeline.commands.bench import run_benchmarks
+    from pipeline.core.outputs import claim_file, never_written
+
+    if args.json:  # checked before the benchmarks' minutes, written at their end
+        read = [Path(path) for path in (args.recipe, args.model) if Path(path).exists()]
+        claim_file(Path(args.json), overwrite=args.overwrite, never=never_written(Path(args.json), read=read))
+    run_benchmarks(args.targets, args, console)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distill reasoning into language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe (complete steps are skipped)")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe key, e.g. -o steps.samples.n=8 (repeatable)")
+    run.add_argument("--until", metavar="STEP", help="stop after this step")
+    run.add_argument("--force", action="append", default=[], metavar="STEP|all",
+                     help="re-run this step (and the steps after it that read it) even if complete")
+    run.add_argument("--dry-run", action="store_true",
+                     help="every step on a handful of rows with tiny budgets, in <workdir>-dry-run")
+    run.add_argument("--seeds", metavar="S1,S2,...", help=(
+        "run the recipe once per seed, each in <workdir>/seed-S (steps that draw no random numbers, or whose "
+        "`seed` is pinned, are shared), then compare the evaluations across seeds"))
+    run.add_argument("-v", "--verbose", action="store_true", help=(
+        "show what steps and their libraries (vLLM, transformers, datasets, TRL) write as it comes, instead of one "
+        "progress row per step with that output in <workdir>/<step>/log.txt"))
+    run.set_defaults(func=cmd_run)
+
+    compare = commands.add_parser("compare", help="aggregate evaluations across seeds or runs: mean ± sd, pooled, "
+                                                  "paired differences")
+    compare.add_argument("paths", nargs="+", metavar="WORKDIR|RESULTS", help=(
+        "a workdir of `distill run` (its evaluate steps), a --seeds workdir (its seed-N runs), an evaluation dir "
+        "or a results.json"))
+    compare.add_argument("--baseline", metavar="MODEL", help=(
+        "the model the others are compared with (default: each evaluation's own baseline, its first model)"))
+    compare.add_argument("--out", metavar="DIR", help="also write compare.md and compare.json into DIR")
+    add_overwrite_argument(compare, "DIR's compare.md and compare.json")
+    compare.set_defaults(func=cmd_compare)
+
+    stat = commands.add_parser("status", help="what a recipe would run and why (RECIPE), or a workdir's steps (DIR)")
+    stat.add_argument("path", metavar="RECIPE|WORKDIR")
+    stat.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="as for `distill run`: status of the recipe with this key overridden")
+    stat.add_argument("--dry-run", action="store_true", help="status of the recipe's --dry-run workdir")
+    stat.set_defaults(func=cmd_status)
+
+    report = commands.add_parser("report", help="write a run's page: the recipe graph, data funnel, training curves, "
+                                                "evaluations and samples, in WORKDIR/run-report/index.html")
+    report.add_argument("workdir", metavar="WORKDIR", help=(
+        "the workdir of a `distill run`; the page (self-contained, opens from disk) and its data files go in "
+        "WORKDIR/run-report/, which is replaced on each report"))
+    add_overwrite_argument(report, "WORKDIR/run-report/")
+    report.set_defaults(func=cmd_report)
+
+    check = commands.add_parser("check", help="check every training row against its student's chat template, "
+                                              "before training")
+    check.add_argument("recipe")
+    check.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="as for `distill run`")
+    check.add_argument("--dry-run", action="store_true", help="check the recipe's --dry-run workdir")
+    check.set_defaults(func=cmd_check)
+
+    from pipeline.steps.evaluate import add_cli_arguments
+
+    evaluation = commands.add_parser("eval", help="evaluate models on benchmarks (or --rescore a saved run)")
+    add_cli_arguments(evaluation)
+    add_overwrite_argument(evaluation, "--out's (or --rescore's) results.json, samples/, report.md and plots")
+    evaluation.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser("export", help="write a finished dataset step as jsonl, parquet or sharegpt")
+    export.add_argument("step_dir", help="a step dir, e.g. runs/quickstart/sft_data")
+    export.add_argument("--format", required=True, choices=["jsonl", "parquet", "sharegpt"])
+    export.add_argument("--out", help="file to write, new unless --overwrite (default: "
+                                      "STEP_DIR/export/<step><extension>)")
+    add_overwrite_argument(export, "the file it writes")
+    export.set_defaults(func=cmd_export)
+
+    bench = commands.add_parser("bench", help="measure sampling, grading, training and caching side by side")
+    from pipeline.commands.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    add_overwrite_argument(bench, "--json's file")
+    bench.set_defaults(func=cmd_bench)
+
+    env = commands.add_parser("env", help="print library versions and device")
+    env.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
