@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from pipeline.training import launch
-from pipeline.core.artifacts import Artifact, Output
 from pipeline.commands.cli import main
+from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import plan, run_recipe
 from pipeline.steps import redi, sft
+from pipeline.training import launch
 
 CONFIGS = Path("recipes/accelerate")
 EXPECTED = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP",

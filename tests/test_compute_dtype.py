@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from pipeline.core import compute_dtype
-from pipeline.core import runner
 from pipeline.commands.cli import main
+from pipeline.core import compute_dtype, runner
 from pipeline.core.compute_dtype import Hardware, choose
 from pipeline.core.errors import UserError
 

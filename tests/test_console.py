@@ -184,8 +184,8 @@ def test_real_libraries_are_quiet_on_the_console_and_kept_in_the_logs(tmp_path):
 
 
 def test_the_engine_process_reports_its_phases_and_each_finished_sample():
-    from pipeline.engines.generation import generate
     from pipeline.core.models import resolve_model
+    from pipeline.engines.generation import generate
 
     events = []
     prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.benchmarks import BENCHMARKS, load_benchmark
 from eval.answers import grade
+from eval.benchmarks import BENCHMARKS, load_benchmark
 from pipeline.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import pydantic
 import pytest
 
 import pipeline.engines.generation
-from pipeline.text import chat
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.engines.generation import Completion, Generations
 from pipeline.steps import evaluate
+from pipeline.text import chat
 
 
 def make_config(**settings):

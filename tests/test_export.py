@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from pipeline.core.artifacts import COMPLETE, write_json_atomic
 from pipeline.commands.cli import main
+from pipeline.core.artifacts import COMPLETE, write_json_atomic
 
 SFT = [{"id": "a", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
                                 {"role": "assistant", "content": "\\boxed{2}"}]}]

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from eval.benchmarks import load_benchmark
 from eval.answers import MAX_NESTING, grade, last_boxed, too_costly
+from eval.benchmarks import load_benchmark
 from eval.grading_pool import grade_many
 
 

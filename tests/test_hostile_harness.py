@@ -60,8 +60,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
-from pipeline.core.artifacts import Output
 from pipeline.commands.cli import main
+from pipeline.core.artifacts import Output
 from pipeline.core.errors import UserError
 from pipeline.core.recipe import load_recipe
 from pipeline.core.step import StepConfig

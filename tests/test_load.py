@@ -8,11 +8,11 @@ import sys
 import datasets
 import pytest
 
-from pipeline.text import tables
-from pipeline.core.artifacts import Output
 from pipeline.commands.cli import main
+from pipeline.core.artifacts import Output
 from pipeline.core.errors import UserError
 from pipeline.steps.load import Config, run
+from pipeline.text import tables
 from pipeline.text.tables import read_table
 
 ROWS = [{"id": "a", "problem": "1+1?", "answer": 2, "level": 1},

@@ -5,8 +5,18 @@ import math
 
 import pytest
 
-from eval.metrics import (benchmark_scores, compare_to_baseline, maj_at_k, mean_pass_at_k, paired_difference,
-                          pass_at_1, pass_at_k, powers_of_two, removed_problems, text_groups)
+from eval.metrics import (
+    benchmark_scores,
+    compare_to_baseline,
+    maj_at_k,
+    mean_pass_at_k,
+    paired_difference,
+    pass_at_1,
+    pass_at_k,
+    powers_of_two,
+    removed_problems,
+    text_groups,
+)
 
 
 def maj(answers, correct, k):

@@ -7,8 +7,8 @@ import math
 import pytest
 from datasets import Dataset
 
-from pipeline.core.artifacts import Artifact, Output
 from pipeline.commands.cli import main
+from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.core.models import resolve_model
 from pipeline.steps import onpolicy

@@ -14,8 +14,8 @@ import datasets
 import pytest
 from rich.console import Console
 
-from pipeline.core import runner
 from pipeline.commands.cli import main
+from pipeline.core import runner
 from pipeline.core.errors import UserError
 from pipeline.core.outputs import EVAL, mark
 from pipeline.core.recipe import load_recipe

@@ -5,10 +5,10 @@ import json
 import pytest
 from datasets import Dataset
 
-from pipeline.training import privileged_teacher
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.models import resolve_model
 from pipeline.steps import opsd
+from pipeline.training import privileged_teacher
 from pipeline.training.token_logprobs import load_scoring_model, score_traces
 
 

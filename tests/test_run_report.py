@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.commands.run_report import REPORT_DIR, funnel, graph_layout, logged_curves, read_steps, write_run_report
 from pipeline.core.errors import UserError
 from pipeline.core.outputs import RUN_FILE, WORKDIR_MARK
-from pipeline.commands.run_report import REPORT_DIR, funnel, graph_layout, logged_curves, read_steps, write_run_report
 
 DISTILL = str(Path(sys.executable).with_name("distill"))
 

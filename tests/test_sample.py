@@ -5,9 +5,10 @@ from datasets import Dataset
 
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
-from pipeline.engines.generation import chunk_ranges, generate
 from pipeline.core.models import resolve_model
+from pipeline.engines.generation import chunk_ranges, generate
 from pipeline.steps import sample
+from pipeline.text.prompts import render_prompt
 
 PROBLEMS = [
     {"id": "a", "problem": "What is 2 + 3?", "answer": "5"},
@@ -110,7 +111,7 @@ def test_sample_step_refuses_columns_it_would_overwrite(tmp_path):
 
 def test_prompt_template_fills_columns_and_keeps_other_braces():
     row = {"problem": "1 + 1?", "source": "demo"}
-    assert sample.render_prompt("[{source}] {problem} \\boxed{} \\frac{a}{b}", row) == \
+    assert render_prompt("[{source}] {problem} \\boxed{} \\frac{a}{b}", row) == \
         "[demo] 1 + 1? \\boxed{} \\frac{a}{b}"
     with pytest.raises(ValueError, match="problem"):
         sample.Config(uses="sample", input="p", model="builtin:tiny-random", prompt_template="no placeholder")

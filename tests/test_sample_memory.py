@@ -7,9 +7,10 @@ import tracemalloc
 import pytest
 from datasets import Dataset
 
-from pipeline.engines import generation
 from pipeline.core.artifacts import Artifact, Output
+from pipeline.engines import generation
 from pipeline.steps import sample
+from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
 
 class Killed(Exception):
@@ -84,7 +85,7 @@ def test_a_run_resumed_from_shards_writes_the_uninterrupted_runs_dataset(tmp_pat
     assert got["completion"] == [text(f"q{i}", k) for i in range(7) for k in range(3)]
     assert got["reasoning"] == [f"work q{i}" if k else None for i in range(7) for k in range(3)]
     assert got["prompt"][0] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": sample.render_prompt(sample.DEFAULT_PROMPT_TEMPLATE,
+                                {"role": "user", "content": render_prompt(DEFAULT_PROMPT_TEMPLATE,
                                                                                  {"problem": "What is 0 + 1?"})}]
     timings = ("seconds", "chunks_resumed")
     assert {k: v for k, v in resumed.stats.items() if k not in timings} == \

@@ -12,9 +12,9 @@ import datasets
 import pytest
 
 from pipeline.core.errors import UserError
-from pipeline.engines.generation import sample_seed
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import run_recipe
+from pipeline.engines.generation import sample_seed
 from pipeline.steps import sample
 
 KEY_ENV = "DISTILL_TEST_OPENAI_KEY"

@@ -6,8 +6,8 @@ from datasets import Dataset
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.steps import sft
-from pipeline.training.template_check import completion_token_ids
 from pipeline.training.build import model_card
+from pipeline.training.template_check import completion_token_ids
 
 EOS = "<|im_end|>"  # SmolLM2's end of turn, the eos of builtin:tiny-random
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts
 from pipeline.commands.cli import main
+from pipeline.core import artifacts
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import plan, run_recipe, status
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.text import tables
 from pipeline.commands.cli import main
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprints import Fingerprints
+from pipeline.text import tables
 from pipeline.text.tables import read_table
 
 QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "qwen3.jinja"

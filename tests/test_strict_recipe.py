@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from pipeline.core import strict_yaml
 from pipeline.commands.cli import main
+from pipeline.core import strict_yaml
 from pipeline.core.errors import UserError
 from pipeline.core.recipe import load_recipe
 
@@ -332,8 +332,8 @@ def test_a_setting_under_a_user_that_does_not_exist_is_no_traceback(write, capsy
 
 
 def test_the_reserved_names_are_the_ones_distill_writes():
-    from pipeline.core import recipe
     from pipeline.commands.run_report import REPORT_DIR
+    from pipeline.core import recipe
 
     assert recipe.REPORT_DIR == REPORT_DIR
     assert all(not recipe.STEP_NAME.fullmatch(name) for name in

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.text import chat
 from pipeline.core.errors import UserError
+from pipeline.text import chat
 from pipeline.training.template_check import TrainingRow, check_rows, check_teacher_prompts, row_problem
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"

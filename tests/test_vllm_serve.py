@@ -14,10 +14,10 @@ import urllib.request
 import datasets
 import pytest
 
-from pipeline.engines.generation import engine_env_defaults, sample_seed
 from pipeline.core.models import resolve_model
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import run_recipe
+from pipeline.engines.generation import engine_env_defaults, sample_seed
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(3)]
 

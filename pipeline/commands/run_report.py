@@ -594,7 +594,7 @@ def _evaluation_rows(samples, meta: dict, benchmark: str, rows_per_chunk: int):
 def _benchmark_prompts(meta: dict, benchmark: str) -> dict[str, list[dict]]:
     from eval.benchmarks import load_benchmark
     from pipeline.steps.evaluate import _sha256_files
-    from pipeline.steps.sample import render_prompt
+    from pipeline.text.prompts import render_prompt
 
     try:
         source, problems = load_benchmark(benchmark)

@@ -35,8 +35,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.core import strict_yaml
 from pipeline.commands.compare import SEED_DIR
+from pipeline.core import strict_yaml
 from pipeline.core.errors import UserError
 from pipeline.core.models import STEP_PREFIX, check_model_ref
 from pipeline.core.step import StepConfig, config_class

@@ -21,11 +21,11 @@ filesystem: machine 0's runs as always, every other machine's only joins the ste
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import inspect
 import json
-import errno
 import os
 import shutil
 import time
@@ -39,9 +39,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__
-from pipeline.core.artifacts import (COMPLETE, FOREIGN, MANIFEST, NO_OUTPUT, UNREADABLE, Artifact, Output,
-                                clean_leftovers, clean_stale_temp_dirs, complete_key, output_state, publish,
-                                read_manifest, write_json_atomic)
+from pipeline.core.artifacts import (
+    COMPLETE,
+    FOREIGN,
+    MANIFEST,
+    NO_OUTPUT,
+    UNREADABLE,
+    Artifact,
+    Output,
+    clean_leftovers,
+    clean_stale_temp_dirs,
+    complete_key,
+    output_state,
+    publish,
+    read_manifest,
+    write_json_atomic,
+)
 from pipeline.core.console import environment, step_console
 from pipeline.core.env import RUN_NAME_ENV, library_versions, machine_rank_from_environment
 from pipeline.core.errors import UserError

@@ -36,8 +36,16 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from pipeline.core.errors import UserError
-from pipeline.engines.generation import Completion, EngineDied, EngineProcess, Generations, _plan, engine_env_defaults, \
-    engine_settings, usable_cores
+from pipeline.engines.generation import (
+    Completion,
+    EngineDied,
+    EngineProcess,
+    Generations,
+    _plan,
+    engine_env_defaults,
+    engine_settings,
+    usable_cores,
+)
 
 INSTALL_LINE = 'pip install -e ".[ray]"'
 # A local cluster holds only prompts and completions in its object store; Ray's default is 30% of the RAM.

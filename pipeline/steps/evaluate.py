@@ -32,22 +32,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.text import chat
 from pipeline.core.artifacts import Artifact, Output, write_json_atomic
 from pipeline.core.compute_dtype import DtypeSetting
 from pipeline.core.errors import UserError
 from pipeline.core.outputs import EVAL, claim_dir, make_dir, never_written, remove_made
-from pipeline.engines.ray_engine import EngineFields
 from pipeline.core.step import repeated
-from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from pipeline.engines.ray_engine import EngineFields
+from pipeline.text import chat
+from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 from pipeline.training.config import TrackedConfig
 
 # lighteval's MATH prompt, used by open-r1's evaluation
@@ -407,8 +407,8 @@ def _generate_or_resume(cfg: Config, scratch: Path, label: str, model: str, thin
     """
     from dataclasses import asdict
 
-    from pipeline.engines import generation
     from pipeline.core.console import progress
+    from pipeline.engines import generation
 
     problems = [row for spec in cfg.benchmarks for row in suites[spec][1]]
     prompts = [[{"role": "user", "content": render_prompt(cfg.template_text, row)}] for row in problems]
@@ -463,7 +463,7 @@ def report_to_trackers(cfg: Config, document: dict, out: Output) -> None:
     named like a training step's (`pipeline.training.tracking.tracking_run`)."""
     import importlib
 
-    from pipeline.training.tracking import TENSORBOARD_DIR, tracking_run, trackers
+    from pipeline.training.tracking import TENSORBOARD_DIR, trackers, tracking_run
 
     metrics = tracked_metrics(document)
     config = {**cfg.model_dump(mode="json"), "seed": out.seed}

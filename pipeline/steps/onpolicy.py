@@ -33,7 +33,7 @@ from pydantic import Field
 
 from pipeline.core.errors import UserError
 from pipeline.steps.opsd import RolloutConfig, prompt_with_think_prefix, rollouts_fact
-from pipeline.steps.sample import render_prompt
+from pipeline.text.prompts import render_prompt
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
 from pipeline.training.launch import train_here_or_launch
 

@@ -53,7 +53,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.core.errors import UserError
 from pipeline.core.models import resolve_model
 from pipeline.core.step import require_columns
-from pipeline.steps.sample import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
 from pipeline.training.config import TrainingConfig
 from pipeline.training.launch import train_here_or_launch
@@ -212,10 +212,10 @@ def teacher_check(cfg: Config, inputs, out, model_path: str) -> dict:
 
     import torch
 
-    from pipeline.training import privileged_teacher
-    from pipeline.core.console import user_console
-    from pipeline.training.template_check import teacher_prompt
     from pipeline.core.compute_dtype import choose
+    from pipeline.core.console import user_console
+    from pipeline.training import privileged_teacher
+    from pipeline.training.template_check import teacher_prompt
     from pipeline.training.token_logprobs import load_scoring_model
 
     saved = out.scratch / TEACHER_CHECK_FILE
@@ -536,9 +536,11 @@ def opsd_trainer():
         def position_loss(self, student_logits, completion_ids, teacher_hidden, *, teacher_dtype):
             """The per-token loss of some completion positions, from the student's logits [n, V] and the teacher's
             final hidden states [n, H]: TRL's for `distillation_mode`, or the capped full-vocabulary divergence."""
-            from trl.experimental.sdft.loss_utils import (compute_full_logit_self_distillation_loss,
-                                                          compute_sampled_token_self_distillation_loss,
-                                                          compute_topk_self_distillation_loss)
+            from trl.experimental.sdft.loss_utils import (
+                compute_full_logit_self_distillation_loss,
+                compute_sampled_token_self_distillation_loss,
+                compute_topk_self_distillation_loss,
+            )
 
             from pipeline.training.token_logprobs import chunk_logits, head_params
 

@@ -21,9 +21,23 @@ from pydantic import Field, model_validator
 
 from eval.answers import GRADED
 from pipeline.core.step import StepConfig, require_columns
-from pipeline.steps.select import (SAMPLING_COLUMNS, arrow_columns, assistant_texts, message, message_list, numbers,
-                                   problem_index, ranks_in_problem, rows_by_problem, sampling_columns,
-                                   sampling_features, token_counter, token_counts, warn_dry_run_stand_ins, write_rows)
+from pipeline.steps.select import (
+    SAMPLING_COLUMNS,
+    arrow_columns,
+    assistant_texts,
+    message,
+    message_list,
+    numbers,
+    problem_index,
+    ranks_in_problem,
+    rows_by_problem,
+    sampling_columns,
+    sampling_features,
+    token_counter,
+    token_counts,
+    warn_dry_run_stand_ins,
+    write_rows,
+)
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "label", "sample_idx")
 REJECTABLE_LABELS = tuple(label for label in GRADED if label != "correct")  # incorrect, no_answer, truncated

@@ -40,7 +40,6 @@ closes `</think>` without opening it (the template opened it in the prompt) gets
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from typing import ClassVar, Literal
@@ -50,15 +49,13 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.core.artifacts import Artifact, Output, write_json_atomic
 from pipeline.core.compute_dtype import DtypeSetting
 from pipeline.core.errors import UserError
-from pipeline.engines.ray_engine import EngineFields
 from pipeline.core.step import StepConfig
+from pipeline.engines.ray_engine import EngineFields
+from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
-DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 SAMPLE_COLUMNS = ("sample_idx", "prompt", "prompt_text", "completion", "reasoning", "response", "finish_reason",
                   "prompt_tokens", "completion_tokens", "model", "think_prefix")
 SHARD_DIR = "shards"
-# {name} placeholders; braces holding anything else ("\boxed{}", "\frac{a}{b}") stay as written.
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 class Config(DtypeSetting, StepConfig, EngineFields):
@@ -150,21 +147,16 @@ class Config(DtypeSetting, StepConfig, EngineFields):
         return template
 
 
-def render_prompt(template: str, row: dict) -> str:
-    """The template with each {column} placeholder filled from `row`."""
-    return _PLACEHOLDER.sub(lambda m: str(row[m.group(1)]) if m.group(1) in row else m.group(0), template)
-
-
 def chat_messages(cfg: Config, row: dict) -> list[dict]:
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     return messages + [{"role": "user", "content": render_prompt(cfg.prompt_template, row)}]
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
-    from pipeline.text import chat
     from pipeline.core.console import progress
-    from pipeline.engines.generation import Completion, chunk_ranges, generate, generate_openai
     from pipeline.core.models import resolve_model
+    from pipeline.engines.generation import Completion, chunk_ranges, generate, generate_openai
+    from pipeline.text import chat
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)

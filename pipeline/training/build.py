@@ -17,9 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-
 from pipeline.core.errors import UserError
-
 from pipeline.training.config import LoraSettings, TrainingConfig
 from pipeline.training.tracking import LOG_HISTORY, progress_callback, tracking_run
 

@@ -14,10 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.core.compute_dtype import DtypeSetting
 from pipeline.core.step import StepConfig
-
 from pipeline.training.launch import accelerate_settings, join_launch, launch_machines, machine_placement
 from pipeline.training.tracking import check_report_to, check_trackers_installed
-
 
 # ---- settings ---------------------------------------------------------------------------------------------------
 

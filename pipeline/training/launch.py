@@ -22,10 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-
 from pipeline.core.env import MACHINE_RANK_ENV, environment_int, machine_rank_from_environment, set_name
 from pipeline.core.errors import UserError
-
 from pipeline.training.tracking import TENSORBOARD_DIR, tracking_run
 
 if TYPE_CHECKING:  # config imports this module (its checks read the accelerate config)
@@ -206,11 +204,10 @@ def _launch(cfg: TrainingConfig, payload: Path) -> list[str]:
 
 def launched_main(payload_path: str) -> None:
     """Entry point of each `accelerate launch`ed process: run the payload's training step's `train`."""
+    import datasets
     from accelerate import PartialState
 
     from pipeline.core.artifacts import Artifact, Output
-
-    import datasets
 
     # As in the runner: `.map()` on a loaded dataset would write cache files into the input step's dir (shared by
     # every process, of every machine).

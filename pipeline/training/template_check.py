@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pipeline.text.chat import ThinkPrefix, generation_prompt
 from pipeline.core.errors import UserError
+from pipeline.text.chat import ThinkPrefix, generation_prompt
 
 SHOWN_FAILURES = 3  # rows named in the error; the count covers them all
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 
-
 from pipeline.core.env import RUN_NAME_ENV
 from pipeline.core.errors import UserError
 

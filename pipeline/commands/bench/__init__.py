@@ -56,8 +56,8 @@ def run_benchmarks(targets: list[str], opts, console) -> dict:
     from rich.table import Table
 
     from pipeline.core.env import device
-    from pipeline.engines.generation import usable_cores
     from pipeline.core.outputs import write_file
+    from pipeline.engines.generation import usable_cores
 
     chosen = [b for b in BENCHMARKS if b in targets or ("all" in targets and b not in NOT_IN_ALL)]
     if "sample" in chosen and "decode" in chosen:

@@ -150,9 +150,9 @@ def long_samples(spec: dict) -> dict:
 
     import datasets
 
-    from pipeline.engines import generation
     from pipeline.core.artifacts import Artifact, Output
     from pipeline.core.models import resolve_model
+    from pipeline.engines import generation
     from pipeline.steps import sample
 
     datasets.disable_progress_bars()

@@ -99,8 +99,8 @@ def run(opts, console) -> tuple[dict, dict]:
 
     from pipeline.commands.bench import decode
     from pipeline.core.compute_dtype import choose
-    from pipeline.engines.generation import engine_env_defaults
     from pipeline.core.models import resolve_model
+    from pipeline.engines.generation import engine_env_defaults
 
     model_dir = str(resolve_model(opts.model, {}))
     cases = []

@@ -80,8 +80,8 @@ def pathological_completions(rng: random.Random) -> list[str]:
 def teacher_like_samples(samples: int, seed: int = 0) -> tuple[dict, dict]:
     """Two sets of {"completions", "golds", "finish_reasons"}: clean, and with PATHOLOGICAL_FRACTION of the
     completions replaced."""
-    from eval.benchmarks import load_benchmark
     from eval.answers import last_boxed
+    from eval.benchmarks import load_benchmark
     from pipeline.core.errors import UserError
 
     _, math500 = load_benchmark("math500")
