@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test test-all quickstart smoke clean
+.PHONY: install test test-slow test-all quickstart smoke clean
+
+# Two pytest-xdist workers, one core each (tests/conftest.py); a test file runs whole on one worker, so a file's shared
+# fixture (the smoke run) is built once. The ten slowest tests are printed at the end.
+PYTEST := $(BIN)/pytest -q --durations=10
 
 install: $(STAMP)
 
@@ -27,10 +31,13 @@ endif
 	touch $(STAMP)
 
 test: install
-	$(BIN)/pytest -q
+	$(PYTEST) -n 2 --dist loadfile
 
-test-all: install
-	$(BIN)/pytest -q -m "slow or not slow"
+# The tests that need minutes (kill-and-resume, the long hostile profile, ...): one at a time, all cores each.
+test-slow: install
+	$(PYTEST) -m slow
+
+test-all: test test-slow
 
 smoke: install
 	$(BIN)/distill run recipes/smoke.yaml

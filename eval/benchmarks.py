@@ -70,7 +70,8 @@ def load_benchmark(spec: str, limit: int | None = None) -> tuple[Benchmark, list
 
     `limit` and a `:N` suffix both cut to the first problems; with both, the smaller wins.
     """
-    from pipeline.text.tables import check_problems, read_table
+    from pipeline.text.problems import check_problems
+    from pipeline.text.tables import read_table
 
     benchmark = get_benchmark(spec)
     _, suffix_limit = split_spec(spec)

@@ -14,8 +14,9 @@ from datasets import Dataset
 
 from pipeline.commands.cli import main
 from pipeline.core.artifacts import Artifact, Output
+from pipeline.core.keys import plan
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import plan, run_recipe
+from pipeline.core.runner import run_recipe
 from pipeline.steps import redi, sft
 from pipeline.training import launch
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.commands.bench import BENCHMARKS, NOT_IN_ALL, run_benchmarks, run_child
 from pipeline.commands.bench.ray import DRIVER_OWN_PHASES, decode_model, fit, long_chunk, per_gb, problems, summarize
 from pipeline.commands.cli import build_parser, main
-from pipeline.engines.ray_engine import DRIVER_PHASES, RayGenerations
+from pipeline.engines.ray_replicas import DRIVER_PHASES, RayGenerations
 
 
 def test_ray_is_a_benchmark_named_on_its_own_with_its_flags(capsys):
@@ -88,7 +88,7 @@ def test_long_chunk_times_decoding_and_writing_a_shard_of_long_completions():
 
 
 def test_the_sample_step_on_long_completions_reports_seconds_and_memory_per_gb(tmp_path):
-    # in a child process: the case replaces the engine (pipeline.engines.generation.generate) in the process it runs in
+    # in a child process: the case replaces the engine (pipeline.engines.vllm_local.generate) in the process it runs in
     run = run_child("pipeline.commands.bench.ray", {"case": "long_samples", "prompts": 6, "chars": 3000,
                                            "model": "builtin:tiny-random", "workdir": str(tmp_path)})
     assert run["prompts"] == 6 and run["text_gb"] == 0.0 and run["seconds"] > 0 and run["peak_rss_gib"] > 0

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.commands.cli import main
-from pipeline.core import compute_dtype, runner
+from pipeline.core import compute_dtype, keys
 from pipeline.core.compute_dtype import Hardware, choose
 from pipeline.core.errors import UserError
 
@@ -87,9 +87,9 @@ def test_key_and_manifest_carry_the_choice(tmp_path, monkeypatch):
                                  "slow": None}
     from pipeline.core.recipe import load_recipe
 
-    key_here = runner.plan(load_recipe(path))[0].key
+    key_here = keys.plan(load_recipe(path))[0].key
     monkeypatch.setattr(compute_dtype, "hardware", lambda: AMX_CPU)  # the same recipe on a bf16 machine
-    planned = runner.plan(load_recipe(path))[0]
+    planned = keys.plan(load_recipe(path))[0]
     assert planned.key != key_here and planned.inputs["dtype"] == "bfloat16"
     assert planned.action == "run" and "dtype float32 -> bfloat16" in planned.reasons
 

@@ -185,12 +185,14 @@ def test_real_libraries_are_quiet_on_the_console_and_kept_in_the_logs(tmp_path):
 
 def test_the_engine_process_reports_its_phases_and_each_finished_sample():
     from pipeline.core.models import resolve_model
-    from pipeline.engines.generation import generate
+    from pipeline.engines.request import SamplingRequest
+    from pipeline.engines.vllm_local import generate
 
     events = []
     prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(3)]
-    generations = generate(resolve_model("builtin:tiny-random"), prompts, n=2, temperature=1.0, max_tokens=4, seed=0,
-                           chunks=[range(0, 2), range(2, 3)], on_phase=lambda text: events.append(text),
+    request = SamplingRequest(resolve_model("builtin:tiny-random"), prompts, n=2, temperature=1.0, max_tokens=4, seed=0,
+                              chunks=[range(0, 2), range(2, 3)])
+    generations = generate(request, on_phase=lambda text: events.append(text),
                            on_samples=lambda finished: events.append(finished),
                            on_chunk=lambda chunk, completions, seconds: events.append(f"chunk {chunk}"))
     assert sum(len(per_prompt) for per_prompt in generations) == 6

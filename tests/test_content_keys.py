@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.commands.cli import main
 from pipeline.core.fingerprints import Fingerprints
+from pipeline.core.keys import plan
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import plan, run_recipe
+from pipeline.core.runner import run_recipe
 
 RECIPE = """\
 name: keyed
@@ -90,8 +91,8 @@ def test_replacing_a_local_models_weights_reruns_the_steps_that_read_it(setup):
 
 
 def test_a_library_version_change_reruns_the_steps_that_depend_on_it(tmp_path, monkeypatch):
-    """verify depends on math-verify: simulate an upgrade by changing the version the runner reads."""
-    import pipeline.core.runner as runner
+    """verify depends on math-verify: simulate an upgrade by changing the version the plan reads."""
+    import pipeline.core.keys as keys
 
     recipe = tmp_path / "regrade.yaml"
     recipe.write_text(f"""\
@@ -101,12 +102,12 @@ steps:
   completions: {{uses: load, path: data/examples/completions.jsonl, unique_ids: false}}
   graded: {{uses: verify, input: completions, workers: 1}}
 """)
-    real = runner.library_versions()
+    real = keys.library_versions()
     first = run_recipe(load_recipe(recipe))
     assert first["graded"].artifact.path.joinpath("manifest.json").exists()
     manifest = json.loads((first["graded"].artifact.path / "manifest.json").read_text())
     assert manifest["inputs"]["libraries"]["math-verify"] == real["math-verify"]
-    monkeypatch.setattr(runner, "library_versions", lambda: {**real, "math-verify": "99.0.0"})
+    monkeypatch.setattr(keys, "library_versions", lambda: {**real, "math-verify": "99.0.0"})
     why = reasons(recipe)
     assert why == {"completions": [], "graded": [f"math-verify {real['math-verify']} -> 99.0.0"]}
     assert states(run_recipe(load_recipe(recipe))) == {"completions": "skipped", "graded": "ran"}

@@ -1,6 +1,6 @@
 """Two fresh runs of recipes/smoke.yaml on the same machine and versions: which outputs are bit-identical.
 
-Slow (two full smoke runs); `make test-all` runs it. README's determinism table quotes what it found.
+Slow (two full smoke runs); `make test-all` runs it. docs/reproducibility.md's determinism table quotes what it found.
 """
 
 import hashlib

@@ -62,7 +62,7 @@ def test_eval_command_input_errors(argv, message, capsys):
 
 
 def test_a_recipe_step_dir_names_its_model(tmp_path, capsys):
-    from pipeline.steps.evaluate import resolve_cli_model
+    from pipeline.commands.eval_command import resolve_cli_model
 
     step = tmp_path / "sft"
     (step / "model").mkdir(parents=True)

@@ -9,9 +9,11 @@ import datasets
 import pydantic
 import pytest
 
-import pipeline.engines.generation
+import pipeline.engines.vllm_local
+from eval.results import rescore, save_samples
+from eval.run import SHARD_DIR
 from pipeline.core.artifacts import Artifact, Output
-from pipeline.engines.generation import Completion, Generations
+from pipeline.engines.request import Completion, Generations
 from pipeline.steps import evaluate
 from pipeline.text import chat
 
@@ -89,13 +91,15 @@ def arithmetic_answers(model, messages, n, think_prefix):
 
 
 def fake_generate(calls, answers=arithmetic_answers, fail_after_chunks=None):
-    """A stand-in for pipeline.engines.generation.generate with its chunk contract; records each call and the chunks it
+    """A stand-in for pipeline.engines.vllm_local.generate with its chunk contract; records each call and the chunks it
     generated, and raises (as a killed run would stop) once `fail_after_chunks` chunks were handed over."""
 
-    def generate(model, prompts, *, n, seed, think_prefix, ids, chunks, skip_chunks=(), on_chunk=None, **_):
-        todo = [c for c in range(len(chunks)) if c not in set(skip_chunks)]
-        call = {"model": model, "prompts": prompts, "n": n, "ids": ids, "seed": seed, "think_prefix": think_prefix,
-                "chunks": chunks, "generated": []}
+    def generate(request, *, on_chunk=None, **_):
+        model, prompts, n, think_prefix, chunks = (request.model, request.prompts, request.n, request.think_prefix,
+                                                   request.chunks)
+        todo = [c for c in range(len(chunks)) if c not in set(request.skip_chunks)]
+        call = {"model": model, "prompts": prompts, "n": n, "ids": request.ids, "seed": request.seed,
+                "think_prefix": think_prefix, "chunks": chunks, "generated": []}
         calls.append(call)
         out = [[] for _ in prompts]
         for chunk in todo:
@@ -115,14 +119,14 @@ def fake_generate(calls, answers=arithmetic_answers, fail_after_chunks=None):
 def fake_models(monkeypatch):
     """Stand-in generator, and model descriptions that need no tokenizer on disk."""
     calls = []
-    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls))
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", fake_generate(calls))
 
     def describe(model, think_prefix):
         prefix = think_prefix or ""
         return {"path": model, "weights_sha256": None, "chat_template_sha256": "0" * 64, "think_prefix": prefix,
                 "completion_prefix": prefix}
 
-    monkeypatch.setattr(evaluate, "describe_model", describe)
+    monkeypatch.setattr("eval.run.describe_model", describe)
     return calls
 
 
@@ -185,15 +189,15 @@ def test_a_run_killed_mid_benchmark_resumes_losing_at_most_one_chunk(tmp_path, m
     calls = fake_models
     cfg = make_config(models=["step:half", "step:good"], benchmarks=["arith_test:5", "gsm8k:3"], n=2, chunk_size=2)
     # chunks: arith_test 0-1, 2-3, 4; gsm8k 0-1, 2 -- per model
-    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls, fail_after_chunks=3))
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", fake_generate(calls, fail_after_chunks=3))
     with pytest.raises(RuntimeError, match="died"):
         run_evaluate(tmp_path, cfg)
-    shard_dir = tmp_path / "scratch" / evaluate.SHARD_DIR
+    shard_dir = tmp_path / "scratch" / SHARD_DIR
     saved = {path.name: path.stat().st_mtime_ns for path in shard_dir.glob("*.json")}
     assert len(saved) == 3 and calls[0]["generated"] == [0, 1, 2]  # died after the last arith_test chunk
 
     calls.clear()
-    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate(calls))
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", fake_generate(calls))
     _, resumed = run_evaluate(tmp_path, cfg)
     assert [c["generated"] for c in calls] == [[3, 4], [0, 1, 2, 3, 4]]  # nothing generated twice
     assert all(shard_dir.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in saved.items())
@@ -209,22 +213,22 @@ def test_a_run_killed_mid_benchmark_resumes_losing_at_most_one_chunk(tmp_path, m
 def test_rescore_gives_the_run_numbers(tmp_path, fake_models):
     cfg = make_config(models=["step:half", "step:good"], benchmarks=["arith_test:4", "aime24:2"], n=2)
     _, results = run_evaluate(tmp_path, cfg)
-    rescored = evaluate.rescore(tmp_path / "report")
+    rescored = rescore(tmp_path / "report")
     assert rescored["models"] == results["models"]
     assert json.loads((tmp_path / "report" / "results.json").read_text())["models"] == results["models"]
     assert "rescored" in rescored["meta"]
     # what a rescore is for: the grader (here: the completions) changed, and the numbers follow
     samples = datasets.load_from_disk(str(tmp_path / "report" / "samples"))
     wrong = samples.map(lambda row: {"completion": "\\boxed{-1}"})
-    evaluate._save_samples(wrong, tmp_path / "report" / "samples")
-    assert evaluate.rescore(tmp_path / "report")["models"]["step:good"]["arith_test:4"]["pass@1"] == 0.0
+    save_samples(wrong, tmp_path / "report" / "samples")
+    assert rescore(tmp_path / "report")["models"]["step:good"]["arith_test:4"]["pass@1"] == 0.0
 
 
 def test_think_prefix_makes_unclosed_thinking_score_nothing(tmp_path, fake_models, monkeypatch):
     def answers(model, messages, n, think_prefix):
         return [Completion("the product is 304", "stop", 10, 5)] * n
 
-    monkeypatch.setattr(pipeline.engines.generation, "generate", fake_generate([], answers))
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", fake_generate([], answers))
     plain = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="")
     assert run_evaluate(tmp_path / "a", plain)[1]["models"]["step:good"]["arith_test:1"]["pass@1"] == 1.0
     thinking = make_config(models=["step:good"], benchmarks=["arith_test:1"], n=1, think_prefix="<think>\n")

@@ -18,7 +18,7 @@ One contract for every case, every command:
 - nothing outside the workdir changed: the case's whole temp tree (recipe, data files, FIFOs, symlinks; the
   workdir left out) is hashed before and after each command without following links or opening special files;
   `status` and `check` of a recipe whose workdir does not exist yet, and a `run` that exits 2, leave the whole tree
-  as it was (README, "What `distill run` never touches").
+  as it was (docs/reproducibility.md, "What Distillery never touches").
 
 Where a case may be refused or accepted (a lax but harmless coercion such as `rows: "2"`), the oracle says
 "either" and the result, if 0, must still be correct. Where it says "ok" a refusal fails the case; "bad" an accept.

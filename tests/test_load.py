@@ -1,5 +1,6 @@
-"""The load step and pipeline.text.tables: formats, the problems contract, and errors that name the file, line, column
-and row id (exit code 2 through the CLI, no traceback)."""
+"""The load step and the table readers of pipeline.text (tables, json_lines, json_tables, problems): formats, the
+problems contract, and errors that name the file, line, column and row id (exit code 2 through the CLI, no
+traceback)."""
 
 import json
 import re
@@ -12,7 +13,7 @@ from pipeline.commands.cli import main
 from pipeline.core.artifacts import Output
 from pipeline.core.errors import UserError
 from pipeline.steps.load import Config, run
-from pipeline.text import tables
+from pipeline.text import json_lines, json_tables, problems
 from pipeline.text.tables import read_table
 
 ROWS = [{"id": "a", "problem": "1+1?", "answer": 2, "level": 1},
@@ -202,7 +203,8 @@ SCALE_FILES = {  # each of these goes through the streaming reader, or falls bac
 def test_streamed_tables_equal_the_row_by_row_reading(tmp_path, name):
     path = write_jsonl(tmp_path / f"{name}.jsonl", SCALE_FILES[name]())
     fast = read_table(str(path))
-    exact = tables._dataset_from_rows(*tables._read_json_lines(path, str(path)), str(path))  # json.loads, per row
+    rows, lines = json_lines.read_json_lines(path, str(path))  # json.loads, per row
+    exact = json_tables._dataset_from_rows(rows, lines, str(path))
     assert fast.features == exact.features
     assert fast.to_list() == exact.to_list()
 
@@ -276,30 +278,30 @@ def test_arrow_whitespace_is_python_whitespace():
      "line 2, row 1 (id 'b'): empty 'answer'"),  # a Json column, decoded
 ])
 def test_problems_check_finds_the_first_bad_row_across_batches(tmp_path, monkeypatch, rows, message):
-    monkeypatch.setattr(tables, "CHECK_BATCH_ROWS", 2)
+    monkeypatch.setattr(problems, "CHECK_BATCH_ROWS", 2)
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UserError) as err:
-        tables.check_problems(read_table(str(path)), str(path), ["id", "problem", "answer"])
+        problems.check_problems(read_table(str(path)), str(path), ["id", "problem", "answer"])
     assert f"bad.jsonl: {message}" in str(err.value)
 
 
 def test_problems_check_keeps_id_types(tmp_path):
     ints = read_table(str(write_jsonl(tmp_path / "i.jsonl", [{"id": 7, "problem": "p", "answer": "1"}] * 2)))
     with pytest.raises(UserError, match=r"row 1: duplicate id 7$"):
-        tables.check_problems(ints, "i.jsonl", ["id", "problem", "answer"])
+        problems.check_problems(ints, "i.jsonl", ["id", "problem", "answer"])
     floats = read_table(str(write_jsonl(tmp_path / "f.jsonl", [{"id": 1.5, "problem": "p", "answer": "1"},
                                                                 {"id": float("nan"), "problem": "p", "answer": "1"},
                                                                 {"id": float("nan"), "problem": "p", "answer": "1"}])))
     # An id must be a string or an integer: 1.5 would become the id "1.5", NaN or Infinity "nan" / "inf".
     with pytest.raises(UserError, match=r"row 0: id 1.5 is not a string or an integer"):
-        tables.check_problems(floats, "f.jsonl", ["id", "problem", "answer"])
-    tables.check_problems(floats, "f.jsonl", ["problem", "answer"])  # ids are checked only when required
-    tables.check_problems(ints, "i.jsonl", ["problem", "answer"])  # ids are checked only when required
+        problems.check_problems(floats, "f.jsonl", ["id", "problem", "answer"])
+    problems.check_problems(floats, "f.jsonl", ["problem", "answer"])  # ids are checked only when required
+    problems.check_problems(ints, "i.jsonl", ["problem", "answer"])  # ids are checked only when required
 
 
 @pytest.mark.parametrize("name, content, message", [case for case in MALFORMED if case[0].endswith(".jsonl")])
 def test_malformed_lines_are_named_whatever_the_pieces_of_the_first_pass(tmp_path, monkeypatch, name, content, message):
-    monkeypatch.setattr(tables, "PRESCAN_BYTES", 7)  # every line crosses a piece's end
+    monkeypatch.setattr(json_lines, "PRESCAN_BYTES", 7)  # every line crosses a piece's end
     path = tmp_path / name
     path.write_bytes(content.encode("utf-8", "surrogatepass").replace(b"\xc3\xa9", b"\xe9"))
     with pytest.raises(UserError, match=re.escape(str(path))) as err:
@@ -317,5 +319,5 @@ def test_first_pass_counts_rows_and_the_longest_line(tmp_path, monkeypatch, cont
     path = tmp_path / "p.jsonl"
     path.write_bytes(content)
     for piece in (8 << 20, 16, 1):
-        monkeypatch.setattr(tables, "PRESCAN_BYTES", piece)
-        assert tables._prescan(path, "p.jsonl") == (rows, longest), piece
+        monkeypatch.setattr(json_lines, "PRESCAN_BYTES", piece)
+        assert json_lines.prescan(path, "p.jsonl") == (rows, longest), piece

@@ -11,6 +11,7 @@ from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.core.recipe import load_recipe
 from pipeline.steps import opsd
+from pipeline.training.opsd_trainer import copies_ngram, per_token_divergence
 from pipeline.training.template_check import teacher_prompt
 
 
@@ -57,22 +58,22 @@ def test_divergence_is_trls_uncapped_and_each_entry_is_capped(beta):
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 50, generator=generator) * 3
     expected = compute_full_logit_self_distillation_loss(student, teacher, distillation_alpha=beta)
-    assert torch.allclose(opsd.per_token_divergence(student, teacher, beta), expected, atol=1e-5)
+    assert torch.allclose(per_token_divergence(student, teacher, beta), expected, atol=1e-5)
 
-    capped = opsd.per_token_divergence(student, teacher, beta, cap=0.01)
+    capped = per_token_divergence(student, teacher, beta, cap=0.01)
     assert (capped <= 50 * 0.01 + 1e-6).all() and (capped < expected).any()
     assert (capped >= 0).all()  # a cap never makes the divergence negative (an exploitable objective)
     # Capped entries pass no gradient; the others do.
     student.requires_grad_(True)
-    opsd.per_token_divergence(student, teacher, beta, cap=0.01).sum().backward()
+    per_token_divergence(student, teacher, beta, cap=0.01).sum().backward()
     assert student.grad.abs().sum() > 0
 
 
 def test_leak_check_finds_long_shared_ngrams_only():
     context = list(range(100, 140))
-    assert opsd.copies_ngram([1, 2] + context[5:25] + [3], context, 20)
-    assert not opsd.copies_ngram([1, 2] + context[5:24] + [3] + context[24:30], context, 20)  # 19, then 6
-    assert not opsd.copies_ngram(context[:10], context, 20)  # shorter than n
+    assert copies_ngram([1, 2] + context[5:25] + [3], context, 20)
+    assert not copies_ngram([1, 2] + context[5:24] + [3] + context[24:30], context, 20)  # 19, then 6
+    assert not copies_ngram(context[:10], context, 20)  # shorter than n
 
 
 def test_data_from_templates_graded_samples_and_opsd_rows(problems):
@@ -179,7 +180,7 @@ def test_gradients_reach_only_the_student(problems, tmp_path):
                          ids=["jsd", "forward-kl-capped", "topk", "sampled-token", "full-finetune-frozen-copy"])
 def test_chunked_loss_and_gradients_equal_trls_full_logits(problems, tmp_path, monkeypatch, settings):
     """compute_loss scores 3 positions at a time from hidden states; TRL's loss from the full logits is the same."""
-    monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 3)
+    monkeypatch.setattr("pipeline.training.opsd_trainer.SCORE_CHUNK_SIZE", 3)
     trainer, _ = opsd.build_trainer(config(dtype="float32", **settings), problems, output(tmp_path))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
@@ -194,7 +195,7 @@ def test_chunked_loss_and_gradients_equal_trls_full_logits(problems, tmp_path, m
     if trainer.divergence_cap is None:
         expected = trainer._compute_self_distillation_loss(trainer.model, batch, logits)  # TRL's own
     else:
-        per_token = opsd.per_token_divergence(logits.student_logits, logits.teacher_logits, 0.0, 0.05)
+        per_token = per_token_divergence(logits.student_logits, logits.teacher_logits, 0.0, 0.05)
         mask = logits.loss_mask
         expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     full_grads = torch.autograd.grad(expected, [param for _, param in trained])
@@ -222,7 +223,7 @@ def test_chunked_loss_never_holds_the_logits_of_every_completion_position(proble
                     self.positions = max(self.positions, tensor.numel() // vocab)
             return result
 
-    monkeypatch.setattr(opsd, "SCORE_CHUNK_SIZE", 4)
+    monkeypatch.setattr("pipeline.training.opsd_trainer.SCORE_CHUNK_SIZE", 4)
     trainer, _ = opsd.build_trainer(config(dtype="float32"), problems, output(tmp_path))
     vocab, hidden = trainer.model.config.vocab_size, trainer.model.config.hidden_size
     trainer.model.train()

@@ -19,6 +19,7 @@ from pipeline.core import runner
 from pipeline.core.errors import UserError
 from pipeline.core.outputs import EVAL, mark
 from pipeline.core.recipe import load_recipe
+from pipeline.core.workdir import workdir_lock
 
 ROWS = '{"id": "a", "problem": "1 + 1?", "answer": "2"}\n{"id": "b", "problem": "2 + 2?", "answer": "4"}\n'
 RESULTS = {"models": {"m": {"arith_test:2": {"pass@1": 0.5, "stderr": 0.5, "per_problem": {"a": [1, 1], "b": [0, 1]}}}},
@@ -136,7 +137,7 @@ def test_eval_out_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys)
 
 def test_report_while_a_run_holds_the_workdir_is_refused(project, capsys):
     workdir = project / "runs" / "safety"
-    with runner.workdir_lock(workdir), refused(project, capsys, str(workdir), "is using this workdir") as exit_code:
+    with workdir_lock(workdir), refused(project, capsys, str(workdir), "is using this workdir") as exit_code:
         exit_code(main(["report", str(workdir)]))
     assert main(["report", str(workdir)]) == 0
 

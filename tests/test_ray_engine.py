@@ -51,7 +51,8 @@ def test_ray_settings_are_refused_with_the_local_engine(capsys):
 def test_the_local_engine_never_imports_ray():
     check = ("import sys; from pipeline.core.recipe import load_recipe; "
              f"load_recipe({str(REPO / 'recipes' / 'smoke.yaml')!r}, []); "
-             "import pipeline.steps.sample, pipeline.steps.evaluate, pipeline.engines.generation, pipeline.commands.cli; "
+             "import pipeline.steps.sample, pipeline.steps.evaluate, pipeline.engines.vllm_local, "
+             "pipeline.commands.cli; "
              "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO)
 

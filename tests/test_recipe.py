@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.commands.cli import main
-from pipeline.core.recipe import apply_override, load_recipe
+from pipeline.core.document import apply_override
+from pipeline.core.recipe import load_recipe
 
 GOOD = """\
 name: t

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.keys import dry_run_config, plan
 from pipeline.core.models import hub_revision, is_hub_id
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import dry_run_config, plan
 
 RECIPES = sorted(Path("recipes").glob("*.yaml"))
 OVERRIDES = {"eval-r1": ["models.model=builtin:smollm2-135m-instruct"]}

@@ -9,6 +9,7 @@ from datasets import Dataset
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.steps import merge, redi, sft
+from pipeline.training.redi_trainer import redi_loss
 
 
 def pair_rows(count):
@@ -45,13 +46,13 @@ def test_redi_loss_matches_a_hand_computation():
 
     expected = sum(-c / lc + 0.8 * r / lr for c, lc, r, lr in zip(
         chosen_logps.tolist(), chosen_lengths.tolist(), rejected_logps.tolist(), rejected_lengths.tolist())) / 6
-    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths).item() == pytest.approx(
+    assert redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths).item() == pytest.approx(
         expected, rel=1e-6)
     # alpha = 0: length-normalised SFT on the chosen, whatever the rejected are.
     sft_loss = -(chosen_logps / chosen_lengths).mean()
-    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps * 3, rejected_lengths,
-                          alpha=0.0).item() == pytest.approx(sft_loss.item(), rel=1e-6)
-    assert redi.redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, alpha=1.0).item() == \
+    assert redi_loss(chosen_logps, chosen_lengths, rejected_logps * 3, rejected_lengths,
+                     alpha=0.0).item() == pytest.approx(sft_loss.item(), rel=1e-6)
+    assert redi_loss(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths, alpha=1.0).item() == \
         pytest.approx((-(chosen_logps / chosen_lengths) + rejected_logps / rejected_lengths).mean().item(), rel=1e-6)
 
 
@@ -59,7 +60,7 @@ def test_gradients_reach_both_terms():
     chosen_logps = torch.tensor([-12.0, -30.0], requires_grad=True)
     rejected_logps = torch.tensor([-8.0, -20.0], requires_grad=True)
     lengths_chosen, lengths_rejected = torch.tensor([4, 10]), torch.tensor([2, 5])
-    redi.redi_loss(chosen_logps, lengths_chosen, rejected_logps, lengths_rejected, alpha=0.8).backward()
+    redi_loss(chosen_logps, lengths_chosen, rejected_logps, lengths_rejected, alpha=0.8).backward()
     # d/d chosen = -1 / (n * len); d/d rejected = alpha / (n * len): raise the chosen, lower the rejected.
     assert chosen_logps.grad.tolist() == pytest.approx([-1 / 8, -1 / 20])
     assert rejected_logps.grad.tolist() == pytest.approx([0.8 / 4, 0.8 / 10])
@@ -302,7 +303,7 @@ def test_heads_the_chunks_would_get_wrong_are_refused():
 def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_path, monkeypatch, lora,
                                                                      one_sequence_at_a_time):
     # 7 positions per chunk: the completions' token counts are not multiples of it, and each spans several chunks.
-    monkeypatch.setattr(redi, "LOGPROB_CHUNK_SIZE", 7)
+    monkeypatch.setattr("pipeline.training.redi_trainer.LOGPROB_CHUNK_SIZE", 7)
     cfg = config(lora=lora, dtype="float32", one_sequence_at_a_time=one_sequence_at_a_time)
     trainer, _, _ = redi.build_trainer(cfg, {"pairs": pairs}, output(tmp_path))
     model = trainer.model
@@ -322,7 +323,7 @@ def test_trainer_loss_and_gradients_equal_the_unchunked_computation(pairs, tmp_p
     token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     logps, lengths = (token_logps * (labels != -100)).sum(1), (labels != -100).sum(1)
     assert lengths.max() > 2 * 7
-    expected = redi.redi_loss(logps[:4], lengths[:4], logps[4:], lengths[4:], alpha=0.8)
+    expected = redi_loss(logps[:4], lengths[:4], logps[4:], lengths[4:], alpha=0.8)
     full_grads = torch.autograd.grad(expected, [param for _, param in trained])
 
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
@@ -364,7 +365,7 @@ def test_use_liger_kernel_trains_the_redi_loss(pairs, tmp_path, monkeypatch):
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
     token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     logps, lengths = (token_logps * (labels != -100)).sum(1), (labels != -100).sum(1)
-    expected = redi.redi_loss(logps[:8], lengths[:8], logps[8:], lengths[8:], alpha=0.8).item()
+    expected = redi_loss(logps[:8], lengths[:8], logps[8:], lengths[8:], alpha=0.8).item()
     dpo_loss = -torch.nn.functional.logsigmoid(torch.tensor(0.0)).item()  # DPO's loss at the start: log 2
 
     trainer.train()

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.commands.cli import main
+from pipeline.core.keys import plan
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import plan, status
+from pipeline.core.status import status
 
 TINY = "builtin:tiny-random"
 RECIPE = """\
@@ -179,7 +180,7 @@ def test_the_run_page_plots_accuracy_by_round_with_paired_intervals(recipe_path,
     import re
     from types import SimpleNamespace
 
-    from pipeline.commands.run_report import rounds_section
+    from pipeline.commands.run_report.evaluations import rounds_section
 
     by_round_results(tmp_path)
     step = SimpleNamespace(name="report", path=tmp_path)

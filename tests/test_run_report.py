@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.run_report import REPORT_DIR, funnel, graph_layout, logged_curves, read_steps, write_run_report
+from pipeline.commands.run_report.curves import logged_curves
+from pipeline.commands.run_report.funnel import funnel
+from pipeline.commands.run_report.graph import graph_layout
+from pipeline.commands.run_report.page import REPORT_DIR, write_run_report
+from pipeline.commands.run_report.step_views import read_steps
 from pipeline.core.errors import UserError
 from pipeline.core.outputs import RUN_FILE, WORKDIR_MARK
 
@@ -213,7 +217,7 @@ def graded_workdir(path: Path) -> Path:
     import datasets
 
     from eval.benchmarks import load_benchmark
-    from pipeline.steps.evaluate import _sha256_files
+    from eval.run import sha256_files
 
     workdir = make_workdir(path, {
         "graded": {"uses": "verify", "produces": "dataset", "stats": {"rows": 45, "problems": 3, "label_correct": 15,
@@ -227,7 +231,7 @@ def graded_workdir(path: Path) -> Path:
     datasets.Dataset.from_list(rows).save_to_disk(str(workdir / "graded" / "data"))
     benchmark, problems = load_benchmark("arith_test", 2)
     meta = {"n": {"arith_test": 1}, "models": {"student": {"completion_prefix": ""}},
-            "benchmarks": {"arith_test": {"sha256": _sha256_files([benchmark.path])}},
+            "benchmarks": {"arith_test": {"sha256": sha256_files([benchmark.path])}},
             "prompt_template": "Solve: {problem}"}
     (workdir / "report" / "results.json").write_text(json.dumps({"models": {}, "meta": meta}))
     (workdir / "report" / "report.md").write_text("# Evaluation report\n\n| model | pass@1 |\n|---|---|\n"

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.commands.cli import main
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import run_recipe, status
+from pipeline.core.runner import run_recipe
+from pipeline.core.status import status
 
 RECIPE = """\
 name: chain

@@ -6,7 +6,8 @@ from datasets import Dataset
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.core.models import resolve_model
-from pipeline.engines.generation import chunk_ranges, generate
+from pipeline.engines.request import SamplingRequest, chunk_ranges
+from pipeline.engines.vllm_local import generate
 from pipeline.steps import sample
 from pipeline.text.prompts import render_prompt
 
@@ -36,10 +37,10 @@ def run_sample(tmp_path, inputs, **config):
 def test_same_seed_same_samples_other_seed_other_samples(tiny_model):
     prompts = [[{"role": "user", "content": row["problem"]}] for row in PROBLEMS]
     settings = dict(n=2, temperature=1.0, max_tokens=12, seed=3)
-    first = generate(tiny_model, prompts, **settings)
-    second = generate(tiny_model, prompts, **settings)  # a second engine in the same process
+    first = generate(SamplingRequest(tiny_model, prompts, **settings))
+    second = generate(SamplingRequest(tiny_model, prompts, **settings))  # a second engine in the same process
 
-    other_seed = generate(tiny_model, prompts, **{**settings, "seed": 4})
+    other_seed = generate(SamplingRequest(tiny_model, prompts, **{**settings, "seed": 4}))
 
     texts = [[c.text for c in per_prompt] for per_prompt in first]
     assert texts == [[c.text for c in per_prompt] for per_prompt in second]
@@ -58,7 +59,7 @@ def test_same_seed_same_samples_other_seed_other_samples(tiny_model):
 def test_prompts_use_the_chat_template_then_the_think_prefix(tiny_model):
     from transformers import AutoTokenizer
 
-    from pipeline.engines.generation import _render
+    from pipeline.engines.vllm_local import _render
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     messages = [{"role": "user", "content": "hi"}]
@@ -128,8 +129,10 @@ def test_skipping_finished_chunks_gives_the_same_samples(tiny_model):
     prompts = [[{"role": "user", "content": f"What is {i} + {3 * i}?"}] for i in range(5)]
     settings = dict(n=2, temperature=1.0, max_tokens=10, seed=5, chunks=chunk_ranges([5], 2))
     reported = {}
-    full = generate(tiny_model, prompts, on_chunk=lambda c, comps, s: reported.setdefault(c, comps), **settings)
-    resumed = generate(tiny_model, prompts, skip_chunks={0}, **settings)  # chunk 0 "finished before a kill"
+    full = generate(SamplingRequest(tiny_model, prompts, **settings),
+                    on_chunk=lambda c, comps, s: reported.setdefault(c, comps))
+    # chunk 0 "finished before a kill"
+    resumed = generate(SamplingRequest(tiny_model, prompts, skip_chunks={0}, **settings))
 
     texts = [[c.text for c in per_prompt] for per_prompt in full]
     assert sorted(reported) == [0, 1, 2] and [len(comps) for comps in reported.values()] == [2, 2, 1]

@@ -8,7 +8,8 @@ import pytest
 from datasets import Dataset
 
 from pipeline.core.artifacts import Artifact, Output
-from pipeline.engines import generation
+from pipeline.engines import vllm_local
+from pipeline.engines.request import Completion, Generations
 from pipeline.steps import sample
 from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
@@ -20,21 +21,21 @@ class Killed(Exception):
 def stand_in(text, *, stop_after=None, on_start=None):
     """An engine that hands out `text(problem id, k)` chunk by chunk through `on_chunk`, as the engines do (keeping
     every Completion in the list it returns); with `stop_after`, it dies after that many chunks."""
-    def generate(model, prompts, *, n, ids, chunks, skip_chunks, on_chunk, **_):
+    def generate(request, *, on_chunk, **_):
         if on_start is not None:
             on_start()
-        completions, done = [[] for _ in prompts], 0
-        for chunk, rows in enumerate(chunks):
-            if chunk in skip_chunks:
+        completions, done = [[] for _ in request.prompts], 0
+        for chunk, rows in enumerate(request.chunks):
+            if chunk in request.skip_chunks:
                 continue
             if done == stop_after:
                 raise Killed
-            made = [[generation.Completion(text(ids[p], k), ("stop", "length")[(p + k) % 2], 10 + p, 100 + k)
-                     for k in range(n)] for p in rows]
+            made = [[Completion(text(request.ids[p], k), ("stop", "length")[(p + k) % 2], 10 + p, 100 + k)
+                     for k in range(request.n)] for p in rows]
             completions[rows.start:rows.stop] = made
             on_chunk(chunk, made, 0.5 + chunk)
             done += 1
-        return generation.Generations(completions, load_seconds=2.0)
+        return Generations(completions, load_seconds=2.0)
     return generate
 
 
@@ -44,7 +45,7 @@ def run_sample(workdir, count, monkeypatch, text, *, stop_after=None, on_start=N
     if not (workdir / "problems").exists():
         problems = Dataset.from_list(rows) if rows else Dataset.from_dict({"id": [], "problem": [], "answer": []})
         problems.save_to_disk(str(workdir / "problems" / "data"), num_shards=1)
-    monkeypatch.setattr(generation, "generate", stand_in(text, stop_after=stop_after, on_start=on_start))
+    monkeypatch.setattr(vllm_local, "generate", stand_in(text, stop_after=stop_after, on_start=on_start))
     cfg = sample.Config(uses="sample", input="problems", model="builtin:tiny-random", **config)
     out = Output(name="samples", kind="dataset", dir=workdir / "samples", scratch=workdir / "scratch", seed=0)
     return sample.run(cfg, {"problems": Artifact("problems", "dataset", workdir / "problems")}, out)

@@ -14,7 +14,7 @@ import pytest
 from pipeline.core.errors import UserError
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import run_recipe
-from pipeline.engines.generation import sample_seed
+from pipeline.engines.request import sample_seed
 from pipeline.steps import sample
 
 KEY_ENV = "DISTILL_TEST_OPENAI_KEY"
@@ -239,7 +239,7 @@ def test_reasoning_returned_apart_is_kept_and_a_cut_inside_it_grades_truncated(t
 def test_a_reply_that_closes_a_think_span_the_template_opened_gets_its_opener():
     from openai.types.chat import ChatCompletionMessage
 
-    from pipeline.engines.generation import completion_text
+    from pipeline.engines.openai_client import completion_text
 
     def text(finish_reason="stop", **fields):
         return completion_text(ChatCompletionMessage(role="assistant", **fields), finish_reason)

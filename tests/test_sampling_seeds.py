@@ -2,13 +2,15 @@
 problems, benchmarks, limits, chunk sizes or n that share the run, and a killed evaluate resumes chunk by chunk.
 
 tiny-random's matmuls round the same in any batch on this CPU, so these tests see the seeds alone; with bfloat16
-weights of a real model, what shares a chunk can still change some samples by rounding (pipeline/engines/generation.py).
+weights of a real model, what shares a chunk can still change some samples by rounding (pipeline/engines/vllm_local.py).
 """
 
 import datasets
 import pytest
 
-import pipeline.engines.generation
+import pipeline.engines.vllm_local
+from eval.results import SAMPLES_DIR
+from eval.run import SHARD_DIR, evaluate_models
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.models import resolve_model
 from pipeline.steps import evaluate, sample
@@ -49,8 +51,8 @@ def test_sample_step_samples_do_not_depend_on_chunk_size_other_problems_or_n(tmp
 
 def evaluate_tiny(workdir, model_dir, **settings):
     cfg = evaluate.Config(uses="evaluate", models=[TINY], preset="quick", max_tokens=8, workers=1, **settings)
-    evaluate.evaluate_models(cfg, {TINY: model_dir}, workdir, workdir / ".scratch", seed=3)
-    return datasets.load_from_disk(str(workdir / evaluate.SAMPLES_DIR)).to_list()
+    evaluate_models(cfg, {TINY: model_dir}, workdir, workdir / ".scratch", seed=3)
+    return datasets.load_from_disk(str(workdir / SAMPLES_DIR)).to_list()
 
 
 def test_aime24_samples_do_not_depend_on_other_benchmarks_limits_or_chunk_size(tmp_path, tiny_model):
@@ -72,39 +74,39 @@ class Killed(Exception):
 
 def test_a_killed_evaluate_resumes_and_loses_at_most_one_chunk(tmp_path, tiny_model, monkeypatch):
     settings = dict(benchmarks=["aime24:3", "gsm8k:3"], n=2, chunk_size=2)  # chunks: aime24 2 + 1, gsm8k 2 + 1
-    real_generate = pipeline.engines.generation.generate
+    real_generate = pipeline.engines.vllm_local.generate
 
-    def dies_after_the_first_chunk(*args, on_chunk, **kwargs):
+    def dies_after_the_first_chunk(request, *, on_chunk, **kwargs):
         def save_then_die(chunk, completions, seconds):
             on_chunk(chunk, completions, seconds)
             raise Killed  # the engine process goes with it, as with a kill
 
-        return real_generate(*args, on_chunk=save_then_die, **kwargs)
+        return real_generate(request, on_chunk=save_then_die, **kwargs)
 
-    monkeypatch.setattr(pipeline.engines.generation, "generate", dies_after_the_first_chunk)
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", dies_after_the_first_chunk)
     with pytest.raises(Killed):
         evaluate_tiny(tmp_path / "run", tiny_model, **settings)
-    shards = list((tmp_path / "run" / ".scratch" / evaluate.SHARD_DIR).glob("*.json"))
+    shards = list((tmp_path / "run" / ".scratch" / SHARD_DIR).glob("*.json"))
     assert len(shards) == 1
     first_shard, saved_at = shards[0], shards[0].stat().st_mtime_ns
 
     generated, skipped = [], []
 
-    def counting(*args, on_chunk, skip_chunks, **kwargs):
-        skipped.extend(skip_chunks)
+    def counting(request, *, on_chunk, **kwargs):
+        skipped.extend(request.skip_chunks)
 
         def count_then_save(chunk, completions, seconds):
             generated.append(chunk)
             on_chunk(chunk, completions, seconds)
 
-        return real_generate(*args, on_chunk=count_then_save, skip_chunks=skip_chunks, **kwargs)
+        return real_generate(request, on_chunk=count_then_save, **kwargs)
 
-    monkeypatch.setattr(pipeline.engines.generation, "generate", counting)
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", counting)
     resumed = evaluate_tiny(tmp_path / "run", tiny_model, **settings)
     assert skipped == [0] and generated == [1, 2, 3]
     assert first_shard.stat().st_mtime_ns == saved_at  # the saved chunk was read, not written again
 
-    monkeypatch.setattr(pipeline.engines.generation, "generate", real_generate)
+    monkeypatch.setattr(pipeline.engines.vllm_local, "generate", real_generate)
     uninterrupted = evaluate_tiny(tmp_path / "fresh", tiny_model, **settings)
     assert [r["completion"] for r in resumed] == [r["completion"] for r in uninterrupted]
     assert len(resumed) == (3 + 3) * 2

@@ -17,8 +17,10 @@ import pytest
 
 from pipeline.commands.cli import main
 from pipeline.core import artifacts
+from pipeline.core.keys import plan
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import plan, run_recipe, status
+from pipeline.core.runner import run_recipe
+from pipeline.core.status import status
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -290,9 +292,9 @@ def test_keys_name_files_by_content_not_where_they_live(tmp_path, monkeypatch, c
     # another checkout: the package's benchmarks (the same bytes) at another path
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO / "eval", checkout / "eval", ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import json, sys; sys.path.insert(0, %r); import eval, pipeline.core.runner as r; "
+    code = ("import json, sys; sys.path.insert(0, %r); import eval, pipeline.core.keys as k; "
             "from pipeline.core.recipe import load_recipe; assert eval.__file__.startswith(%r), eval.__file__; "
-            "print(json.dumps({s.name: [s.key, s.reasons] for s in r.plan(load_recipe('recipe.yaml'))}))"
+            "print(json.dumps({s.name: [s.key, s.reasons] for s in k.plan(load_recipe('recipe.yaml'))}))"
             % (str(checkout), str(checkout)))
     result = subprocess.run([sys.executable, "-c", code], cwd=moved, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

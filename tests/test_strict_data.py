@@ -14,7 +14,7 @@ import pytest
 from pipeline.commands.cli import main
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprints import Fingerprints
-from pipeline.text import tables
+from pipeline.text import problems
 from pipeline.text.tables import read_table
 
 QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "qwen3.jinja"
@@ -118,12 +118,12 @@ def test_parquet_problem_that_is_an_object_is_refused(tmp_path, capsys):
 
 
 def test_first_bad_value_is_found_across_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(tables, "CHECK_BATCH_ROWS", 2)
+    monkeypatch.setattr(problems, "CHECK_BATCH_ROWS", 2)
     rows = [{"id": f"r{i}", "problem": "p", "answer": 1.5} for i in range(5)] + ['{"id": "x", "problem": "p", '
                                                                                   '"answer": NaN}']
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(UserError, match=r"line 6, row 5 \(id 'x'\): 'answer' is NaN"):
-        tables.check_problems(read_table(data), str(data), ["id", "problem", "answer"])
+        problems.check_problems(read_table(data), str(data), ["id", "problem", "answer"])
 
 
 def test_numbers_still_load_as_strings_and_benchmarks_still_load(tmp_path, capsys):
@@ -137,7 +137,7 @@ def test_numbers_still_load_as_strings_and_benchmarks_still_load(tmp_path, capsy
     from eval.benchmarks import BENCHMARK_DIR
 
     for path in sorted(BENCHMARK_DIR.glob("*.jsonl")):
-        tables.check_problems(read_table(path), str(path), ["id", "problem", "answer"])
+        problems.check_problems(read_table(path), str(path), ["id", "problem", "answer"])
 
 
 # --- columns: one source per name ----------------------------------------------------------------------------------

@@ -332,7 +332,7 @@ def test_a_setting_under_a_user_that_does_not_exist_is_no_traceback(write, capsy
 
 
 def test_the_reserved_names_are_the_ones_distill_writes():
-    from pipeline.commands.run_report import REPORT_DIR
+    from pipeline.commands.run_report.page import REPORT_DIR
     from pipeline.core import recipe
 
     assert recipe.REPORT_DIR == REPORT_DIR

@@ -17,7 +17,8 @@ import pytest
 from pipeline.core.models import resolve_model
 from pipeline.core.recipe import load_recipe
 from pipeline.core.runner import run_recipe
-from pipeline.engines.generation import engine_env_defaults, sample_seed
+from pipeline.engines.request import sample_seed
+from pipeline.engines.vllm_local import engine_env_defaults
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(3)]
 

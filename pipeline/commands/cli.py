@@ -21,7 +21,8 @@ console = Console()
 
 def cmd_run(args) -> int:
     from pipeline.core.recipe import load_recipe
-    from pipeline.core.runner import run_recipe, workdir_for
+    from pipeline.core.runner import run_recipe
+    from pipeline.core.workdir import workdir_for
 
     recipe = load_recipe(args.recipe, args.override)
     force = [name for value in args.force for name in value.split(",") if name]
@@ -38,7 +39,7 @@ def cmd_run(args) -> int:
 
 def _write_report(workdir: Path) -> None:
     """The run's page (`distill report`), written after every run so it shows the latest state."""
-    from pipeline.commands.run_report import write_run_report
+    from pipeline.commands.run_report.page import write_run_report
 
     console.print(f"run page → {write_run_report(workdir)}", soft_wrap=True)
 
@@ -59,14 +60,15 @@ def _run_seeds(recipe, seeds: list[int], args, force: list[str]) -> int:
     from dataclasses import replace
 
     from pipeline.commands.compare import compare_paths, print_comparison, write_comparison
-    from pipeline.core.runner import prepare_parent_workdir, run_recipe, workdir_for
+    from pipeline.core.runner import run_recipe
+    from pipeline.core.workdir import prepare_parent_workdir, seed_workdir, workdir_for
 
     parent = recipe.workdir
     prepare_parent_workdir(parent)
     workdirs = []
     for position, seed in enumerate(seeds, 1):
-        seeded = replace(recipe, seed=seed, workdir=parent / f"seed-{seed}",
-                         document={**recipe.document, "seed": seed, "workdir": str(parent / f"seed-{seed}")})
+        seeded = replace(recipe, seed=seed, workdir=seed_workdir(parent, seed),
+                         document={**recipe.document, "seed": seed, "workdir": str(seed_workdir(parent, seed))})
         console.rule(f"[bold]seed {seed} ({position}/{len(seeds)})")
         outcomes = run_recipe(seeded, until=args.until, force=force, dry_run=args.dry_run, console=console,
                               share_from=workdirs, label=f"seed {seed} ({position}/{len(seeds)}) ",
@@ -86,7 +88,7 @@ def _print_outcomes(recipe, outcomes, prefix: str = "") -> None:
     # A cached evaluate step printed nothing this time: show its table again, the run's headline.
     for outcome in outcomes.values():
         if outcome.state == "skipped" and recipe.steps[outcome.name].uses == "evaluate":
-            from pipeline.steps.evaluate import print_table
+            from eval.results import print_table
 
             print_table(json.loads((outcome.artifact.path / "results.json").read_text()))
     if recipe.rounds:
@@ -101,7 +103,7 @@ def _print_rounds(recipe, outcomes) -> None:
     """For each evaluation after the rounds block that holds two or more of the rounds' models (round 0: the model
     round 1 starts from): pass@1 by round and each round minus the one before, paired over problems."""
     from pipeline.commands.compare import by_round
-    from pipeline.core.recipe import split_round
+    from pipeline.core.rounds import split_round
 
     for outcome in outcomes.values():
         if recipe.steps[outcome.name].uses != "evaluate" or split_round(outcome.name)[1] is not None:
@@ -134,10 +136,11 @@ def cmd_check(args) -> int:
     (`pipeline.training.template_check`), without loading a model or training. A step whose inputs are not produced yet is
     listed as not checked: the same check runs when it starts."""
     from pipeline.core.artifacts import Artifact
+    from pipeline.core.keys import plan
     from pipeline.core.models import resolve_model
     from pipeline.core.recipe import load_recipe
-    from pipeline.core.runner import plan, workdir_for
     from pipeline.core.step import step_module
+    from pipeline.core.workdir import workdir_for
     from pipeline.training.build import load_tokenizer
     from pipeline.training.config import TrainingConfig
 
@@ -196,7 +199,7 @@ def cmd_status(args) -> int:
     from rich.markup import escape
 
     from pipeline.core.artifacts import UNREADABLE
-    from pipeline.core.runner import status
+    from pipeline.core.status import status
 
     args.workdir = args.path
     rows = status(Path(args.workdir))
@@ -234,8 +237,10 @@ def _status_of_recipe(args) -> int:
     """What `distill run RECIPE` would run and why, like `dvc status`; runs nothing."""
     from rich.markup import escape
 
-    from pipeline.core.recipe import load_recipe, split_round
-    from pipeline.core.runner import plan, workdir_for
+    from pipeline.core.keys import plan
+    from pipeline.core.recipe import load_recipe
+    from pipeline.core.rounds import split_round
+    from pipeline.core.workdir import workdir_for
 
     recipe = load_recipe(args.path, args.override)
     steps = plan(recipe, dry_run=args.dry_run)
@@ -258,7 +263,7 @@ def _status_of_recipe(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.commands.run_report import write_run_report
+    from pipeline.commands.run_report.page import write_run_report
 
     console.print(f"report → {write_run_report(Path(args.workdir), overwrite=args.overwrite)}", soft_wrap=True)
     return 0
@@ -302,7 +307,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.steps.evaluate import run_cli
+    from pipeline.commands.eval_command import run_cli
 
     return run_cli(args)
 
@@ -381,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dry-run", action="store_true", help="check the recipe's --dry-run workdir")
     check.set_defaults(func=cmd_check)
 
-    from pipeline.steps.evaluate import add_cli_arguments
+    from pipeline.commands.eval_command import add_cli_arguments
 
     evaluation = commands.add_parser("eval", help="evaluate models on benchmarks (or --rescore a saved run)")
     add_cli_arguments(evaluation)
@@ -402,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     add_overwrite_argument(bench, "--json's file")
     bench.set_defaults(func=cmd_bench)
+
+    steps = commands.add_parser("steps", help="every step type with its settings (--markdown: docs/steps.md)")
+    from pipeline.commands.steps_reference import add_arguments as add_steps_arguments
+
+    add_steps_arguments(steps)
 
     env = commands.add_parser("env", help="print library versions and device")
     env.set_defaults(func=cmd_env)

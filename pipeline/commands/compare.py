@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from pipeline.core.artifacts import MANIFEST, write_atomic, write_json_atomic
 from pipeline.core.errors import UserError
+from pipeline.core.workdir import SEED_DIR
 
 RESULTS_JSON = "results.json"
-SEED_DIR = re.compile(r"seed-(-?\d+)(-dry-run)?")
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 
 

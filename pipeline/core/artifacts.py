@@ -5,16 +5,18 @@
     <workdir>/<step>/model/          a Hugging Face model dir               -- model steps
     <workdir>/<step>/*               anything else (results.json, report.md) -- report steps
 
-A step writes into `<workdir>/.<step>.tmp/`; the runner writes the manifest last and renames the
+A step writes into a temporary dir (`Output.dir`); the runner writes the manifest last and renames the
 directory into place, so a killed step leaves no directory that says complete. Work a step wants
-to keep across a crash (sample shards, Trainer checkpoints) goes in `<workdir>/.<step>.scratch/`,
-which survives until the step completes.
+to keep across a crash (sample shards, Trainer checkpoints) goes in its scratch dir (`Output.scratch`),
+which survives until the step completes. Where those dirs are, how the rename is done and what a kill
+during it leaves: `pipeline.core.workdir`.
 
 Whether a step's output is complete is one question with one answer (`output_state`), asked by
 `distill run` and `distill status` alike: a manifest that reads, names the step and says complete,
 and the output it lists (`outputs`: each file of data/ or model/ with its size, recorded at
-`publish`) still there. What a kill between `publish`'s renames (or just after) leaves
-(`.<step>.old`, a published step's `.<step>.scratch`) is put right by `clean_leftovers`.
+`pipeline.core.workdir.publish`) still there.
+
+Also here: this process's temporary dir for files such as parsed tables (`temp_dir`).
 """
 
 from __future__ import annotations
@@ -214,58 +216,8 @@ def complete_key(step_dir: Path) -> str | None:
     return output_state(step_dir)[0]
 
 
-def publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a finished temp dir into place, replacing an older output of the same step (never anything else).
-    Its manifest gets the list of its output files first, if it has none (`output_state` checks it)."""
-    try:
-        manifest = read_manifest(tmp_dir)
-    except (OSError, ValueError):
-        manifest = None
-    if isinstance(manifest, dict) and OUTPUTS not in manifest:
-        manifest[OUTPUTS] = output_files(tmp_dir, manifest.get("produces"))
-        write_json_atomic(tmp_dir / MANIFEST, manifest)
-    if final_dir.exists():
-        if not (final_dir / MANIFEST).is_file():
-            raise FileExistsError(f"{final_dir} holds no {MANIFEST}: not a step output, not replacing it")
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-
-
-def clean_leftovers(workdir: Path, name: str) -> None:
-    """Put right what a kill during or just after `publish` of step `name` left, so that nothing of it is counted
-    as an incomplete step: a finished output still in `.<name>.tmp` (killed between its manifest and its rename,
-    or between the renames) is published; `.<name>.old` (the previous output, a full copy) is removed once the
-    step's dir is in place, or put back if the kill left none; a `.<name>.scratch` of the key the step's
-    complete output has (killed after publishing, before removing it) is removed. Call it only while no run can
-    be using the workdir (under its lock). A read-only workdir is left as it is."""
-    final_dir, tmp_dir = workdir / name, workdir / f".{name}.tmp"
-    old, scratch = workdir / f".{name}.old", workdir / f".{name}.scratch"
-    if final_dir.is_symlink():
-        return  # not a step's output (`distill run` refuses it)
-    try:
-        final_is_output = not final_dir.exists() or (final_dir / MANIFEST).is_file()  # else `publish` refuses
-        if final_is_output and output_state(tmp_dir, name)[0] is not None:
-            publish(tmp_dir, final_dir)
-        if old.is_dir() and not old.is_symlink():
-            if not final_dir.exists() and not final_dir.is_symlink() and output_state(old, name)[0] is not None:
-                os.replace(old, final_dir)
-            elif (final_dir / MANIFEST).is_file():
-                shutil.rmtree(old)
-        key = output_state(final_dir, name)[0]
-        if key is not None and scratch.is_dir() and not tmp_dir.exists() and (scratch / "KEY").is_file() \
-                and (scratch / "KEY").read_text() == key:
-            shutil.rmtree(scratch)
-    except OSError:
-        pass  # read-only, or another process got there first: the leftovers stay, and say so where they matter
-
-
 # --- temporary files of the parsed input ---------------------------------------------------------------------
-# The Arrow file a parsed data file becomes (pipeline.text.tables) lives in a temporary dir of this process's own:
+# The Arrow file a parsed data file becomes (pipeline.text.arrow_tables) lives in a temporary dir of this process's own:
 # `$TMPDIR/distill-tmp-*`, removed when the process exits. A killed process cannot remove it, so each such dir
 # holds a lock (flock) this process keeps while it lives: a dir whose lock can be taken is a dead process's, and
 # the next `distill run` or `distill status` removes it (`clean_stale_temp_dirs`).

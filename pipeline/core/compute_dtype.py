@@ -19,7 +19,7 @@ The capability is read from torch (CUDA, MPS) and the CPU's flags (/proc/cpuinfo
 elsewhere). `ATEN_CPU_CAPABILITY=avx2` (or `default`), torch's switch to dispatch to older kernels, counts as a CPU
 without native bf16, so an AVX-512 machine can stand in for an AVX2 one.
 
-The chosen dtype changes outputs, so it is part of a step's key (`runner.step_inputs`) and its manifest records
+The chosen dtype changes outputs, so it is part of a step's key (`keys.step_inputs`) and its manifest records
 the choice and the reason.
 """
 

@@ -5,7 +5,8 @@ digest is kept with its size, mtime and inode (what DVC keeps in its state db): 
 unchanged is not read again; a file that was touched is read and hashed, and if its bytes are the same, so is
 its digest, and no step re-runs. The cache lives in `<workdir>/.fingerprints.json`; a path's entry is absolute.
 A directory's digest covers every file under it by relative path and content, so renaming, adding or editing
-any file changes it.
+any file changes it. A FIFO, socket or device is refused before it is opened (`special_file_kind` names it, for
+pipeline.text.tables too).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat as modes
 from pathlib import Path
 
 from pipeline.core.errors import UserError
@@ -40,10 +42,6 @@ class Fingerprints:
         """The digest of a file, or of a directory's files (except those ending in `skip_suffixes`). A path that is
         empty (Path("") is the working directory) or names a FIFO, socket or device is refused before it is opened:
         reading a FIFO blocks until a writer comes, a device may never end."""
-        import stat as modes
-
-        from pipeline.text.tables import special_file_kind
-
         if not str(path).strip():
             raise UserError("empty path: name a file or a directory")
         path = Path(path).expanduser()
@@ -63,10 +61,6 @@ class Fingerprints:
             raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
 
     def _file(self, path: Path) -> str:
-        import stat as modes
-
-        from pipeline.text.tables import special_file_kind
-
         stat = path.stat()
         # A FIFO, socket or device inside a fingerprinted directory: opening it would block (a FIFO waits for a
         # writer) or never end (a device). Refused, naming the file, before it is opened.
@@ -97,6 +91,15 @@ class Fingerprints:
             write_atomic(self.cache_path, lambda tmp: tmp.write_text(json.dumps(self._entries)))
         except OSError:
             pass
+
+
+def special_file_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a directory is, in words, from its `st_mode`."""
+    for test, kind in ((modes.S_ISFIFO, "named pipe (FIFO)"), (modes.S_ISSOCK, "socket"),
+                       (modes.S_ISCHR, "character device"), (modes.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _files_under(directory: Path) -> list[Path]:

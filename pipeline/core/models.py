@@ -196,6 +196,23 @@ def resolve_model(ref: str, inputs: dict[str, Artifact] | None = None) -> str:
         raise UserError(f"model {ref}: cannot fetch revision {revision!r} of {repo} ({error})") from None
 
 
+def base_model_path(adapter_config: dict, source: Artifact) -> str:
+    """The base model dir a LoRA adapter was trained on: the adapter's own record (`adapter_config`, its
+    adapter_config.json), else the `base_model` reference in the manifest of `source`, the step that trained it."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    ref = source.stats.get("base_model")
+    if ref and not ref.startswith(STEP_PREFIX):
+        return resolve_model(ref)  # e.g. a builtin whose cache dir moved since training
+    if recorded:
+        return recorded  # a hub id
+    raise UserError(
+        f"merge: cannot find the base model of the adapter of step {source.name!r}: its adapter_config.json names "
+        f"{recorded!r} and its manifest names {ref!r}"
+    )
+
+
 def _builtin_dir(name: str) -> Path:
     """The cached dir of a builtin, built under a lock if it is not there yet."""
     from filelock import FileLock

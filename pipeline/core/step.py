@@ -49,7 +49,7 @@ class StepConfig(BaseModel):
     produces: ClassVar[Literal["dataset", "model", "report"]] = "dataset"
     # Settings applied under `distill run --dry-run`: a handful of rows, tiny token budgets.
     dry_run_overrides: ClassVar[dict[str, Any]] = {}
-    # What else the step's key covers (runner.step_inputs). Fields holding paths of files or directories the step
+    # What else the step's key covers (keys.step_inputs). Fields holding paths of files or directories the step
     # reads: their content is hashed. None (a user's step that does not say) means every string setting that names
     # an existing file or directory. Libraries (distribution names, as in pipeline.core.env) whose versions change what
     # the step writes. The version of the step's own code: bump it when a change alters what the step writes

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
+from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig, require_columns
 
 REMOVED_FILE = "removed.jsonl"
@@ -94,12 +95,19 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: the rows kept, and what each check removed."""
+    return FunnelStage("rows kept", stats["problems_kept"], dropped=[
+        Count(key, f"{key.removeprefix('removed_').replace('_', ' ')} (problems; rows for truncated)", value)
+        for key, value in stats.items() if key.startswith("removed_")])
+
+
 def run(cfg: Config, inputs, out):
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.steps.select import arrow_columns, problem_index
+    from pipeline.text.columns import arrow_columns, problem_index
 
     data = inputs[cfg.input].dataset()
     needed = ["id", "problem"] + (["pass_rate"] if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None

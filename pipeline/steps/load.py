@@ -15,8 +15,11 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
+from pipeline.core.funnel import FunnelStage
 from pipeline.core.step import StepConfig
-from pipeline.text.tables import check_problems, number_texts, read_table
+from pipeline.text.json_lines import number_texts
+from pipeline.text.problems import check_problems
+from pipeline.text.tables import read_table
 
 REQUIRED_COLUMNS = ("id", "problem", "answer")
 
@@ -72,6 +75,11 @@ class Config(StepConfig):
                 raise ValueError(f"{' and '.join(map(repr, named))} are each renamed to {target!r}; "
                                  "a column can come from one source only")
         return columns
+
+
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: the rows are the problems."""
+    return FunnelStage("problems", stats["rows"])
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:

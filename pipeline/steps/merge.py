@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from pipeline.core.errors import UserError
+from pipeline.core.models import base_model_path
 from pipeline.core.step import StepConfig
 
 # Prompts the merged and the adapter model must agree on, token by token.
@@ -92,24 +93,6 @@ def run(cfg: Config, inputs, out):
         max_abs_logit_diff=max_diff,
         max_abs_adapter_effect=adapter_effect,
         check_tokens=sum(batch["input_ids"].numel() for batch in checks),
-    )
-
-
-def base_model_path(adapter_config: dict, source) -> str:
-    """The base model dir the adapter was trained on: the adapter's own record, else the training step's ref."""
-    recorded = adapter_config.get("base_model_name_or_path")
-    if recorded and Path(recorded).is_dir():
-        return recorded
-    ref = source.stats.get("base_model")
-    if ref and not ref.startswith("step:"):
-        from pipeline.core.models import resolve_model
-
-        return resolve_model(ref)  # e.g. a builtin whose cache dir moved since training
-    if recorded:
-        return recorded  # a hub id
-    raise UserError(
-        f"merge: cannot find the base model of the adapter of step {source.name!r}: its adapter_config.json names "
-        f"{recorded!r} and its manifest names {ref!r}"
     )
 
 

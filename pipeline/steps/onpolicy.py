@@ -27,15 +27,13 @@ Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full m
 
 from __future__ import annotations
 
-import functools
-
 from pydantic import Field
 
 from pipeline.core.errors import UserError
-from pipeline.steps.opsd import RolloutConfig, prompt_with_think_prefix, rollouts_fact
 from pipeline.text.prompts import render_prompt
-from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
+from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save
 from pipeline.training.launch import train_here_or_launch
+from pipeline.training.rollouts import RolloutConfig, prompt_with_think_prefix, rollout_arguments, rollouts_fact
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
@@ -120,29 +118,17 @@ def build_trainer(cfg: Config, inputs, out):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     teacher.requires_grad_(False)
-    rollout_arguments = dict(
-        # Rollout batches are built by TRL, which the Trainer cannot count tokens of; TRL (DistillationTrainer) or
-        # the GOLD subclass below counts them.
-        **{**training_arguments(cfg, out), "include_num_input_tokens_seen": "no"},
-        beta=cfg.beta,
-        max_completion_length=cfg.max_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        use_vllm=cfg.use_vllm,
-        vllm_mode=cfg.vllm_mode,
-        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        vllm_max_model_length=cfg.max_length,
-    )
+    # The Trainer leaves the rollouts' tokens uncounted (rollout_arguments): both trainers below count them.
+    arguments = {**rollout_arguments(cfg, out), "beta": cfg.beta}
     if differences:
         trainer, alignment = gold_trainer_for(cfg, model, teacher, teacher_path, teacher_tokenizer, tokenizer, rows,
-                                              rollout_arguments)
+                                              arguments)
         data_stats.update(trl_trainer="GOLDTrainer", alignment=alignment)
     else:
         from trl import DistillationConfig, DistillationTrainer
 
         # Teacher and student read the same token ids (one tokenizer, checked above), so their prompts are the same.
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=DistillationConfig(**rollout_arguments),
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=DistillationConfig(**arguments),
                                       train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(cfg.lora))
         data_stats.update(trl_trainer="DistillationTrainer")
     trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
@@ -150,17 +136,20 @@ def build_trainer(cfg: Config, inputs, out):
 
 
 def gold_trainer_for(cfg: Config, model, teacher, teacher_path: str, teacher_tokenizer, tokenizer, rows,
-                     rollout_arguments: dict):
-    """TRL's GOLDTrainer for a teacher with another tokenizer, and how it aligns the two tokenizations."""
+                     arguments: dict):
+    """`OnpolicyGoldTrainer` (TRL's GOLD) for a teacher with another tokenizer, and how it aligns the two
+    tokenizations; `arguments`: the Trainer and rollout arguments."""
     from trl.experimental.gold import GOLDConfig
     from trl.experimental.utils import is_byte_level_tokenizer
+
+    from pipeline.training.onpolicy_trainer import OnpolicyGoldTrainer
 
     # GOLD aligns tokens on byte offsets only when both tokenizers are ByteLevel BPE (Llama 3, Qwen, SmolLM, ...);
     # TRL asks for the positional alignment of the original ULD otherwise (SentencePiece, slow tokenizers).
     byte_level = all(tok.is_fast and is_byte_level_tokenizer(tok.backend_tokenizer)
                      for tok in (tokenizer, teacher_tokenizer))
     args = GOLDConfig(
-        **rollout_arguments,
+        **arguments,
         max_length=cfg.max_length,
         lmbda=1.0,  # every batch is the student's own rollouts: the prompt rows carry no completion to train on
         teacher_tokenizer_name_or_path=teacher_path,
@@ -180,32 +169,9 @@ def gold_trainer_for(cfg: Config, model, teacher, teacher_path: str, teacher_tok
     rendered = rows.map(lambda row: {"prompt": tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
                                                                              tokenize=False),
                                      "completion": ""}, keep_in_memory=True)
-    trainer = gold_trainer()(model=model, teacher_model=teacher, args=args, train_dataset=rendered,
-                             processing_class=tokenizer, peft_config=peft_config(cfg.lora))
+    trainer = OnpolicyGoldTrainer(model=model, teacher_model=teacher, args=args, train_dataset=rendered,
+                                  processing_class=tokenizer, peft_config=peft_config(cfg.lora))
     return trainer, "byte-offset" if byte_level else "positional"
-
-
-@functools.cache
-def gold_trainer():
-    """The GOLDTrainer subclass below; built on first use, so importing this module never imports TRL."""
-    from trl.experimental.gold import GOLDTrainer
-
-    class OnpolicyGoldTrainer(GOLDTrainer):
-        """GOLDTrainer that logs what DistillationTrainer logs and GOLD does not: the rollouts' mean length
-        (`completions/mean_length`) and the student's tokens (prompt + rollout) in num_input_tokens_seen."""
-
-        _tag_names = ["trl", "gold", "distillery"]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:
-                completion_lengths = (inputs["labels"] != -100).sum(-1).float()
-                tokens = inputs["attention_mask"].sum()
-                self._metrics["train"]["completions/mean_length"].append(
-                    self.accelerator.gather(completion_lengths).mean().item())
-                self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    return OnpolicyGoldTrainer
 
 
 def tokenizer_differences(student, teacher) -> list[str]:

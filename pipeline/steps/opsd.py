@@ -16,15 +16,10 @@ with `use_vllm`, where TRL supports it), composes the teacher prompt from `promp
 
 `beta` picks the divergence: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), in between the
 generalized JSD; over the full vocabulary, the student's top-k tokens, or the sampled token only (`support`).
-`OpsdTrainer` adds what TRL lacks: `divergence_cap` caps each vocabulary entry's term of the full-vocabulary
-divergence (the paper's final setting: forward KL, cap 0.05), and a leak check. Rollouts are never reused
-(one pass per batch), so TRL's importance-sampling correction for stale rollouts is off.
-
-Long traces: TRL's loss materialises the student's and the teacher's logits for every completion position,
-[batch, completion, vocabulary] in float32 each, plus their log-softmaxes (at 16k tokens and a 152k vocabulary,
-10 GiB per copy). `OpsdTrainer.compute_loss` computes the same per-token losses (TRL's functions, or the capped
-divergence) from the final hidden states instead, `SCORE_CHUNK_SIZE` positions at a time, recomputed in backward
-(`pipeline.training.token_logprobs.ChunkedHeadLoss`): the teacher's forward returns its hidden states only.
+`pipeline.training.opsd_trainer.OpsdTrainer` adds what TRL lacks: `divergence_cap` caps each vocabulary entry's term
+of the full-vocabulary divergence (the paper's final setting: forward KL, cap 0.05), a leak check, and a loss that
+never holds the logits of every completion position (long traces). Rollouts are never reused (one pass per batch), so
+TRL's importance-sampling correction for stale rollouts is off.
 
 Logged each logging step: `self_distillation/distillation_loss` (the divergence), `completions/mean_length`, and
 `opsd/leak_share`: the share of rollouts that copy `leak_ngram` or more consecutive tokens of their privileged text
@@ -44,24 +39,19 @@ Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full m
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.errors import UserError
+from pipeline.core.funnel import Count, FunnelStage, trained_stage
 from pipeline.core.models import resolve_model
 from pipeline.core.step import require_columns
-from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
-from pipeline.training.config import TrainingConfig
+from pipeline.text.prompts import render_prompt
+from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save
 from pipeline.training.launch import train_here_or_launch
-
-# Completion positions whose student and teacher logits exist at once (pipeline.training.token_logprobs.ChunkedHeadLoss). Each
-# chunk holds ~10 float32 copies of [positions, vocabulary] while its divergence is differentiated: 0.5 GiB at 256
-# positions and SmolLM2's 49,152 entries, 1.5 GiB at Qwen's 151,936.
-SCORE_CHUNK_SIZE = 256
+from pipeline.training.rollouts import RolloutConfig, prompt_with_think_prefix, rollout_arguments, rollouts_fact
 
 # The paper's teacher instruction around the reference; the student prompt (with its \boxed{} request) comes first.
 DEFAULT_TEACHER_TEMPLATE = (
@@ -73,56 +63,6 @@ DEFAULT_TEACHER_TEMPLATE = (
 TEACHER_KINDS = {"frozen": "base", "ema": "ema", "live": "live"}
 SUPPORTS = {"full": "full_logits", "topk": "topk_logits", "sampled_token": "sampled_token"}
 TEACHER_CHECK_FILE = "teacher_check.json"  # scratch: the privileged-teacher check, measured once
-
-
-class RolloutConfig(TrainingConfig):
-    """Settings of the on-policy steps (opsd, onpolicy): the student's rollouts and where they are sampled."""
-
-    dry_run_overrides: ClassVar = {"max_steps": 2, "logging_steps": 1, "max_tokens": 8}
-    libraries: ClassVar = TrainingConfig.libraries + ("vllm",)  # rollouts with use_vllm
-
-    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per rollout (the completion budget).")
-    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature; the divergence is "
-                                                              "computed on logits divided by it too (TRL).")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout nucleus sampling; 1 keeps all tokens.")
-    top_k: int = Field(default=0, ge=0, description="Rollouts sample from the k most likely tokens; 0 keeps all.")
-    prompt_template: str = Field(
-        default=DEFAULT_PROMPT_TEMPLATE,
-        description="Student prompt (user message) for problems rows: {column} is replaced by that column "
-                    "(at least {problem}); other braces, such as \\boxed{}, are kept.")
-    think_prefix: str | None = Field(
-        default=None, description="Text appended after the generation prompt of every rollout (and teacher) prompt, "
-                                  "e.g. '<think>\\n'. null: from the model's chat template, as sample and evaluate "
-                                  "decide it (pipeline.text.chat).")
-    use_vllm: bool = Field(default=False, description="Sample rollouts with vLLM (TRL; GPUs) instead of HF generate.")
-    vllm_mode: Literal["colocate", "server"] = Field(
-        default="colocate", description="use_vllm: colocate (in the training process) or server (`trl vllm-serve`).")
-    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1,
-                                               description="use_vllm colocate: GPU memory share of the engine.")
-
-    @model_validator(mode="after")
-    def _budget_fits(self):
-        if self.max_tokens >= self.max_length:
-            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_length "
-                             f"({self.max_length})")
-        return self
-
-
-def rollouts_fact(cfg: RolloutConfig) -> str:
-    """The model card's line on how an on-policy step sampled its rollouts."""
-    return f"rollouts: {cfg.max_tokens} tokens, temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}"
-
-
-def prompt_with_think_prefix(tokenizer, cfg: RolloutConfig) -> tuple[str, str]:
-    """Make the trainer's own prompt rendering (TRL renders rollout prompts itself) end with the think prefix that
-    `sample` and `evaluate` would append for this model; returns (the prefix, the model's template to save)."""
-    from pipeline.text.chat import template_appending, think_prefix
-
-    own_template = tokenizer.chat_template
-    think = think_prefix(tokenizer, cfg.think_prefix)
-    if think.appended:
-        tokenizer.chat_template = template_appending(own_template, think.appended)
-    return think.appended, own_template
 
 
 class Config(RolloutConfig):
@@ -166,8 +106,8 @@ class Config(RolloutConfig):
         description="Before training, on this many rows with an answer (seeded), measure whether the model shown the "
                     "privileged context is a better teacher than the student: pass rate sampling with and without it, "
                     "and the NLL per token of the student's verified traces with and without it "
-                    "(pipeline.training.privileged_teacher); in the manifest as teacher_check, with a warning when it is no "
-                    "better. 0: skip.")
+                    "(pipeline.training.privileged_teacher); in the manifest as teacher_check, with a warning when it "
+                    "is no better. 0: skip.")
     teacher_check_samples: int = Field(default=4, ge=1,
                                        description="Completions per problem and prompt in the teacher check.")
 
@@ -190,6 +130,12 @@ class Config(RolloutConfig):
         if self.support == "sampled_token" and self.beta != 1.0:
             raise ValueError("support: sampled_token is reverse KL only; set beta: 1")
         return self
+
+
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: a training step's rows, and the problems without a verified trace to show."""
+    return trained_stage(stats, Count("problems_without_context", "problems without a verified trace (opsd)",
+                                      stats.get("problems_without_context", 0)))
 
 
 def run(cfg: Config, inputs, out):
@@ -270,6 +216,8 @@ def build_trainer(cfg: Config, inputs, out):
     from transformers import AutoModelForCausalLM, set_seed
     from trl.experimental.sdft import SDFTConfig
 
+    from pipeline.training.opsd_trainer import OpsdTrainer
+
     set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
     model_path = resolve_model(cfg.model, inputs)
     tokenizer = load_tokenizer(cfg, model_path)
@@ -280,14 +228,9 @@ def build_trainer(cfg: Config, inputs, out):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
     args = SDFTConfig(
-        # Rollout batches are lists, which the Trainer cannot count tokens of; OpsdTrainer counts them.
-        **{**training_arguments(cfg, out), "include_num_input_tokens_seen": "no"},
+        **rollout_arguments(cfg, out),
         max_prompt_length=cfg.max_length - cfg.max_tokens,
-        max_completion_length=cfg.max_tokens,
         num_generations=1,  # OPSD: one rollout per prompt
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
         teacher_model_kind=TEACHER_KINDS[cfg.teacher],
         teacher_update_rate=cfg.ema_rate,
         distillation_mode=SUPPORTS[cfg.support],
@@ -295,14 +238,10 @@ def build_trainer(cfg: Config, inputs, out):
         distillation_topk=cfg.topk,
         distillation_is_clip=None,  # rollouts are trained on once, by the policy that sampled them
         teacher_prompt_template=cfg.teacher_template,
-        use_vllm=cfg.use_vllm,
-        vllm_mode=cfg.vllm_mode,
-        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        vllm_max_model_length=cfg.max_length,
     )
-    trainer = opsd_trainer()(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                             peft_config=peft_config(cfg.lora), divergence_cap=cfg.divergence_cap,
-                             leak_ngram=cfg.leak_ngram)
+    trainer = OpsdTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config(cfg.lora), divergence_cap=cfg.divergence_cap,
+                          leak_ngram=cfg.leak_ngram)
     # The teacher prompt is the longest; TRL would cut it from the left (losing the problem), so drop instead.
     trainer.train_dataset = drop_overlong_teacher_prompts(trainer, rows, cfg)
     trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
@@ -395,176 +334,6 @@ def drop_overlong_teacher_prompts(trainer, rows, cfg: Config):
         raise UserError(f"opsd: every teacher prompt of dataset {cfg.input!r} is longer than max_length - max_tokens "
                         f"= {limit} tokens; raise max_length")
     return kept
-
-
-def copies_ngram(completion: list[int], context: list[int], n: int) -> bool:
-    """Whether `completion` contains n consecutive tokens that also occur consecutively in `context`."""
-    if len(completion) < n or len(context) < n:
-        return False
-    context_grams = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
-    return any(tuple(completion[i:i + n]) in context_grams for i in range(len(completion) - n + 1))
-
-
-def per_token_divergence(student_logits, teacher_logits, beta: float, cap: float | None = None):
-    """Per position, the generalized JSD over the vocabulary, each entry's term capped at `cap` (if set).
-
-    beta 0: KL(teacher || student); beta 1: KL(student || teacher); in between: beta * KL(T || M) +
-    (1 - beta) * KL(S || M) with M = beta * T + (1 - beta) * S. Each KL(P || Q) is summed from the entries
-    p * (log p - log q) - p + q: the same total (both sum to 1), but every entry is >= 0, so a cap only bounds an
-    entry's pull; capping the plain p * log(p / q), which can be negative, would make the sum unbounded below.
-    Uncapped it equals TRL's `compute_divergence`.
-    """
-    import torch
-
-    def kl_terms(log_p, log_q):
-        p, q = log_p.exp(), log_q.exp()
-        return p * (log_p - log_q) - p + q
-
-    student = torch.log_softmax(student_logits, dim=-1)
-    teacher = torch.log_softmax(teacher_logits, dim=-1)
-    if beta == 0.0:
-        terms = kl_terms(teacher, student)
-    elif beta == 1.0:
-        terms = kl_terms(student, teacher)
-    else:
-        mixture = torch.logsumexp(torch.stack([student + torch.log1p(torch.tensor(-beta)),
-                                               teacher + torch.log(torch.tensor(beta))]), dim=0)
-        terms = beta * kl_terms(teacher, mixture) + (1 - beta) * kl_terms(student, mixture)
-    if cap is not None:
-        terms = terms.clamp(max=cap)
-    return terms.sum(-1)
-
-
-def gather_with(gather, teacher_head, weight, bias):
-    """`gather` (TRL's ZeRO-3 gathering context) over the student head's parameters and the teacher head's, each
-    once (with a LoRA student the teacher is the same model)."""
-    params = []
-    for param in (weight, bias, teacher_head.weight, teacher_head.bias):
-        if param is not None and not any(param is seen for seen in params):
-            params.append(param)
-    return gather(*params)
-
-
-@functools.cache
-def opsd_trainer():
-    """The SDFTTrainer subclass below; built on first use, so importing this module never imports TRL."""
-    import torch
-    from trl.experimental.sdft import SDFTTrainer
-
-    class OpsdTrainer(SDFTTrainer):
-        """SDFTTrainer with a per-entry divergence cap, the leak-check metric, a count of trained tokens, and a saved
-        model without the EMA teacher's adapter."""
-
-        _tag_names = ["trl", "sdft", "opsd", "distillery"]
-
-        def __init__(self, *args, divergence_cap: float | None, leak_ngram: int, **kwargs):
-            from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-            from pipeline.training.token_logprobs import UnsupportedHead, add_token_logprob_forward
-
-            self.divergence_cap = divergence_cap
-            self.leak_ngram = leak_ngram
-            super().__init__(*args, **kwargs)
-            # The chunked scoring (compute_loss) patched into the student and the teacher, under their peft and
-            # DeepSpeed wrappers; the teacher's head is read inside the student's chunks, so ZeRO-3 gathers both.
-            student, teacher = (self.accelerator.unwrap_model(model) for model in (self.model, self.teacher_model))
-            student, teacher = (model.get_base_model() if hasattr(model, "peft_config") else model
-                                for model in (student, teacher))
-            self.teacher_head = teacher.get_output_embeddings()
-            try:
-                for model in (student, teacher):
-                    add_token_logprob_forward(model, full_params=functools.partial(
-                        gather_with, maybe_gather_lm_head_ctx, self.teacher_head))
-            except UnsupportedHead as error:
-                raise UserError(f"opsd: {error}") from None
-
-        def _prepare_training_batch(self, inputs):
-            batch = super()._prepare_training_batch(inputs)
-            contexts = self._tokenizer([str(example["privileged_context"]) for example in inputs],
-                                       add_special_tokens=False)["input_ids"]
-            leaks = torch.tensor(
-                [float(copies_ngram(completion, context, self.leak_ngram))
-                 for completion, context in zip(self._get_completion_ids_list(batch), contexts, strict=True)],
-                device=self.accelerator.device)
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["opsd/leak_share"].append(self.accelerator.gather(leaks).mean().item())
-            if mode == "train":  # the student's tokens (prompt + rollout), as DistillationTrainer counts them
-                tokens = batch["prompt_mask"].sum() + batch["completion_mask"].sum()
-                self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
-            return batch
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            # TRL keeps an EMA teacher as a second LoRA adapter: training state for checkpoints, not the final model.
-            model = self.accelerator.unwrap_model(self.model)
-            if not _internal_call and "teacher" in getattr(model, "peft_config", {}):
-                model.delete_adapter("teacher")
-            super().save_model(output_dir, _internal_call)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """TRL's loss (SDFTTrainer.compute_loss: the per-token loss averaged over each completion's scored tokens,
-            then over completions), without the logits of every position: see the module docstring."""
-            from pipeline.training.token_logprobs import projection_dtype
-
-            if return_outputs or self.use_teacher_server:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-            length = completion_ids.size(1)
-            loss_mask = completion_mask.clone()
-            loss_mask[:, :self.num_loss_tokens_to_skip] = 0  # as TRL: the first tokens, where teacher-prompt artifacts
-            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
-                teacher_hidden = self.teacher_model(input_ids=inputs["teacher_input_ids"],
-                                                    attention_mask=inputs["teacher_attention_mask"],
-                                                    only_final_hidden_states=True)
-            student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-            # Each completion token's label, and the teacher's hidden state before that token as its context.
-            labels = torch.full_like(student_ids, -100)
-            labels[:, -length:] = completion_ids.masked_fill(loss_mask == 0, -100)
-            context = teacher_hidden.new_zeros(*student_ids.shape, teacher_hidden.size(-1))
-            context[:, -length:] = teacher_hidden[:, :-1][:, -length:]
-            teacher_dtype = projection_dtype(teacher_hidden)
-            per_token = model(input_ids=student_ids,
-                              attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-                              labels=labels, logprob_chunk_size=SCORE_CHUNK_SIZE,
-                              position_loss=functools.partial(self.position_loss, teacher_dtype=teacher_dtype),
-                              position_context=context)[:, -length:]
-            loss = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
-            token_mean = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-            mode = "train" if model.training else "eval"
-            self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
-            return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
-
-        def position_loss(self, student_logits, completion_ids, teacher_hidden, *, teacher_dtype):
-            """The per-token loss of some completion positions, from the student's logits [n, V] and the teacher's
-            final hidden states [n, H]: TRL's for `distillation_mode`, or the capped full-vocabulary divergence."""
-            from trl.experimental.sdft.loss_utils import (
-                compute_full_logit_self_distillation_loss,
-                compute_sampled_token_self_distillation_loss,
-                compute_topk_self_distillation_loss,
-            )
-
-            from pipeline.training.token_logprobs import chunk_logits, head_params
-
-            teacher_weight, teacher_bias = head_params(self.teacher_head)
-            teacher_logits = chunk_logits(teacher_hidden, teacher_weight.detach().to(teacher_dtype),
-                                          None if teacher_bias is None else teacher_bias.detach().to(teacher_dtype))
-            # TRL's loss functions take [batch, positions, vocabulary] logits divided by the sampling temperature.
-            student, teacher = student_logits[None] / self.temperature, teacher_logits[None] / self.temperature
-            args = self.args
-            if args.distillation_mode == "topk_logits":
-                per_token = compute_topk_self_distillation_loss(
-                    student, teacher, distillation_topk=args.distillation_topk,
-                    distillation_alpha=args.distillation_alpha, distillation_add_tail=args.distillation_add_tail)
-            elif args.distillation_mode == "sampled_token":
-                per_token = compute_sampled_token_self_distillation_loss(
-                    student, teacher, completion_ids[None], distillation_alpha=args.distillation_alpha)
-            elif self.divergence_cap is not None:
-                per_token = per_token_divergence(student, teacher, args.distillation_alpha, self.divergence_cap)
-            else:
-                per_token = compute_full_logit_self_distillation_loss(student, teacher,
-                                                                      distillation_alpha=args.distillation_alpha)
-            return per_token[0]
-
-    return OpsdTrainer
 
 
 def logged_stats(log_history: list[dict]) -> dict:

@@ -20,21 +20,24 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from eval.answers import GRADED
+from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig, require_columns
-from pipeline.steps.select import (
-    SAMPLING_COLUMNS,
+from pipeline.text.columns import (
     arrow_columns,
-    assistant_texts,
-    message,
-    message_list,
     numbers,
     problem_index,
     ranks_in_problem,
     rows_by_problem,
-    sampling_columns,
-    sampling_features,
     token_counter,
     token_counts,
+)
+from pipeline.text.rows import (
+    SAMPLING_COLUMNS,
+    assistant_texts,
+    message,
+    message_list,
+    sampling_columns,
+    sampling_features,
     warn_dry_run_stand_ins,
     write_rows,
 )
@@ -81,6 +84,14 @@ class Config(StepConfig):
 
     def model_refs(self) -> list[str]:
         return [self.tokenizer] if self.tokenizer else []
+
+
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: the preference pairs, and the problems and samples left out."""
+    return FunnelStage("preference pairs", stats["problems_paired"], dropped=[
+        Count("problems_without_correct", "problems without a correct sample", stats["problems_without_correct"]),
+        Count("problems_without_rejected", "problems without a rejected sample", stats["problems_without_rejected"]),
+        Count("samples_too_long", "samples over the length limits (before pairing)", stats["samples_too_long"])])
 
 
 def run(cfg: Config, inputs, out):

@@ -18,7 +18,7 @@ have no shard, and a sample is never written twice. The dataset is then written 
 (through an Arrow file in the scratch dir), so memory holds one chunk's completions, not the run's.
 
 Determinism: sample k of a problem is drawn with its own seed from (recipe seed, problem id, k)
-(`pipeline.engines.generation.sample_seed`), so its random draws do not depend on the other problems in the input,
+(`pipeline.engines.request.sample_seed`), so its random draws do not depend on the other problems in the input,
 on `chunk_size`, on n, or on a kill and resume: an interrupted-and-resumed run gives the samples of an
 uninterrupted one, and the same input, settings and versions on the same machine give the same samples.
 Rounding is the exception: the problems of one chunk are computed as one batch, and with bfloat16 weights
@@ -49,8 +49,9 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.core.artifacts import Artifact, Output, write_json_atomic
 from pipeline.core.compute_dtype import DtypeSetting
 from pipeline.core.errors import UserError
+from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig
-from pipeline.engines.ray_engine import EngineFields
+from pipeline.engines.settings import EngineFields
 from pipeline.text.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
 SAMPLE_COLUMNS = ("sample_idx", "prompt", "prompt_text", "completion", "reasoning", "response", "finish_reason",
@@ -59,6 +60,10 @@ SHARD_DIR = "shards"
 
 
 class Config(DtypeSetting, StepConfig, EngineFields):
+    """The sample step's settings: its own below, and the sampling and engine settings of `EngineFields`
+    (temperature, top_p, top_k, max_tokens, think_prefix, max_model_len, chunk_size, tensor_parallel_size, ...,
+    engine)."""
+
     input: str = Field(description="Name of the step whose problems dataset (id, problem, answer) is sampled.")
     model: str = Field(description="Model to sample from: builtin:NAME, step:NAME, a local HF dir or a hub id; "
                                    "with backend openai, the model name the server serves.")
@@ -77,12 +82,6 @@ class Config(DtypeSetting, StepConfig, EngineFields):
     request_timeout: float = Field(default=600.0, gt=0,
                                    description="backend openai: seconds one request may take before a retry.")
     n: int = Field(default=4, ge=1, description="Completions per problem.")
-    temperature: float = Field(default=0.7, ge=0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
-                                                              "whose probability reaches top_p.")
-    top_k: int = Field(default=-1, ge=-1, description="Keep only the k most likely tokens; -1 keeps all.")
-    max_tokens: int = Field(default=256, ge=1, description="Most new tokens per completion; longer ones stop "
-                                                           "with finish_reason 'length'.")
     prompt_template: str = Field(
         default=DEFAULT_PROMPT_TEMPLATE,
         description="User message. {column} is replaced by that column of the row (at least {problem}); "
@@ -90,27 +89,8 @@ class Config(DtypeSetting, StepConfig, EngineFields):
     system_prompt: str | None = Field(
         default=None, description="System message sent before the user message; none if unset "
                                   "(the model's chat template may add its own default).")
-    think_prefix: str | None = Field(
-        default=None, description="Text appended after the chat template's generation prompt, e.g. '<think>\\n' "
-                                  "for R1-style models; part of the prompt, not of the completion. null: from the "
-                                  "model's chat template ('<think>\\n' when it expects the reply to open it).")
-    max_model_len: int | None = Field(
-        default=None, ge=1, description="Longest prompt + completion in tokens; default: the model's own limit.")
     stop: list[str] | None = Field(
         default=None, description="Strings that end a completion (not included in it); eos always does.")
-    chunk_size: int = Field(
-        default=64, ge=1, description="Problems per shard: each finished chunk is saved, and a re-run after a "
-                                      "crash or kill generates only the chunks not saved yet. Seeds are per "
-                                      "sample, not per chunk; with bfloat16 weights another chunk size can "
-                                      "still change some samples by rounding (see the module docstring).")
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, description="GPUs one vLLM engine splits the model over (vLLM tensor_parallel_size).")
-    data_parallel_size: int = Field(
-        default=1, ge=1, description="vLLM data_parallel_size, passed as is; offline vLLM supports it only with "
-                                     "distributed_executor_backend: external_launcher (one process per rank).")
-    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
-        default=None, description="vLLM distributed_executor_backend: mp (one machine), ray (across nodes), "
-                                  "external_launcher (torchrun); default: vLLM's choice.")
 
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
     path_fields: ClassVar = ()
@@ -152,24 +132,21 @@ def chat_messages(cfg: Config, row: dict) -> list[dict]:
     return messages + [{"role": "user", "content": render_prompt(cfg.prompt_template, row)}]
 
 
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: samples, by finish reason."""
+    finished = [Count(key, f"finish: {key.removeprefix('finish_')}", value)
+                for key, value in stats.items() if key.startswith("finish_")]
+    return FunnelStage("samples", stats.get("problems"), finished)
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from pipeline.core.console import progress
-    from pipeline.core.models import resolve_model
-    from pipeline.engines.generation import Completion, chunk_ranges, generate, generate_openai
-    from pipeline.text import chat
+    from pipeline.engines.request import Completion, SamplingRequest, chunk_ranges
 
     problems = inputs[cfg.input].dataset()
     _check_columns(cfg, problems.column_names)
     prompts = [chat_messages(cfg, row) for row in problems]
-    if cfg.backend == "vllm":
-        from transformers import AutoTokenizer
-
-        model_path = resolve_model(cfg.model, inputs)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        think = chat.think_prefix(tokenizer, cfg.think_prefix)
-        prompt_texts = [chat.generation_prompt(tokenizer, p) + think.appended for p in prompts]
-    else:  # the server renders the prompt; what it appends is its template's business
-        think, prompt_texts = chat.ThinkPrefix("", ""), [None] * len(prompts)
+    model, think, prompt_texts = _model_and_prompt_texts(cfg, inputs, prompts)
     ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
     chunks = chunk_ranges([len(ids)], cfg.chunk_size)
     chunk_ids = [ids[rows.start:rows.stop] for rows in chunks]
@@ -199,35 +176,66 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
             saved += cfg.n * len(chunk_ids[chunk])
             bar.update(completed=saved)
 
-        sampling = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        max_tokens=cfg.max_tokens, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
-                        skip_chunks=set(tallies), on_chunk=save)
-        if cfg.backend == "openai":
-            generations = generate_openai(
-                cfg.base_url, cfg.model, prompts, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-                max_retries=cfg.max_retries, request_timeout=cfg.request_timeout, **sampling)
-        else:
-            engine = dict(max_model_len=cfg.max_model_len, dtype=cfg.dtype_choice().dtype, think_prefix=think.appended,
-                          tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
-                          distributed_executor_backend=cfg.distributed_executor_backend, on_phase=bar.phase)
-            if cfg.engine == "ray":
-                from pipeline.engines import ray_engine
-
-                generations = ray_engine.generate(model_path, prompts, **cfg.ray_settings(), **engine, **sampling)
-            else:
-                generations = generate(model_path, prompts, on_samples=lambda finished: bar.update(
-                    completed=saved + finished), **engine, **sampling)
+        dtype = cfg.dtype_choice()  # None with backend openai: the server's dtype is its own
+        request = SamplingRequest(
+            model=model, prompts=prompts, n=cfg.n, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
+            skip_chunks=set(tallies), think_prefix=think.appended, dtype=dtype.dtype if dtype else "auto",
+            **cfg.request_settings())
+        generations = _generate(cfg, request, save, bar, lambda finished: bar.update(completed=saved + finished))
     seconds = time.perf_counter() - started
 
     samples = _write_samples(cfg, problems, prompts, prompt_texts, think.completion_prefix, chunks,
                              [tallies[chunk] for chunk in range(len(chunks))], out.scratch / "samples.arrow")
+    artifact = out.write_dataset(
+        samples, problems=len(problems), **_sample_stats(tallies), chunks=len(chunk_ids), chunks_resumed=resumed,
+        load_seconds=round(generations.load_seconds, 2), seconds=round(seconds, 2),
+        # this run's replicas, nodes, retries and throughput (none when every chunk was resumed)
+        **({"ray": generations.ray_stats()} if cfg.engine == "ray" else {}),
+    )
+    del samples
+    (out.scratch / "samples.arrow").unlink(missing_ok=True)  # written into the step's data dir now
+    return artifact
+
+
+def _model_and_prompt_texts(cfg: Config, inputs, prompts: list[list[dict]]):
+    """The model the engine loads, the think prefix, and each prompt as the model reads it (None with backend openai:
+    the server renders the prompt, and what it appends is its template's business)."""
+    from pipeline.core.models import resolve_model
+    from pipeline.text import chat
+
+    if cfg.backend != "vllm":
+        return cfg.model, chat.ThinkPrefix("", ""), [None] * len(prompts)
+    from transformers import AutoTokenizer
+
+    model = resolve_model(cfg.model, inputs)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    think = chat.think_prefix(tokenizer, cfg.think_prefix)
+    return model, think, [chat.generation_prompt(tokenizer, p) + think.appended for p in prompts]
+
+
+def _generate(cfg: Config, request, save, bar, on_samples):
+    """The request through the engine the config names; `save` gets each finished chunk."""
+    from pipeline.engines import openai_client, vllm_local
+
+    if cfg.backend == "openai":
+        server = openai_client.OpenAIServer(
+            base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+            max_retries=cfg.max_retries, request_timeout=cfg.request_timeout)
+        return openai_client.generate(request, server, on_chunk=save)
+    if cfg.engine == "ray":
+        from pipeline.engines import ray_replicas
+
+        return ray_replicas.generate(request, **cfg.ray_settings(), on_chunk=save, on_phase=bar.phase)
+    return vllm_local.generate(request, on_chunk=save, on_phase=bar.phase, on_samples=on_samples)
+
+
+def _sample_stats(tallies: dict[int, dict]) -> dict:
+    """The manifest's token counts, finish reasons and throughput, summed over the chunks' tallies."""
     finish_reasons = sum((tally["finish_reasons"] for tally in tallies.values()), Counter())
     completion_tokens = sum(tally["completion_tokens"] for tally in tallies.values())
     # summed over every run that wrote a shard, so a resumed run reports the whole step's throughput
     generate_seconds = sum(tally["generate_seconds"] for tally in tallies.values())
-    artifact = out.write_dataset(
-        samples,
-        problems=len(problems),
+    return dict(
         # each problem's prompt once
         prompt_tokens=sum(tally["prompt_tokens"] for tally in tallies.values()),
         completion_tokens=completion_tokens,
@@ -235,17 +243,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         prompt_tokens_sent=sum(tally["prompt_tokens_sent"] for tally in tallies.values()),
         **{f"finish_{reason}": count for reason, count in sorted(finish_reasons.items())},
         tokens_per_s=round(completion_tokens / generate_seconds, 2) if generate_seconds > 0 else 0.0,
-        chunks=len(chunk_ids),
-        chunks_resumed=resumed,
-        load_seconds=round(generations.load_seconds, 2),
         generate_seconds=round(generate_seconds, 2),
-        seconds=round(seconds, 2),
-        # this run's replicas, nodes, retries and throughput (none when every chunk was resumed)
-        **({"ray": generations.ray_stats()} if cfg.engine == "ray" else {}),
     )
-    del samples
-    (out.scratch / "samples.arrow").unlink(missing_ok=True)  # written into the step's data dir now
-    return artifact
 
 
 def _read_shards(shard_dir, chunk_ids: list[list[str]], n: int, completion_prefix: str) -> dict[int, dict]:

@@ -29,11 +29,28 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.core.errors import UserError
+from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig, require_columns
+from pipeline.text.columns import (
+    arrow_columns,
+    numbers,
+    problem_index,
+    ranks_in_problem,
+    rows_by_problem,
+    token_counter,
+    token_counts,
+)
+from pipeline.text.rows import (
+    SAMPLING_COLUMNS,
+    assistant_texts,
+    sampling_columns,
+    sampling_features,
+    warn_dry_run_stand_ins,
+    with_message,
+    write_rows,
+)
 
 REQUIRED_COLUMNS = ("id", "prompt", "completion", "correct", "sample_idx")
-# Sample columns carried into training data (as named here): how each trace was sampled.
-SAMPLING_COLUMNS = {"think_prefix": "think_prefix", "prompt_text": "prompt_text", "model": "sampled_by"}
 
 
 class Config(StepConfig):
@@ -79,137 +96,12 @@ class Config(StepConfig):
         return [self.tokenizer] if self.tokenizer else []
 
 
-BATCH_ROWS = 2_000  # output rows built and written at a time: a batch of traces in memory, never all of them
-
-
-def arrow_columns(dataset, names: list[str]):
-    """`names` of `dataset` as a pyarrow Table (zero-copy over the memory-mapped data), for column-wise work."""
-    return dataset.select_columns(names).with_format("arrow")[:]
-
-
-def problem_index(ids) -> tuple:
-    """(each row's problem number, the problem ids): problems numbered 0, 1, ... in order of first appearance."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    encoded = pc.dictionary_encode(ids)
-    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
-    codes = np.concatenate([np.zeros(0, dtype=np.int64)]
-                           + [chunk.indices.to_numpy(zero_copy_only=False).astype(np.int64) for chunk in chunks])
-    return codes, (chunks[-1].dictionary.to_pylist() if chunks else [])
-
-
-def ranks_in_problem(codes):
-    """For rows sorted by problem: each row's place among its problem's rows (0, 1, ...)."""
-    import numpy as np
-
-    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, dtype=np.int64)
-    return np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
-
-
-def numbers(column, dtype):
-    """An Arrow column as a numpy array; nulls as 0 (False)."""
-    import pyarrow.compute as pc
-
-    return pc.fill_null(column, 0 if dtype is not bool else False).to_numpy(zero_copy_only=False).astype(dtype)
-
-
-def assistant_texts(table):
-    """Assistant message per row (Arrow): the think prefix the completion continues (if recorded), then the
-    completion."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    def text(column):  # nulls as "" (a column of nothing but nulls has Arrow's null type)
-        return pc.fill_null(column.cast(pa.string()) if pa.types.is_null(column.type) else column, "")
-
-    if "think_prefix" not in table.column_names:
-        return text(table["completion"])
-    return pc.binary_join_element_wise(text(table["think_prefix"]), text(table["completion"]), "")
-
-
-def with_message(prompts, texts, role: str = "assistant"):
-    """Each row's chat messages with one more message (`role`, `texts`) at the end, built in Arrow: no Python
-    object per message."""
-    import pyarrow as pa
-
-    prompts = prompts.combine_chunks() if isinstance(prompts, pa.ChunkedArray) else prompts
-    return concat_lists(prompts, message_list(message(texts, prompts.type.value_type, role), prompts.type))
-
-
-def message(texts, message_type, role: str = "assistant"):
-    """Chat messages (`role`, `texts`) as an Arrow struct array of `message_type`; its other fields null."""
-    import pyarrow as pa
-
-    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-    fields = {"role": pa.array([role] * len(texts)), "content": texts}
-    return pa.StructArray.from_arrays(
-        [fields[f.name].cast(f.type) if f.name in fields else pa.nulls(len(texts), f.type) for f in message_type],
-        fields=list(message_type))
-
-
-def message_list(messages, list_type):
-    """One-message lists, one per row, of Arrow type `list_type`."""
-    import numpy as np
-    import pyarrow as pa
-
-    offsets = pa.array(np.arange(len(messages) + 1), type=pa.int64() if pa.types.is_large_list(list_type)
-                       else pa.int32())
-    return type(pa.array([], type=list_type)).from_arrays(offsets, messages, type=list_type)
-
-
-def concat_lists(first, second):
-    """Row-wise concatenation of two list arrays of the same type and length."""
-    import numpy as np
-    import pyarrow as pa
-
-    first_lengths = numbers(first.value_lengths(), np.int64)
-    second_lengths = numbers(second.value_lengths(), np.int64)
-    lengths = first_lengths + second_lengths
-    offsets = np.r_[0, np.cumsum(lengths)]
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    within = np.arange(offsets[-1]) - offsets[:-1][row]
-    first_values, second_values = first.flatten(), second.flatten()
-    first_starts = np.r_[0, np.cumsum(first_lengths)][:-1]
-    second_starts = np.r_[0, np.cumsum(second_lengths)][:-1]
-    take = np.where(within < first_lengths[row], first_starts[row] + within,
-                    len(first_values) + second_starts[row] + within - first_lengths[row])
-    values = pa.concat_arrays([first_values, second_values]).take(pa.array(take))
-    offset_type = pa.int64() if pa.types.is_large_list(first.type) else pa.int32()
-    return type(first).from_arrays(pa.array(offsets, type=offset_type), values, type=first.type)
-
-
-def write_rows(count: int, make_batch, features, path):
-    """A Dataset of `count` rows made by `make_batch(start, stop) -> pyarrow Table`, BATCH_ROWS at a time, written
-    to an Arrow file at `path` (a scratch file: memory holds one batch) and memory-mapped back."""
-    from datasets import Dataset
-    from datasets.arrow_writer import ArrowWriter
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with ArrowWriter(features=features, path=str(path)) as writer:
-        for start in range(0, count, BATCH_ROWS):
-            writer.write_table(make_batch(start, min(start + BATCH_ROWS, count)))
-        writer.finalize()
-    return Dataset.from_file(str(path))
-
-
-def token_counts(count, dataset, text_of):
-    """Tokens of `text_of(Arrow batch)` per row of `dataset`, counted BATCH_ROWS rows at a time."""
-    import numpy as np
-
-    batches = dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
-    return np.array([n for batch in batches for n in count(text_of(batch).to_pylist())], dtype=np.int64)
-
-
-def token_counter(model_ref: str, inputs):
-    """`count(texts) -> list[int]` with the tokenizer of `model_ref` (no special tokens added)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.core.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_ref, inputs))
-    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: the selected traces, and the problems and traces left out."""
+    return FunnelStage("selected traces", stats["problems_kept"], dropped=[
+        Count("problems_in - problems_kept", "problems without an eligible correct sample",
+              stats["problems_in"] - stats["problems_kept"]),
+        Count("dropped_too_long", "correct samples over max_tokens", stats.get("dropped_too_long", 0))])
 
 
 def run(cfg: Config, inputs, out):
@@ -318,29 +210,3 @@ def numbers_of(column, names: list[str]):
     import pyarrow.compute as pc
 
     return numbers(pc.fill_null(pc.index_in(column, value_set=pa.array(names)), len(names)), np.int64)
-
-
-def sampling_columns(table) -> dict:
-    """The `SAMPLING_COLUMNS` an Arrow table of samples has, under their training-data names."""
-    return {name: table[column] for column, name in SAMPLING_COLUMNS.items() if column in table.column_names}
-
-
-def sampling_features(features) -> dict:
-    return {name: features[column] for column, name in SAMPLING_COLUMNS.items() if column in features}
-
-
-def rows_by_problem(ids: list, sample_idx: list[int]) -> dict:
-    """Problem id -> its rows in sample_idx order; problems in input order."""
-    rows: dict = {problem_id: [] for problem_id in ids}
-    for row in sorted(range(len(ids)), key=lambda r: sample_idx[r]):
-        rows[ids[row]].append(row)
-    return rows
-
-
-def warn_dry_run_stand_ins(step: str, why: str, rows: int) -> None:
-    # A dry run's samples (2 per problem, 16 tokens) seldom hold a correct answer. So that the steps after this one
-    # still run on something, it writes stand-ins whatever their labels; a dry run's data is never for use.
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[yellow]{step}: {why} in this dry run; writing {rows} stand-in row(s) whatever "
-                               f"their labels, so that the steps after it run (never in a real run)")

@@ -23,8 +23,6 @@ turns it into a standalone model. With `lora: null`, the full fine-tuned model.
 
 from __future__ import annotations
 
-import functools
-
 from pydantic import Field
 
 from pipeline.core.errors import UserError
@@ -73,6 +71,7 @@ def build_trainer(cfg: Config, inputs, out):
     from trl import SFTConfig
 
     from pipeline.core.models import resolve_model
+    from pipeline.training.sft_trainer import CheckedSFTTrainer
 
     set_seed(out.seed)  # before the model exists: LoRA's initial weights come from it
     model_path = resolve_model(cfg.model, inputs)
@@ -90,7 +89,7 @@ def build_trainer(cfg: Config, inputs, out):
         padding_free=cfg.padding_free,
         completion_only_loss=True,
     )
-    trainer = checked_sft_trainer()(
+    trainer = CheckedSFTTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config(cfg.lora)
     )
     eos_id = tokenizer.eos_token_id
@@ -110,27 +109,6 @@ def template_check(cfg: Config, inputs, tokenizer) -> dict:
 
     return check_rows(tokenizer, training_rows(inputs[cfg.input].dataset()), step=cfg.uses, dataset=cfg.input,
                       think=think_prefix(tokenizer), model_ref=cfg.model)
-
-
-@functools.cache
-def checked_sft_trainer():
-    """The SFTTrainer subclass below; built on first use, so importing this module never imports TRL."""
-    from trl import SFTTrainer
-
-    class CheckedSFTTrainer(SFTTrainer):
-        """SFTTrainer that refuses a batch with no trained token (TRL would add a loss of exactly zero)."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Position 0 is never predicted, so its label cannot train anything.
-            if not (inputs["labels"][..., 1:] != -100).any():
-                raise UserError(
-                    "sft: a training batch has no trainable token (every label is masked), so its loss would be a "
-                    "silent zero; check that the completions are not empty and that max_length leaves room for them"
-                )
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-    return CheckedSFTTrainer
 
 
 def prompt_completion_dataset(dataset, dataset_name: str):

@@ -33,6 +33,7 @@ from pydantic import Field
 from eval.answers import GRADED, LABELS, UNGRADED, Grade, last_boxed
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
+from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "answer", "completion")
@@ -66,13 +67,22 @@ class Config(StepConfig):
     code_version: ClassVar = "2"
 
 
+def funnel_stage(stats: dict) -> FunnelStage:
+    """The run page's data funnel: graded samples by label, and the problems with a correct sample."""
+    # every graded label, even at 0 (no correct sample is news); an ungraded one only where it happened
+    labels = [Count(f"label_{label}", label, stats.get(f"label_{label}", 0)) for label in LABELS
+              if label in GRADED or stats.get(f"label_{label}")]
+    solved = Count("problems_solved", "problems with a correct sample", stats.get("problems_solved", 0))
+    return FunnelStage("graded samples", stats.get("problems"), [*labels, solved])
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     import numpy as np
     import pyarrow as pa
     from datasets import Value
 
     from eval.grading_pool import iter_grades
-    from pipeline.steps.select import arrow_columns, problem_index
+    from pipeline.text.columns import arrow_columns, problem_index
 
     samples = inputs[cfg.input].dataset()
     require_columns(samples, REQUIRED_COLUMNS, step="verify", source=cfg.input)

@@ -57,7 +57,7 @@ def run_benchmarks(targets: list[str], opts, console) -> dict:
 
     from pipeline.core.env import device
     from pipeline.core.outputs import write_file
-    from pipeline.engines.generation import usable_cores
+    from pipeline.engines.vllm_local import usable_cores
 
     chosen = [b for b in BENCHMARKS if b in targets or ("all" in targets and b not in NOT_IN_ALL)]
     if "sample" in chosen and "decode" in chosen:

@@ -14,7 +14,7 @@ What it separates, in seconds, per size (one run each, `--ray-prompts 2000,10000
                     `replica_idle` = replicas x span - that (a replica waiting between chunks: Ray Data's dispatch,
                     results in flight)
     driver          wall - engine: everything that is not an engine starting or generating, of which
-    driver phases   the driver's own work, from the manifest's `ray.driver_seconds` (pipeline.engines.ray_engine's
+    driver phases   the driver's own work, from the manifest's `ray.driver_seconds` (pipeline.engines.ray_replicas's
                     DRIVER_PHASES): Ray start, the hand-off of the prompts (the Dataset), decoding results,
                     `on_chunk` (shard writes), stats and Ray stop; and the step outside `generate` (imports, tokenizer,
                     prompts, building and writing the dataset); `ray_other` = the driver blocked on Ray outside the
@@ -26,7 +26,7 @@ with the data) and the fixed part (what a run pays once).
 And, without Ray or an engine, what the driver's per-chunk handling costs per byte of completion text, which the
 short completions above cannot show: a chunk of `--ray-chunk-size` x 4 completions of `LONG_TRACE_CHARS` characters
 (the long traces' mean in `bench verify`) as a replica returns it (JSON), decoded and written as a shard the way
-`ray_engine.generate` and the sample step's `on_chunk` do; MB/s, median of 3. And the sample step itself on long
+`ray_replicas.generate` and the sample step's `on_chunk` do; MB/s, median of 3. And the sample step itself on long
 completions, its engine replaced by a stand-in that hands out `--ray-trace-chars`-character completions through
 `on_chunk` (`long_samples`, 2,000 and 6,000 problems): seconds and peak RSS per GB of completion text, what the
 driver pays after the engines are done (building and writing the dataset); and the peak of RSS's anonymous part
@@ -107,9 +107,9 @@ def summarize(replicas: int, wall_s: float, sample_stats: dict, verify_s: float)
 
 def long_chunk(spec: dict) -> dict:
     """The driver's handling of one chunk of long completions: decode the replica's JSON, build the completions,
-    write the shard (as ray_engine.generate and the sample step's on_chunk do). Seconds and MB/s, median of 3."""
+    write the shard (as ray_replicas.generate and the sample step's on_chunk do). Seconds and MB/s, median of 3."""
     from pipeline.core.artifacts import write_json_atomic
-    from pipeline.engines.generation import Completion
+    from pipeline.engines.request import Completion
 
     rng = random.Random(SEED)
     words = ("Let", "me", "check", "the", "sum", "again:", "so", "x", "=", "\\frac{3}{4}", "and", "then", "we", "get",
@@ -152,7 +152,8 @@ def long_samples(spec: dict) -> dict:
 
     from pipeline.core.artifacts import Artifact, Output
     from pipeline.core.models import resolve_model
-    from pipeline.engines import generation
+    from pipeline.engines import vllm_local
+    from pipeline.engines.request import Completion, Generations
     from pipeline.steps import sample
 
     datasets.disable_progress_bars()
@@ -161,16 +162,16 @@ def long_samples(spec: dict) -> dict:
     words = ("Let", "me", "check", "the", "sum", "again:", "so", "x", "=", "\\frac{3}{4}", "and", "Wait,", "$2^{10}$")
     filler = " ".join(rng.choice(words) for _ in range(chars // 4))
 
-    def stand_in(model, prompts, *, n, chunks, skip_chunks, on_chunk, **_):
+    def stand_in(request, *, on_chunk, **_):
         completions = []
-        for chunk, rows in enumerate(chunks):
-            made = [[generation.Completion(f"{filler[:chars - 40]} {p:06d}</think>\nThe answer is \\boxed{{{p}}}.",
-                                           "stop", 60, chars // 4) for _ in range(n)] for p in rows]
+        for chunk, rows in enumerate(request.chunks):
+            made = [[Completion(f"{filler[:chars - 40]} {p:06d}</think>\nThe answer is \\boxed{{{p}}}.", "stop", 60,
+                                chars // 4) for _ in range(request.n)] for p in rows]
             completions += made
             on_chunk(chunk, made, 1.0)
-        return generation.Generations(completions)
+        return Generations(completions)
 
-    generation.generate = stand_in  # this child process only
+    vllm_local.generate = stand_in  # this child process only
     datasets.Dataset.from_dict(problems(count)).save_to_disk(str(workdir / "problems" / "data"))
     cfg = sample.Config(uses="sample", input="problems", model=str(resolve_model(spec["model"], {})), n=1,
                         max_tokens=chars // 4)

@@ -1,6 +1,6 @@
 """`distill bench sample`: completion tokens/s on the same prompts, three ways, in each dtype (`--dtypes`).
 
-- ours: the `sample` step itself (pipeline.steps.sample -> pipeline.engines.generation), with its defaults (chunks, shards).
+- ours: the `sample` step itself (pipeline.steps.sample -> pipeline.engines.vllm_local), with its defaults (chunks, shards).
 - bare vLLM: a script that only calls `vllm.LLM(...).chat(prompts, SamplingParams(...))`, in its own process, with
   the engine settings our path uses (the same environment defaults, seed, eager mode on CPU).
 - HF generate: `model.generate` on left-padded batches of prompts, `num_return_sequences=n`, same sampling and
@@ -100,7 +100,7 @@ def run(opts, console) -> tuple[dict, dict]:
     from pipeline.commands.bench import decode
     from pipeline.core.compute_dtype import choose
     from pipeline.core.models import resolve_model
-    from pipeline.engines.generation import engine_env_defaults
+    from pipeline.engines.vllm_local import engine_env_defaults
 
     model_dir = str(resolve_model(opts.model, {}))
     cases = []

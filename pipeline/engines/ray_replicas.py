@@ -1,8 +1,8 @@
-"""`engine: ray` for the `sample` and `evaluate` steps: the chunks of prompts become a Ray Dataset, and vLLM
-engine replicas, each a Ray actor, generate them (Ray Data `map_batches` over an actor pool).
+"""`engine: ray` for the `sample` and `evaluate` steps: `generate(request, replicas=...)` makes the chunks of prompts a
+Ray Dataset, and vLLM engine replicas, each a Ray actor, generate them (Ray Data `map_batches` over an actor pool).
 
-A replica wraps the local engine's own `pipeline.engines.generation.EngineProcess`, so a chunk is computed exactly as the
-local engine computes it: one batch of the same requests with the same per-sample seeds, from an empty prefix
+A replica wraps the local engine's own `pipeline.engines.vllm_local.EngineProcess`, so a chunk is computed exactly as
+the local engine computes it: one batch of the same requests with the same per-sample seeds, from an empty prefix
 cache. The driver (the step's process) receives each chunk as a replica finishes it and hands it to the step's
 `on_chunk`, which saves the same shards as with the local engine, so resume works the same whatever the engine:
 chunks with a shard are not sent to Ray at all.
@@ -14,7 +14,7 @@ the driver keeps the first result of a chunk, so none is saved twice.
 
 Numerics: on CPU with bfloat16 weights, vLLM's matmuls round differently with another number of torch threads, so
 a replica matches the local engine's samples when it runs as many threads (OMP_NUM_THREADS set where `distill`
-runs goes to every replica; otherwise a replica runs its share of the node's CPUs). README: "Many machines".
+runs goes to every replica; otherwise a replica runs its share of the node's CPUs). docs/scaling.md: "Many machines".
 
 Why not `ray.data.llm`'s vLLM processor (tried): it needs `ray[llm]`, which pins another vLLM release than this
 project's; with `ray[data]` alone its engine stage fails at start-up (vLLM's Ray metrics import `ray.serve`); it
@@ -26,28 +26,15 @@ Ray is imported only inside the functions here: a recipe with the local engine n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
-from typing import Literal
-
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from collections.abc import Callable
 
 from pipeline.core.errors import UserError
-from pipeline.engines.generation import (
-    Completion,
-    EngineDied,
-    EngineProcess,
-    Generations,
-    _plan,
-    engine_env_defaults,
-    engine_settings,
-    usable_cores,
-)
+from pipeline.engines.request import ChunkPlan, Completion, Generations, OnChunk, SamplingRequest
+from pipeline.engines.vllm_local import EngineDied, EngineProcess, engine_env_defaults, engine_settings, usable_cores
 
-INSTALL_LINE = 'pip install -e ".[ray]"'
 # A local cluster holds only prompts and completions in its object store; Ray's default is 30% of the RAM.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 # Starts of one chunk before the run fails: a chunk whose replicas keep dying (a model or a batch too large for
@@ -58,44 +45,6 @@ MAX_CHUNK_ATTEMPTS = 4
 # generating); decoding each chunk's result; the caller's `on_chunk` (the step's shard writes); the replicas'
 # stats and stopping a local cluster. All but `waiting` is the driver's own work.
 DRIVER_PHASES = ("ray_start", "dataset", "waiting", "results", "on_chunk", "finish")
-
-
-class EngineFields(BaseModel):
-    """The engine settings `sample` and `evaluate` share (mixed into their configs)."""
-
-    engine: Literal["local", "ray"] = Field(default="local", description=(
-        "local: one vLLM engine in a child process of the step. ray: `replicas` vLLM engines as Ray actors, fed "
-        "the chunks as a Ray Dataset, on the cluster at ray_address; same samples, shards and resume. Needs the "
-        f"ray extra ({INSTALL_LINE})."))
-    replicas: int = Field(default=1, ge=1, description=(
-        "engine ray: vLLM engine replicas, each a Ray actor with tensor_parallel_size GPUs (on a cluster "
-        "without GPUs: an equal share of its CPUs)."))
-    batch_size: int = Field(default=1, ge=1, description=(
-        "engine ray: chunks (of chunk_size problems) a replica takes per Ray Data batch. Each chunk is still "
-        "generated as one batch and saved on its own, so this changes scheduling, not samples; a replica that "
-        "dies loses its whole batch."))
-    ray_address: str | None = Field(default=None, description=(
-        "engine ray: null starts a local Ray cluster for the step and stops it after; 'auto' joins the cluster "
-        "`ray start` runs on this machine; host:port or ray://host:port joins that one."))
-
-    @field_validator("engine")
-    @classmethod
-    def _ray_installed(cls, engine: str) -> str:
-        if engine == "ray" and importlib.util.find_spec("ray") is None:
-            raise ValueError(f"engine ray needs Ray, which is not installed: {INSTALL_LINE} (the gpu extra has it)")
-        return engine
-
-    @field_validator("replicas", "batch_size", "ray_address")
-    @classmethod
-    def _only_with_engine_ray(cls, value, info: ValidationInfo):
-        # runs only for the settings given (engine is validated before them); a default passes, so a dumped config
-        # validates back to itself
-        if info.data.get("engine") == "local" and value != cls.model_fields[info.field_name].default:
-            raise ValueError("only for engine: ray (engine is local)")
-        return value
-
-    def ray_settings(self) -> dict:
-        return dict(replicas=self.replicas, batch_size=self.batch_size, ray_address=self.ray_address)
 
 
 class RayGenerations(Generations):
@@ -129,122 +78,135 @@ class RayGenerations(Generations):
                 "driver_seconds": {phase: round(seconds, 3) for phase, seconds in self.driver_seconds.items()}}
 
 
-def generate(
-    model: str,
-    prompts: list[list[dict]],
-    *,
-    replicas: int,
-    batch_size: int,
-    ray_address: str | None,
-    n: int | Sequence[int],
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    max_tokens: int,
-    seed: int,
-    ids: Sequence[str] | None = None,
-    stop: list[str] | None = None,
-    max_model_len: int | None = None,
-    dtype: str = "auto",
-    think_prefix: str = "",
-    tensor_parallel_size: int = 1,
-    data_parallel_size: int = 1,
-    distributed_executor_backend: str | None = None,
-    chunks: Sequence[range] | None = None,
-    skip_chunks: Collection[int] = (),
-    on_chunk: Callable[[int, list[list[Completion]], float], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-) -> RayGenerations:
-    """`pipeline.engines.generation.generate`'s contract (same samples, `chunks`, `skip_chunks`, `on_chunk` in this
-    process as each chunk comes back, in the order they finish) on `replicas` engines of a Ray cluster."""
-    counts, ids, chunks, todo = _plan(prompts, n, ids, chunks, skip_chunks)
-    completions: list[list[Completion]] = [[] for _ in prompts]
-    if not todo:
+def generate(request: SamplingRequest, *, replicas: int, batch_size: int, ray_address: str | None,
+             on_chunk: OnChunk | None = None, on_phase: Callable[[str], None] | None = None) -> RayGenerations:
+    """`pipeline.engines.vllm_local.generate`'s contract (same samples, `on_chunk` in this process as each chunk comes
+    back, in the order they finish) on `replicas` engines of a Ray cluster, each replica taking `batch_size` chunks at
+    a time (`ray_address`: see `pipeline.engines.settings.EngineFields`)."""
+    plan = request.plan()
+    completions: list[list[Completion]] = [[] for _ in request.prompts]
+    if not plan.todo:
         return RayGenerations(completions, requested_replicas=replicas)
     import ray
 
     if on_phase is not None:
         on_phase("starting Ray")
-    driver = dict.fromkeys(DRIVER_PHASES, 0.0)
-    mark = time.perf_counter()
-
-    def lap(phase: str) -> None:  # the seconds since the last lap go to `phase`
-        nonlocal mark
-        now = time.perf_counter()
-        driver[phase] += now - mark
-        mark = now
-
+    clock = DriverClock()
     started_here = _connect(ray_address)
     try:
-        replica_resources = _replica_resources(replicas, tensor_parallel_size, ray_address)
-        lap("ray_start")
-        # Each row is one chunk: its prompts, problem ids and sample counts, as the local engine sends them.
-        work = ray.data.from_items(
-            [{"chunk": chunk, "work": json.dumps({"prompts": [prompts[p] for p in chunks[chunk]],
-                                                  "ids": [ids[p] for p in chunks[chunk]],
-                                                  "counts": [counts[p] for p in chunks[chunk]]})}
-             for chunk in todo],
-            override_num_blocks=len(todo))
+        replica_resources = _replica_resources(replicas, request.tensor_parallel_size, ray_address)
+        clock.lap("ray_start")
         attempts = ray.remote(num_cpus=0)(ChunkAttempts).remote()
-        settings = dict(seed=seed, think_prefix=think_prefix, **engine_settings(
-            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, dtype=dtype,
-            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            data_parallel_size=data_parallel_size, distributed_executor_backend=distributed_executor_backend))
-        results = work.map_batches(
-            EngineReplica, fn_constructor_kwargs=dict(model=model, settings=settings, attempts=attempts),
-            # one batch per replica at a time: chunks go to whichever replica is free instead of queueing behind a
-            # busy one, and a replica that dies held only the batch it was generating
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
-            runtime_env={"env_vars": _replica_env(replica_resources)}, **replica_resources)
+        results = _replica_pool(request, plan, attempts, replicas, batch_size, replica_resources)
         if on_phase is not None:
             on_phase("generating")
-        stats: dict[str, dict] = {}
-        done: set[int] = set()
-        first_started, last_finished = float("inf"), 0.0
-        lap("dataset")
-        for row in results.iter_rows():
-            lap("waiting")
-            chunk, result = int(row["chunk"]), json.loads(row["result"])
-            # A batch retried after its replica died can hand back a chunk a second time: the first one counts.
-            if chunk in done:
-                continue
-            done.add(chunk)
-            rows = chunks[chunk]
-            chunk_completions = [[Completion(**c) for c in per_prompt] for per_prompt in result["completions"]]
-            completions[rows.start:rows.stop] = chunk_completions
-            replica = stats.setdefault(result["replica"], {"node": result["node"], "chunks": 0, "completion_tokens": 0,
-                                                           "generate_seconds": 0.0, "load_seconds": 0.0})
-            replica["chunks"] += 1
-            replica["completion_tokens"] += sum(c.completion_tokens for per_prompt in chunk_completions
-                                                for c in per_prompt)
-            replica["generate_seconds"] += result["seconds"]
-            replica["load_seconds"] = max(replica["load_seconds"], result["load_seconds"])
-            first_started = min(first_started, result["finished_at"] - result["seconds"])
-            last_finished = max(last_finished, result["finished_at"])
-            lap("results")
-            if on_chunk is not None:
-                on_chunk(chunk, chunk_completions, result["seconds"])
-                lap("on_chunk")
-        lap("waiting")  # for Ray to say there are no more rows
-        missing = sorted(set(todo) - done)
-        if missing:
-            raise RuntimeError(f"Ray returned no result for chunk(s) {missing}")
+        clock.lap("dataset")
+        stats = _collect(results, plan, completions, on_chunk, clock)
         retries = ray.get(attempts.retries.remote())
         # the address each node joined with (`ray start --node-ip-address`), by node id
         addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
     finally:
         if started_here:
             ray.shutdown()
-    lap("finish")
-    for replica in stats.values():
-        replica["node"] = addresses.get(replica["node"], replica["node"])
-        replica["generate_seconds"] = round(replica["generate_seconds"], 2)
-        replica["load_seconds"] = round(replica["load_seconds"], 2)
+    clock.lap("finish")
+    per_replica = stats.per_replica(addresses)
     return RayGenerations(
-        completions, load_seconds=max(r["load_seconds"] for r in stats.values()),
-        generate_seconds=sum(r["generate_seconds"] for r in stats.values()),
-        span_seconds=last_finished - first_started,
-        replicas=stats, retries=retries, requested_replicas=replicas, driver_seconds=driver)
+        completions, load_seconds=max(r["load_seconds"] for r in per_replica.values()),
+        generate_seconds=sum(r["generate_seconds"] for r in per_replica.values()), span_seconds=stats.span_seconds,
+        replicas=per_replica, retries=retries, requested_replicas=replicas, driver_seconds=clock.seconds)
+
+
+class DriverClock:
+    """Where the driver's wall time goes, by phase (`DRIVER_PHASES`): each `lap(phase)` adds the seconds since the
+    last lap to `phase`."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(DRIVER_PHASES, 0.0)
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._mark
+        self._mark = now
+
+
+def _replica_pool(request: SamplingRequest, plan: ChunkPlan, attempts, replicas: int, batch_size: int,
+                  replica_resources: dict):
+    """The chunks to generate as a Ray Dataset, one row per chunk (its prompts, problem ids and sample counts, as the
+    local engine sends them), mapped by a pool of `replicas` `EngineReplica`s: the Dataset of their results."""
+    import ray
+
+    work = ray.data.from_items(
+        [{"chunk": chunk, "work": json.dumps(dict(zip(("prompts", "ids", "counts"), plan.chunk(chunk))))}
+         for chunk in plan.todo],
+        override_num_blocks=len(plan.todo))
+    return work.map_batches(
+        EngineReplica, fn_constructor_kwargs=dict(model=request.model, settings=engine_settings(request),
+                                                  attempts=attempts),
+        # one batch per replica at a time: chunks go to whichever replica is free instead of queueing behind a
+        # busy one, and a replica that dies held only the batch it was generating
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
+        runtime_env={"env_vars": _replica_env(replica_resources)}, **replica_resources)
+
+
+def _collect(results, plan: ChunkPlan, completions: list[list[Completion]], on_chunk: OnChunk | None,
+             clock: DriverClock) -> ReplicaStats:
+    """Take each chunk's result as a replica hands it back: its completions into `completions`, its stats, then
+    `on_chunk`. Refused when Ray returned no result for a chunk."""
+    stats = ReplicaStats()
+    done: set[int] = set()
+    for row in results.iter_rows():
+        clock.lap("waiting")
+        chunk, result = int(row["chunk"]), json.loads(row["result"])
+        # A batch retried after its replica died can hand back a chunk a second time: the first one counts.
+        if chunk in done:
+            continue
+        done.add(chunk)
+        rows = plan.chunks[chunk]
+        chunk_completions = [[Completion(**c) for c in per_prompt] for per_prompt in result["completions"]]
+        completions[rows.start:rows.stop] = chunk_completions
+        stats.add(result, chunk_completions)
+        clock.lap("results")
+        if on_chunk is not None:
+            on_chunk(chunk, chunk_completions, result["seconds"])
+            clock.lap("on_chunk")
+    clock.lap("waiting")  # for Ray to say there are no more rows
+    missing = sorted(set(plan.todo) - done)
+    if missing:
+        raise RuntimeError(f"Ray returned no result for chunk(s) {missing}")
+    return stats
+
+
+class ReplicaStats:
+    """What the driver tallies of the chunks' results: per replica (actor id) its node, chunks, completion tokens,
+    generate seconds and engine start-up; and the span from the first chunk's start to the last one's end."""
+
+    def __init__(self):
+        self.replicas: dict[str, dict] = {}
+        self.first_started, self.last_finished = float("inf"), 0.0
+
+    def add(self, result: dict, chunk_completions: list[list[Completion]]) -> None:
+        replica = self.replicas.setdefault(result["replica"], {
+            "node": result["node"], "chunks": 0, "completion_tokens": 0, "generate_seconds": 0.0, "load_seconds": 0.0})
+        replica["chunks"] += 1
+        replica["completion_tokens"] += sum(c.completion_tokens for per_prompt in chunk_completions
+                                            for c in per_prompt)
+        replica["generate_seconds"] += result["seconds"]
+        replica["load_seconds"] = max(replica["load_seconds"], result["load_seconds"])
+        self.first_started = min(self.first_started, result["finished_at"] - result["seconds"])
+        self.last_finished = max(self.last_finished, result["finished_at"])
+
+    @property
+    def span_seconds(self) -> float:
+        return self.last_finished - self.first_started
+
+    def per_replica(self, addresses: dict[str, str]) -> dict[str, dict]:
+        """The replicas' stats for the manifest: seconds rounded, each node named by its address (by node id in
+        `addresses`) where known."""
+        return {replica: {**stats, "node": addresses.get(stats["node"], stats["node"]),
+                          "generate_seconds": round(stats["generate_seconds"], 2),
+                          "load_seconds": round(stats["load_seconds"], 2)}
+                for replica, stats in self.replicas.items()}
 
 
 class EngineReplica:
