@@ -1,5 +1,7 @@
 """Answer extraction and labels: turns (completion, gold) into a Grade, in this process. The verify and evaluate
-steps grade through eval.grading_pool, which runs `grade` in worker processes under a time limit.
+steps grade through eval.grading_pool, which runs `grade` in worker processes under a time limit. Over 400 lines as
+one thing: the extraction rules below build on each other (an answer statement's cue, its math, its words, the
+unfinished-reply checks) and are read together when a grade is questioned.
 
 Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
 - Only the text after the last `</think>` is read. A completion that opened `<think>` and never closed it, or

@@ -161,9 +161,9 @@ def test_distill_run_shows_accuracy_by_round_and_each_round_minus_the_one_before
 
     from rich.console import Console
 
-    from pipeline.commands.cli import _print_rounds
+    from pipeline.commands.run_command import _print_rounds
 
-    monkeypatch.setattr("pipeline.commands.cli.console", Console(width=200))  # one line per row
+    monkeypatch.setattr("pipeline.commands.run_command.console", Console(width=200))  # one line per row
     by_round_results(tmp_path)
     _print_rounds(load_recipe(recipe_path), {"report": SimpleNamespace(name="report",
                                                                       artifact=SimpleNamespace(path=tmp_path))})

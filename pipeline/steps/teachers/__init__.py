@@ -35,6 +35,9 @@ length above, correct traces) and `student_nll_per_token` (scored traces; null e
 the stats above), `teachers.json` (per-teacher summary, ranking, paired comparisons), `report.md` and
 `teachers.png` (written by report.py, beside this file). The student's scores are appended to the scratch dir batch
 by batch, so a killed run resumes.
+
+Just over 400 lines as one thing: the measurements above feed one per-problem table, summary and ranking, read
+together; rendering them is in `report`.
 """
 
 from __future__ import annotations
