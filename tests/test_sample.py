@@ -34,6 +34,7 @@ def run_sample(tmp_path, inputs, **config):
     return sample.run(cfg, inputs, out)
 
 
+@pytest.mark.slow  # three engine start-ups: about a minute on one core (`make test-slow`)
 def test_same_seed_same_samples_other_seed_other_samples(tiny_model):
     prompts = [[{"role": "user", "content": row["problem"]}] for row in PROBLEMS]
     settings = dict(n=2, temperature=1.0, max_tokens=12, seed=3)

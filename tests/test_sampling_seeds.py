@@ -55,6 +55,7 @@ def evaluate_tiny(workdir, model_dir, **settings):
     return datasets.load_from_disk(str(workdir / SAMPLES_DIR)).to_list()
 
 
+@pytest.mark.slow  # three evaluations, an engine start-up each: about a minute on one core (`make test-slow`)
 def test_aime24_samples_do_not_depend_on_other_benchmarks_limits_or_chunk_size(tmp_path, tiny_model):
     alone = evaluate_tiny(tmp_path / "alone", tiny_model, benchmarks=["aime24:3"], chunk_size=2)
     with_others = evaluate_tiny(tmp_path / "others", tiny_model, benchmarks=["math500:2", "aime24:3", "gsm8k:4"],

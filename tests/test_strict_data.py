@@ -142,6 +142,16 @@ def test_numbers_still_load_as_strings_and_benchmarks_still_load(tmp_path, capsy
 
 # --- columns: one source per name ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("first_line", [b"\xef\xbb\xbf\n", b"\n", b"\xef\xbb\xbf  \r\n"])
+def test_two_objects_on_a_line_after_a_blank_first_line_are_refused_naming_it(tmp_path, first_line):
+    # the long hostile profile found it: a byte order mark alone on line 1 was counted as a row, so the two rows
+    # pyarrow reads from line 2 matched the count and loaded
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(first_line + b'{"a": 1} {"a": 2}')
+    with pytest.raises(UserError, match="line 2: not valid JSON"):
+        read_table(path)
+
+
 def test_columns_renaming_onto_an_existing_column_is_refused(tmp_path, capsys):
     data = write_jsonl(tmp_path / "problems.jsonl", [{"id": "a", "question": "q", "problem": "p", "answer": "1"}])
     err = refused(capsys, ["run", recipe(tmp_path, {"path": str(data), "columns": {"question": "problem"}})])

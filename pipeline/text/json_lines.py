@@ -37,6 +37,8 @@ def prescan(p: Path, name: str) -> tuple[int, int]:
                     continue
                 if number == 1:
                     line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
+                    if not line:  # a mark alone on a blank first line: no row (counted, two objects on one line
+                        continue  # later would pass the row-count check)
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError:
