@@ -140,6 +140,16 @@ def test_numbers_still_load_as_strings_and_benchmarks_still_load(tmp_path, capsy
         problems.check_problems(read_table(path), str(path), ["id", "problem", "answer"])
 
 
+@pytest.mark.parametrize("number", [2 ** 64, -2 ** 63 - 1, 10 ** 30])
+def test_integer_beyond_64_bits_loads_as_a_string_alone_and_is_refused_inside_a_list(tmp_path, number):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"id": "p1", "a": number}) + "\n" + json.dumps({"id": "p2", "a": 3}) + "\n")
+    assert read_table(path)["a"] == [str(number), "3"]  # lossless: the digits, not a rounded float
+    path.write_text(json.dumps({"id": "p1", "a": [1]}) + "\n" + json.dumps({"id": "p2", "a": [number]}) + "\n")
+    with pytest.raises(UserError, match=rf"line 2 \(id 'p2'\): column 'a': cannot store \[{number}\]"):
+        read_table(path)
+
+
 # --- columns: one source per name ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("first_line", [b"\xef\xbb\xbf\n", b"\n", b"\xef\xbb\xbf  \r\n"])

@@ -229,8 +229,9 @@ def _check_json_decodes(texts, column, rows, lines, name) -> None:
             row_id = rows[index].get("id")
             id_part = f" (id {row_id!r})" if row_id is not None else ""
             shown = text if len(text) <= 60 else text[:57] + "..."
-            raise UserError(f"{name}: {where}{id_part}: column {column!r}: cannot store {shown} in a column of mixed "
-                            f"types ({e}); write the number as a string") from None
+            raise UserError(f"{name}: {where}{id_part}: column {column!r}: cannot store {shown} as JSON in a table "
+                            f"(an integer beyond 64 bits inside a list or an object, or among other types: {e}); "
+                            "write the number as a string") from None
 
 
 def _faithful(written: list, loaded: list) -> bool:
