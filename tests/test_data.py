@@ -23,6 +23,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_openr1_raw_fixture_is_its_generators_output(tmp_path):
+    subprocess.run([sys.executable, str(DATA / "make_openr1_raw.py"), "--out-dir", str(tmp_path)], check=True)
+    committed = DATA / "fixtures" / "openr1-math-raw"
+    for relative in ("README.md", "data/train-00000-of-00001.parquet"):
+        assert (committed / relative).read_bytes() == (tmp_path / relative).read_bytes(), "rerun data/make_openr1_raw.py"
+
+
 def test_arithmetic_files_are_the_generators_output_and_disjoint(tmp_path):
     subprocess.run([sys.executable, str(DATA / "make_arithmetic.py"), "--out-dir", str(tmp_path)], check=True)
     # --out-dir DIR writes DIR/train/arith_train.jsonl and DIR/benchmarks/arith_test.jsonl

@@ -130,3 +130,39 @@ def test_lsh_drops_what_the_exact_rule_drops(tmp_path):
         _, _, removed = run_filter(tmp_path / str(threshold), data, near_duplicate=threshold, decontaminate=[])
         assert {r["id"] for r in removed if r["reason"] == "near_duplicate"} == expected
         assert len(expected) >= 25  # the variants are near duplicates at these thresholds, most of them
+
+
+def test_keep_where_and_drop_where_remove_rows_by_a_published_mark(tmp_path):
+    data = [{"id": "a", "problem": "p1", "source": "olympiads", "problem_is_valid": "Yes", "sample_idx": 0},
+            {"id": "a", "problem": "p1", "source": "olympiads", "problem_is_valid": "Yes", "sample_idx": 1},
+            {"id": "b", "problem": "p2", "source": "cn_k12", "problem_is_valid": "Yes", "sample_idx": 0},
+            {"id": "c", "problem": "p3", "source": "amc_aime", "problem_is_valid": "No", "sample_idx": 0},
+            # same text as b, which is gone: not a duplicate of anything kept
+            {"id": "d", "problem": "p2", "source": "olympiads", "problem_is_valid": "Yes", "sample_idx": 0}]
+    artifact, kept, removed = run_filter(tmp_path, data, keep_where={"problem_is_valid": ["Yes"]},
+                                         drop_where={"source": ["cn_k12"]}, decontaminate=[])
+    assert kept["id"] == ["a", "a", "d"]
+    assert [(r["id"], r["reason"], r["detail"]) for r in removed] == [
+        ("c", "keep_where", "row 3: problem_is_valid = 'No'"), ("b", "drop_where", "row 2: source = 'cn_k12'")]
+    assert (artifact.stats["removed_keep_where"], artifact.stats["removed_drop_where"]) == (1, 1)
+    assert artifact.stats["problems_kept"] == 2
+
+
+def test_where_matches_the_value_and_its_type_and_names_a_missing_column(tmp_path):
+    data = [{"id": "a", "problem": "p1", "flag": 1, "valid": True}, {"id": "b", "problem": "p2", "flag": 0,
+                                                                     "valid": False}]
+    _, kept, _ = run_filter(tmp_path / "1", data, drop_where={"flag": [True]}, decontaminate=[])
+    assert kept["id"] == ["a", "b"]  # 1 is not True
+    _, kept, _ = run_filter(tmp_path / "3", data, drop_where={"valid": [False]}, decontaminate=[])
+    assert kept["id"] == ["a"]
+    with pytest.raises(UserError, match="source"):
+        run_filter(tmp_path / "2", data, drop_where={"source": ["cn_k12"]}, decontaminate=[])
+
+
+def test_where_fields_at_their_default_leave_the_key_as_it_was():
+    from pipeline.core.keys import keyed_config
+
+    plain = filter_step.Config(uses="filter", input="graded")
+    assert "keep_where" not in keyed_config(plain) and "drop_where" not in keyed_config(plain)
+    set_ = filter_step.Config(uses="filter", input="graded", drop_where={"source": ["cn_k12"]})
+    assert keyed_config(set_)["drop_where"] == {"source": ["cn_k12"]}

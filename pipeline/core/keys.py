@@ -53,7 +53,7 @@ def step_inputs(cfg: StepConfig, seed: int, parent_keys: dict[str, str], fingerp
     """Everything a step's output depends on, as the record its key hashes."""
     inputs = {
         "uses": cfg.uses,
-        "config": cfg.model_dump(mode="json"),
+        "config": keyed_config(cfg),
         "seed": cfg.effective_seed(seed),
         "parents": parent_keys,
         "files": {input_file_name(path): fingerprints.of(path) for path in dict.fromkeys(cfg.input_paths())},
@@ -66,6 +66,15 @@ def step_inputs(cfg: StepConfig, seed: int, parent_keys: dict[str, str], fingerp
     if dtype is not None:  # `dtype: auto` runs in another dtype on other hardware, and the dtype changes outputs
         inputs["dtype"] = dtype.dtype
     return inputs
+
+
+def keyed_config(cfg: StepConfig) -> dict:
+    """The step's settings as its key hashes them: every field, except a `keyed_when_set` field at its default."""
+    config = cfg.model_dump(mode="json")
+    for name in cfg.keyed_when_set:
+        if getattr(cfg, name) == type(cfg).model_fields[name].get_default(call_default_factory=True):
+            del config[name]
+    return config
 
 
 def input_file_name(path: str) -> str:

@@ -57,6 +57,9 @@ class StepConfig(BaseModel):
     path_fields: ClassVar[tuple[str, ...] | None] = None
     libraries: ClassVar[tuple[str, ...]] = ()
     code_version: ClassVar[str] = "1"
+    # Fields added after the step shipped, whose default keeps the old behaviour: left out of the key while they hold
+    # their default, so that a new option re-runs no existing step (keys.step_inputs). Set, they are keyed as usual.
+    keyed_when_set: ClassVar[tuple[str, ...]] = ()
     # Whether the step draws random numbers (sampling, training). One that does not is keyed without the seed, so
     # the runs of `distill run --seeds` share it whenever its inputs are the same.
     uses_seed: ClassVar[bool] = True

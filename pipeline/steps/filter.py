@@ -2,6 +2,9 @@
 
 Filters, applied in this order (a problem removed by one is not looked at by the next):
 
+    keep_where /       sample rows whose column holds (drop_where) or does not hold (keep_where) one of the listed
+    drop_where         values: a published dataset's own marks, e.g. the REDI paper's `problem_is_valid: [Yes]` and
+                       `source: [cn_k12]` dropped (recipes/regenerate-redi-data.yaml)
     drop_truncated     sample rows that stopped at the token limit (finish_reason "length" or label truncated)
     min/max_pass_rate  problems whose pass_rate (from verify: correct / graded samples) is outside the window,
                        and, as `ungraded`, problems with no pass rate (not one sample graded: bad gold, timeouts,
@@ -13,7 +16,8 @@ Filters, applied in this order (a problem removed by one is not looked at by the
                        shorter than n tokens counts as contaminated only if it equals a benchmark problem
 
 Everything removed is listed in `removed.jsonl` in the step dir (`id`, `reason`, `detail`; one line per
-problem, or per sample row for drop_truncated) and counted per reason in the manifest.
+problem, or per sample row for the row rules: keep/drop_where, drop_truncated) and counted per reason in the
+manifest.
 """
 
 from __future__ import annotations
@@ -38,12 +42,20 @@ REMOVED_FILE = "removed.jsonl"
 MINHASH_PERMUTATIONS = 128
 MINHASH_SEED = 1
 LSH_WEIGHTS = (0.02, 0.98)  # (false positive, false negative)
+ColumnValue = str | int | float | bool | None  # a value keep_where / drop_where compare a column's with
 # words and single punctuation/operator characters: "12 + 7" and "12 * 7" must not look alike
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 class Config(StepConfig):
     input: str = Field(description="Name of the step whose dataset (needs `id` and `problem`) is filtered.")
+    keep_where: dict[str, list[ColumnValue]] = Field(
+        default_factory=dict,
+        description="Keep only rows whose column holds one of the listed values, e.g. {problem_is_valid: [Yes]}; "
+                    "with several columns a row must match each.")
+    drop_where: dict[str, list[ColumnValue]] = Field(
+        default_factory=dict, description="Drop rows whose column holds one of the listed values, e.g. "
+                                          "{source: [cn_k12]}.")
     drop_truncated: bool = Field(default=False, description="Drop sample rows cut off at the token limit.")
     min_pass_rate: float | None = Field(default=None, ge=0, le=1,
                                         description="Drop problems with a lower pass_rate (needs verify output); "
@@ -68,7 +80,10 @@ class Config(StepConfig):
     libraries: ClassVar = ("datasketch",)  # its MinHash and LSH decide which near duplicates are found
     # 2: near_duplicate finds its candidates with MinHash LSH (it can miss a pair the exact rule would find), and
     # ties in similarity name the earliest kept problem
-    code_version: ClassVar = "2"
+    # 3: a problem all of whose rows drop_truncated removed is gone: no longer the earlier copy of a duplicate, nor
+    #    listed again by the pass-rate window
+    code_version: ClassVar = "3"
+    keyed_when_set: ClassVar = ("keep_where", "drop_where")
 
     def input_paths(self) -> list[str]:
         from eval.benchmarks import get_benchmark
@@ -98,7 +113,7 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 def funnel_stage(stats: dict) -> FunnelStage:
     """The run page's data funnel: the rows kept, and what each check removed."""
     return FunnelStage("rows kept", stats["problems_kept"], dropped=[
-        Count(key, f"{key.removeprefix('removed_').replace('_', ' ')} (problems; rows for truncated)", value)
+        Count(key, f"{key.removeprefix('removed_').replace('_', ' ')} (problems; rows for the row rules)", value)
         for key, value in stats.items() if key.startswith("removed_")])
 
 
@@ -112,21 +127,26 @@ def run(cfg: Config, inputs, out):
     data = inputs[cfg.input].dataset()
     needed = ["id", "problem"] + (["pass_rate"] if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None
                                   else [])
-    require_columns(data, needed, step="filter", source=cfg.input)
+    require_columns(data, needed + list(cfg.keep_where) + list(cfg.drop_where), step="filter", source=cfg.input)
     # Column arrays, not Python rows: per-row Python objects of a million samples would be most of the memory.
     columns = arrow_columns(data, [c for c in ("id", "problem", "pass_rate", "finish_reason", "label")
                                    if c in data.column_names])
     codes, problem_ids = problem_index(pc.cast(columns["id"], pa.string()))
     first_rows = np.unique(codes, return_index=True)[1]  # each problem's first row; problems in input order
     removed: list[dict] = []
-    truncated = np.zeros(len(codes), dtype=bool)
+    row_dropped = np.zeros(len(codes), dtype=bool)  # by a row rule: keep/drop_where, then drop_truncated
+    if cfg.keep_where or cfg.drop_where:
+        row_dropped = _rows_by_value(cfg, data, codes, problem_ids, removed)
 
     if cfg.drop_truncated:
+        cut = np.zeros(len(codes), dtype=bool)
         for column, value in (("finish_reason", "length"), ("label", "truncated")):
             if column in columns.column_names:
-                truncated |= pc.fill_null(pc.equal(columns[column], value), False).to_numpy(zero_copy_only=False)
+                cut |= pc.fill_null(pc.equal(columns[column], value), False).to_numpy(zero_copy_only=False)
+        cut &= ~row_dropped
         removed += [{"id": problem_ids[codes[row]], "reason": "truncated", "detail": f"row {row}"}
-                    for row in np.flatnonzero(truncated).tolist()]
+                    for row in np.flatnonzero(cut).tolist()]
+        row_dropped |= cut
 
     # id -> problem text (its first row's), input order
     first_texts = columns["problem"].take(pa.array(first_rows)).to_pylist()
@@ -135,6 +155,9 @@ def run(cfg: Config, inputs, out):
     if "pass_rate" in columns.column_names:
         pass_rates = dict(zip(problem_ids, columns["pass_rate"].take(pa.array(first_rows)).to_pylist()))
     dropped: dict[str, str] = {}  # problem id -> reason
+    # a problem whose every row a row rule removed is gone: it must not make a later problem its duplicate
+    rows_left = np.bincount(codes[~row_dropped], minlength=len(problem_ids))
+    dropped.update({problem_ids[i]: "rows" for i in np.flatnonzero(rows_left == 0).tolist()})
 
     def drop(problem_id: str, reason: str, detail: str) -> None:
         dropped[problem_id] = reason
@@ -143,6 +166,8 @@ def run(cfg: Config, inputs, out):
     if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None:
         low, high = cfg.min_pass_rate or 0.0, 1.0 if cfg.max_pass_rate is None else cfg.max_pass_rate
         for problem_id, rate in pass_rates.items():
+            if problem_id in dropped:
+                continue
             if rate is None:
                 drop(problem_id, "ungraded", "no graded sample, so no pass_rate")
             elif not low <= rate <= high:
@@ -166,7 +191,7 @@ def run(cfg: Config, inputs, out):
         _decontaminate(cfg, problems, dropped, drop)
 
     problem_dropped = np.array([problem_id in dropped for problem_id in problem_ids], dtype=bool)
-    kept_rows = np.flatnonzero(~truncated & ~problem_dropped[codes])
+    kept_rows = np.flatnonzero(~row_dropped & ~problem_dropped[codes])
     out.dir.mkdir(parents=True, exist_ok=True)
     with open(out.dir / REMOVED_FILE, "w") as f:
         f.writelines(json.dumps(entry) + "\n" for entry in removed)
@@ -180,7 +205,28 @@ def run(cfg: Config, inputs, out):
         problems_kept=len(np.unique(codes[kept_rows])),
         **{f"removed_{reason}": counts[reason] for reason in ("truncated", "ungraded", "pass_rate", "duplicate",
                                                                "near_duplicate", "contaminated")},
+        **{f"removed_{reason}": counts[reason] for reason in ("keep_where", "drop_where") if getattr(cfg, reason)},
     )
+
+
+def _rows_by_value(cfg: Config, data, codes, problem_ids, removed: list[dict]):
+    """The rows keep_where / drop_where remove (a boolean per row), each listed in `removed` with its rule."""
+    import numpy as np
+
+    from pipeline.text.columns import arrow_columns
+
+    gone = np.zeros(len(codes), dtype=bool)
+    for rule, keep in (("keep_where", True), ("drop_where", False)):
+        for column, values in getattr(cfg, rule).items():
+            held = arrow_columns(data, [column])[column].to_pylist()
+            for row, value in enumerate(held):
+                # `value in values` would take True for 1 and 1.0 for 1: the type must match too
+                listed = any(type(value) is type(v) and value == v for v in values)
+                if not gone[row] and listed != keep:
+                    gone[row] = True
+                    removed.append({"id": problem_ids[codes[row]], "reason": rule,
+                                    "detail": f"row {row}: {column} = {value!r}"})
+    return gone
 
 
 def _drop_near_duplicates(cfg: Config, problems: dict[str, str], dropped: dict[str, str], drop) -> None:
