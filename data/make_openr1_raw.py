@@ -85,8 +85,14 @@ def _wrong(rng: random.Random, answer: str) -> str:
 
 
 def make_rows(seed: int = SEED, problems: int = PROBLEMS) -> list[dict]:
+    return make_rows_and_kinds(seed, problems)[0]
+
+
+def make_rows_and_kinds(seed: int = SEED, problems: int = PROBLEMS) -> tuple[list[dict], list[list[str]]]:
+    """The rows, and per row what each trace truly is (right, right_other_form, wrong, cut): the truth tests
+    compare the pipeline's grades and counts with."""
     rng = random.Random(seed)
-    rows = []
+    rows, all_kinds = [], []
     for index in range(problems):
         problem, answer, other_form = make_problem(rng, index)
         count = rng.choice([1, 2, 2, 3, 4, 4])
@@ -95,6 +101,7 @@ def make_rows(seed: int = SEED, problems: int = PROBLEMS) -> list[dict]:
         generations = [make_trace(rng, problem, answer, other_form, kind) for kind in kinds]
         truth = [kind.startswith("right") for kind in kinds]
         # the published graders: right except where planted wrong (about 1 trace in 12 for each)
+        all_kinds.append(kinds)
         reparsed = [t if rng.random() > 1 / 12 else not t for t in truth]
         llama = [t if rng.random() > 1 / 12 else not t for t in truth]
         rows.append({
@@ -114,7 +121,7 @@ def make_rows(seed: int = SEED, problems: int = PROBLEMS) -> list[dict]:
             "reparsed_answers": [answer if t else "" for t in reparsed],
             "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": generations[0]}],
         })
-    return rows
+    return rows, all_kinds
 
 
 def write(out_dir: Path, rows: list[dict]) -> None:

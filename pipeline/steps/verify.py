@@ -1,17 +1,34 @@
-"""`verify`: grade every completion against its gold answer with math-verify (eval.answers, run by eval.grading_pool).
+"""`verify`: grade every completion against its gold answer with math-verify (eval.answers, run by eval.grading_pool),
+or against its problem's majority answer where there is no gold; an LLM judge may settle what the rules could not.
 
-Input: a samples dataset (`id`, `answer`, `completion`; `finish_reason` if the sampler recorded it). Output: the
-same rows plus `label`, `correct`, `extracted`, `grade_error` (the exception, for label `error`; "" otherwise),
+Input: a samples dataset (`id`, `answer` (not with label majority), `completion`; `finish_reason` if the sampler
+recorded it). Output: the same rows plus `label`, `correct`, `extracted`, `grade_error` (the exception, for label `error`; "" otherwise),
 `graded_samples` (how many of the problem's samples were graded) and `pass_rate` = correct / graded samples of
 the problem (same `id`). Needs no model, so a `load` -> `verify` recipe re-grades a file of completions.
 
-The ungraded rule (eval/answers.py): a sample labelled bad_gold, timeout or error says nothing about the answer,
-so it leaves the denominator; a problem none of whose samples were graded has no pass rate (null), is left out
-of the pass-rate stats and is counted by label (`problems_ungraded_*`: bad_gold before timeout before error).
+The ungraded rule (eval/answers.py): a sample labelled bad_gold, no_majority, timeout or error says nothing about
+the answer, so it leaves the denominator; a problem none of whose samples were graded has no pass rate (null), is
+left out of the pass-rate stats and is counted by label (`problems_ungraded_*`, in eval.answers.UNGRADED's order).
 A row whose grading raised is kept, labelled `error`: one bad row never stops the step.
 
-Grades are appended to a scratch file as they finish (error text included), so a killed run resumes where it
-stopped.
+Grades are appended to a scratch file as they finish (error text included; with label majority the answers read
+for the vote too, answers.jsonl), so a killed run resumes where it stopped.
+
+Labels without gold (`label: majority`, eval/majority.py): each problem's samples vote with their extracted
+answers, grouped by math-verify equivalence; the top group is accepted with at least `min_votes` votes and
+`min_share` of the votes and no tie, and every sample is graded against it (so `correct` and `pass_rate` mean
+agreement with the majority). The `answer` column is not needed and, if present, ignored. A refused problem's rows
+are `no_majority` (ungraded). Columns `majority_answer` (null when refused), `majority_share`, `runner_up_answer`,
+`runner_up_share`; the manifest counts refusals by reason and lists them (`no_majority_ids`).
+
+LLM-judge fallback (`judge:`, eval/judge.py): rows labelled incorrect or no_answer are put to a judge model with
+a fixed, versioned prompt (against the gold, or the majority answer); a strict YES makes the row correct, NO
+confirms it, anything else leaves it as graded (`judge_unparsed`). Column `graded_by` (judge / rules). Replies are
+cached in the step's scratch (judge.jsonl), so a resumed run does not ask again; the judge's model and prompt
+version are in the key (a local judge's model identity and dtype too).
+
+A `published_correct` column (a dataset's own correctness flag, from load's explode) gets a confusion table against
+our grades (`published_agreement` in the manifest, and printed).
 
 Printed and in the manifest: counts per label (graded and ungraded apart), bad golds by problem id, the first
 error rows with their messages, a pass-rate histogram. With `audit: true` every graded sample is also graded by a
@@ -22,22 +39,26 @@ against the gold) and the rows where the two disagree go to `audit.jsonl` in the
 from __future__ import annotations
 
 import json
-import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from eval.answers import GRADED, LABELS, UNGRADED, Grade, last_boxed
+from eval.agreement import audit_grade, published_agreement
+from eval.answers import GRADED, LABELS, UNGRADED, Grade
+from eval.judge import JudgeSettings
 from pipeline.core.artifacts import Artifact, Output
 from pipeline.core.errors import UserError
 from pipeline.core.funnel import Count, FunnelStage
 from pipeline.core.step import StepConfig, require_columns
 
 REQUIRED_COLUMNS = ("id", "answer", "completion")
+MAJORITY_REQUIRED_COLUMNS = ("id", "completion")  # label majority: no gold needed
 PROGRESS_FILE = "grades.jsonl"
+ANSWERS_FILE = "answers.jsonl"  # label majority: each sample's answer, read before the vote
+JUDGE_CACHE_FILE = "judge.jsonl"  # the judge's replies, by eval.judge.cache_key
 AUDIT_FILE = "audit.jsonl"
 HISTOGRAM_BINS = 10  # pass-rate buckets [0, 0.1), ..., [0.9, 1.0]
 MAX_LISTED_ERRORS = 20  # error rows named in the manifest (all are counted, and kept in the dataset)
@@ -58,13 +79,51 @@ class Config(StepConfig):
     audit: bool = Field(
         default=False, description="Also grade with a second, independent method (normalised string/numeric "
                                    "comparison) and write the disagreements to audit.jsonl in the step dir.")
+    label: Literal["gold", "majority"] = Field(
+        default="gold", description="What a sample is graded against. gold: the `answer` column. majority: the "
+                                    "most common answer among the problem's samples (math-verify equivalence; "
+                                    "the `answer` column, if any, is ignored); a problem without one is ungraded "
+                                    "(`no_majority`). See eval/majority.py.")
+    min_votes: int = Field(default=2, ge=1, description="label majority: least samples the majority answer needs.")
+    min_share: float = Field(default=0.5, gt=0, le=1, description=(
+        "label majority: least share of the problem's samples with an answer that the majority answer needs."))
+    judge: JudgeSettings | None = Field(default=None, description=(
+        "LLM-judge fallback: {model: REF} (local vLLM) or {base_url: URL, model: NAME} (an OpenAI-compatible "
+        "server), plus max_tokens, prompt_version, dtype, max_model_len, api_key_env, max_concurrency, "
+        "request_timeout. Asked (greedy, fixed prompt) only about rows labelled incorrect or no_answer; a YES makes "
+        "the row correct, an unparsed reply leaves it as graded; `graded_by` says which. See eval/judge.py."))
 
     produces: ClassVar[str] = "dataset"
     path_fields: ClassVar = ()
     libraries: ClassVar = ("math-verify", "latex2sympy2_extended")
     uses_seed: ClassVar = False
-    # 2: answers in prose, units and trailing punctuation read (eval/answers.py); ungraded rows and pass rates
+    # 2: answers in prose, units and trailing punctuation read (eval/answers.py); ungraded rows and pass rates.
+    # (label, min_votes, min_share, judge and the published_correct table: new options whose defaults write what
+    # version 2 wrote, so they left it as it was)
     code_version: ClassVar = "2"
+    keyed_when_set: ClassVar = ("label", "min_votes", "min_share", "judge")
+
+    @model_validator(mode="after")
+    def _majority_settings_with_majority(self) -> Config:
+        # by value, not by model_fields_set: a config dumped and validated again (--dry-run, the launcher) sets every
+        # field, and a gold step whose min_votes holds its default must stay valid
+        moved = [name for name in ("min_votes", "min_share")
+                 if getattr(self, name) != type(self).model_fields[name].get_default()]
+        if self.label == "gold" and moved:
+            raise ValueError("min_votes and min_share are settings of label: majority")
+        if self.label == "majority" and self.gold_is_latex is not None:
+            raise ValueError("gold_is_latex says how the `answer` column parses; label: majority does not read it")
+        return self
+
+    def model_refs(self) -> list[str]:
+        return [self.judge.model] if self.judge is not None and self.judge.local else []
+
+    def dtype_choice(self):
+        if self.judge is None or not self.judge.local:
+            return None  # no model runs here (a served judge's dtype is the server's)
+        from pipeline.core.compute_dtype import choose
+
+        return choose(self.judge.dtype)
 
 
 def funnel_stage(stats: dict) -> FunnelStage:
@@ -85,14 +144,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     from pipeline.text.columns import arrow_columns, problem_index
 
     samples = inputs[cfg.input].dataset()
-    require_columns(samples, REQUIRED_COLUMNS, step="verify", source=cfg.input)
+    majority = cfg.label == "majority"
+    require_columns(samples, MAJORITY_REQUIRED_COLUMNS if majority else REQUIRED_COLUMNS, step="verify",
+                    source=cfg.input)
     if len(samples) == 0:
         raise UserError(f"verify: dataset of step {cfg.input!r} has no rows")
-
-    progress = out.scratch / PROGRESS_FILE
-    grades = _read_progress(progress, len(samples))
-    columns = arrow_columns(samples, [c for c in ("id", "answer", "completion", "think_prefix", "finish_reason")
-                                      if c in samples.column_names])
+    wanted = ("id", "completion", "think_prefix", "finish_reason", "published_correct",
+              *(() if majority else ("answer",)), *(("problem",) if cfg.judge is not None else ()))
+    columns = arrow_columns(samples, [c for c in wanted if c in samples.column_names])
     if "think_prefix" in columns.column_names:
         completions = LazyRows(lambda prefix, text: (prefix or "") + (text or ""), columns["think_prefix"],
                                columns["completion"])
@@ -100,19 +159,24 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         completions = LazyRows(lambda text: cfg.think_prefix + (text or ""), columns["completion"])
     finish_reasons = (LazyRows(lambda reason: reason, columns["finish_reason"])
                       if "finish_reason" in columns.column_names else None)
-    out.scratch.mkdir(parents=True, exist_ok=True)
-    with open(progress, "a") as log:
-        if log.tell() > 0:
-            log.write("\n")  # a run killed mid-line left a torn line: keep it apart from the next one
-        for index, result in iter_grades(completions, LazyRows(lambda gold: gold, columns["answer"]),
-                                         workers=cfg.workers, timeout_s=cfg.timeout_s, finish_reasons=finish_reasons,
-                                         gold_is_latex=cfg.gold_is_latex,
-                                         skip={i for i, grade in enumerate(grades) if grade is not None}):
-            grades[index] = result
-            log.write(json.dumps([index, result.label, result.correct, result.extracted, result.error]) + "\n")
-
     # Per-problem counts in numpy over problem numbers, not per-row Python dicts.
     codes, problem_ids = problem_index(columns["id"])
+    out.scratch.mkdir(parents=True, exist_ok=True)
+
+    if majority:
+        votes, answers = _vote(cfg, completions, finish_reasons, codes, len(problem_ids), out.scratch)
+        golds = [votes[code].answer for code in codes]
+        grades = [None if gold is not None else Grade("no_majority", False, answer.extracted)
+                  for gold, answer in zip(golds, answers)]
+    else:
+        golds, grades = LazyRows(lambda gold: gold, columns["answer"]), [None] * len(samples)
+    grades = _grade_logged(out.scratch / PROGRESS_FILE, grades, lambda skip: iter_grades(
+        completions, golds, workers=cfg.workers, timeout_s=cfg.timeout_s, finish_reasons=finish_reasons,
+        gold_is_latex=cfg.gold_is_latex, skip=skip))
+    judge_stats, graded_by = {}, None
+    if cfg.judge is not None:
+        grades, graded_by, judge_stats = _judge(cfg, inputs, grades, golds, completions, columns, out.scratch)
+
     label_of = np.array([LABELS.index(grade.label) for grade in grades], dtype=np.int64)
     correct = np.array([grade.correct for grade in grades], dtype=bool)
     graded_per_problem = np.bincount(codes, weights=label_of < len(GRADED), minlength=len(problem_ids)).astype(int)
@@ -138,6 +202,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
               # typed: a column of nothing but nulls (no problem graded) must still read as a float column
               .add_column("pass_rate", pa.array(rate_of[codes], mask=~has_rate[codes], type=pa.float64()),
                           feature=Value("float64")))
+    if graded_by is not None:
+        graded = graded.add_column("graded_by", pa.array(graded_by, type=pa.string()))
     stats = {
         "problems": len(problem_ids),
         "problems_graded": len(rates),
@@ -148,11 +214,62 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         "bad_gold_ids": sorted(problem_ids[code] for code in np.unique(codes[label_of == LABELS.index("bad_gold")])),
         "grade_errors": [{"row": row, "id": problem_ids[codes[row]], "error": grades[row].error} for row in error_rows],
         "pass_rate_histogram": pass_rate_histogram(rates),
+        **judge_stats,
     }
+    if majority:
+        from eval.majority import majority_columns, majority_stats
+
+        for name, (values, feature) in majority_columns(votes, codes).items():
+            graded = graded.add_column(name, values, feature=feature)
+        stats.update(majority_stats(votes, problem_ids))
+    if "published_correct" in columns.column_names:
+        stats["published_agreement"] = published_agreement(grades, columns["published_correct"].to_pylist())
     if cfg.audit:
-        stats.update(_audit(samples, completions, grades, out.dir / AUDIT_FILE))
+        stats.update(_audit(samples, golds, completions, grades, out.dir / AUDIT_FILE))
     _print_summary(stats)
     return out.write_dataset(graded, **stats)
+
+
+def _grade_logged(path, grades: list[Grade | None], grade_rows) -> list[Grade]:
+    """`grades` with each None filled: first from the progress file at `path` (a killed run's), then by
+    `grade_rows(skip)`, which yields (row, Grade) for the rows not in `skip`; each new grade is appended to the file
+    as it comes, so a killed run resumes where it stopped."""
+    logged = _read_progress(path, len(grades))
+    grades = [grade if grade is not None else logged[i] for i, grade in enumerate(grades)]
+    with open(path, "a") as log:
+        if log.tell() > 0:
+            log.write("\n")  # a run killed mid-line left a torn line: keep it apart from the next one
+        for index, result in grade_rows({i for i, grade in enumerate(grades) if grade is not None}):
+            grades[index] = result
+            log.write(json.dumps([index, result.label, result.correct, result.extracted, result.error]) + "\n")
+    return grades
+
+
+def _vote(cfg: Config, completions, finish_reasons, codes, problems: int, scratch):
+    """label majority: each problem's Vote (eval.majority) and each sample's answer as read (a Grade)."""
+    from eval.majority import VOTING_LABELS, read_answers, vote_all
+
+    answers = _grade_logged(scratch / ANSWERS_FILE, [None] * len(completions), lambda skip: read_answers(
+        completions, finish_reasons, workers=cfg.workers, timeout_s=cfg.timeout_s, skip=skip))
+    per_problem: list[list[str]] = [[] for _ in range(problems)]
+    for code, answer in zip(codes.tolist(), answers):
+        per_problem[code].append(answer.extracted if answer.label in VOTING_LABELS else "")
+    votes = vote_all(per_problem, min_votes=cfg.min_votes, min_share=cfg.min_share, workers=cfg.workers,
+                     timeout_s=cfg.timeout_s)
+    return votes, answers
+
+
+def _judge(cfg: Config, inputs, grades, golds, completions, columns, scratch):
+    """The judge's verdicts over the grades (eval.judge.judge_grades), with the local judge resolved."""
+    from eval.judge import judge_grades
+    from pipeline.core.models import resolve_model
+
+    settings = cfg.judge
+    model_dir = resolve_model(settings.model, inputs) if settings.local else None
+    problems = (LazyRows(lambda text: text, columns["problem"]) if "problem" in columns.column_names else None)
+    dtype = cfg.dtype_choice()
+    return judge_grades(settings, grades, golds, completions, problems, scratch / JUDGE_CACHE_FILE,
+                        model_dir=model_dir, dtype=dtype.dtype if dtype else "auto")
 
 
 class LazyRows(Sequence):
@@ -217,67 +334,38 @@ def _print_summary(stats: dict) -> None:
         console.print(f"[red]{stats['label_error']} row(s) whose grading raised{more}; kept, labelled `error`:")
         for entry in listed[:5]:
             console.print(f"  row {entry['row']} (id {entry['id']}): {entry['error']}", style="red", markup=False)
+    if "majority_accepted" in stats:
+        refused = {k.removeprefix("majority_refused_"): v for k, v in stats.items()
+                   if k.startswith("majority_refused_") and v}
+        console.print(f"majority: {stats['majority_accepted']} of {stats['problems']} problems accepted"
+                      + (f"; no majority: {', '.join(f'{why} {n}' for why, n in refused.items())} "
+                         f"(listed in the manifest, no_majority_ids)" if refused else ""))
+    if "judge_eligible" in stats:
+        console.print(f"judge ({stats['judge']}, prompt {stats['judge_prompt_version']}): {stats['judge_eligible']} "
+                      f"row(s) eligible, {stats['judge_asked']} asked, {stats['judge_cached']} from the cache; "
+                      f"YES {stats['judge_yes']}, NO {stats['judge_no']}, unparsed {stats['judge_unparsed']}")
+    if "published_agreement" in stats:
+        agreement = stats["published_agreement"]
+        table = Table(title="verify vs published_correct (samples)")
+        for heading in ("ours", "published true", "published false", "published null"):
+            table.add_column(heading, justify="right" if heading != "ours" else "left")
+        for ours in ("correct", "incorrect", "ungraded"):
+            table.add_row(ours, *(str(agreement[ours][flag]) for flag in ("true", "false", "null")))
+        console.print(table)
+        if agreement["agreement"] is not None:
+            console.print(f"agreement on {agreement['compared']} graded samples with a published flag: "
+                          f"{100 * agreement['agreement']:.1f}%")
     if "audit_disagreements" in stats:
         console.print(f"audit: {stats['audit_disagreements']} disagreement(s) with the normalised-comparison grader "
                       f"-> {AUDIT_FILE}")
 
 
-# The audit grader: deliberately not math-verify. Answer = the last \boxed{...} after any </think>, else the
-# last number; both sides normalised (LaTeX spacing and wrappers, thousands separators) and compared as
-# numbers when both are numbers (fractions included), else as strings.
-_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s+|\\text\{[^}]*\}|\.$")
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-_FRACTION = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}|()(-?[\d.]+)/(-?[\d.]+)")
-
-
-def normalised_answer(completion: str) -> str:
-    """The audit grader's reading of a completion's final answer, normalised ("" if none)."""
-
-    text = completion.rsplit("</think>", 1)[-1]
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return _normalise(boxed[boxed.index("{") + 1:-1])
-    numbers = _NUMBER.findall(text)
-    return _normalise(numbers[-1]) if numbers else ""
-
-
-def _normalise(answer: str) -> str:
-    answer = _LATEX_NOISE.sub("", answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
-    return answer.replace(",", "") if _NUMBER.fullmatch(answer) else answer
-
-
-def _as_number(answer: str) -> float | None:
-    try:
-        return float(answer)
-    except ValueError:
-        pass
-    match = _FRACTION.fullmatch(answer)
-    if not match:
-        return None
-    sign, num, den = match.group(1, 2, 3) if match.group(2) else match.group(4, 5, 6)
-    try:
-        return (-1 if sign else 1) * float(num) / float(den)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def audit_grade(completion: str, gold: str) -> tuple[bool, str]:
-    """(correct by the audit grader, the answer it read)."""
-    answer, gold = normalised_answer(completion), _normalise(str(gold))
-    if not answer:
-        return False, ""
-    a, g = _as_number(answer), _as_number(gold)
-    if a is not None and g is not None:
-        return abs(a - g) <= 1e-6 * max(1.0, abs(g)), answer
-    return answer == gold, answer
-
-
-def _audit(samples, completions: list[str], grades: list, path) -> dict:
+def _audit(samples, golds, completions: list[str], grades: list, path) -> dict:
     """Write rows where math-verify and the audit grader disagree; ungraded rows (eval.answers.UNGRADED) are left
     out: math-verify decided nothing there to disagree with."""
 
     disagreements = 0
-    rows = zip(samples["id"], samples["answer"], completions, grades)
+    rows = zip(samples["id"], golds, completions, grades)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for index, (problem_id, gold, completion, grade) in enumerate(rows):
