@@ -62,3 +62,9 @@ def test_regenerate_redi_data_on_the_fixture(tmp_path, monkeypatch):
         generations = rows[int(row["id"])]["generations"]
         assert row["chosen"][-1]["content"] == generations[first(row["id"], ("right", "right_other_form"))]
         assert row["rejected"][-1]["content"] == generations[first(row["id"], ("wrong",))]
+    # the run page shows the agreement table, cell by cell as the manifest has it
+    page = (workdir / "run-report" / "index.html").read_text()
+    table = stats("graded")["published_agreement"]
+    for ours in ("correct", "incorrect", "ungraded"):
+        for published in ("true", "false", "null"):
+            assert f'data-ours="{ours}" data-published="{published}">{table[ours][published]:,}</td>' in page

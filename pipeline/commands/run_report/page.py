@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.commands.run_report.agreement import agreement_tables
 from pipeline.commands.run_report.browser_data import DATA_DIR, compact_json, write_browser_data
 from pipeline.commands.run_report.curves import is_trainer, training_curves
 from pipeline.commands.run_report.evaluations import evaluation_section, rounds_section
@@ -57,7 +58,7 @@ def _write_locked(workdir: Path, final_dir: Path, rows_per_chunk: int) -> Path:
         recipe=html.escape(str(run["recipe"])),
         style=(ASSETS / "report.css").read_text(),
         graph=steps_graph(steps),
-        funnel=funnel_table(funnel(steps)),
+        funnel=funnel_table(funnel(steps)) + agreement_tables(steps),
         curves="\n".join(training_curves(step) for step in steps if is_trainer(step))
         or "<p class=note>No training step has finished.</p>",
         evaluations="\n".join(evaluations) or "<p class=note>No evaluate step has finished.</p>",
