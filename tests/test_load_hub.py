@@ -142,6 +142,21 @@ def test_offline_through_a_prefilled_hub_cache(tmp_path, repo, hf_home, monkeypa
         run_load(tmp_path, "c", hub="org/toy@v2", columns=RENAME)
 
 
+def test_a_snapshot_a_killed_download_left_partial_is_refused_offline(tmp_path, repo, hf_home, monkeypatch):
+    # what huggingface_hub keeps of a download: the snapshot's files and the repo's file listing; one shard is missing
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    prefill_hub_cache(hf_home, repo)
+    storage = hf_home / "datasets--org--toy"
+    files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+    write_tree_cache(str(storage), COMMIT, {f: TreeCacheEntry(size=1, blob_id="0" * 40) for f in files})
+    shard = next(f for f in files if f.endswith(".parquet"))
+    (storage / "snapshots" / COMMIT / shard).unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"dataset org/toy: the cached snapshot of revision 'main' is incomplete"):
+        run_load(tmp_path, "a", hub="org/toy@main", columns=RENAME)
+
+
 def test_a_dataset_not_cached_offline_exits_2_naming_it_and_its_revision_before_anything_runs(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n')
     recipe = tmp_path / "r.yaml"

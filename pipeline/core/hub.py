@@ -1,12 +1,12 @@
 """Hugging Face Hub references, one rule for models and datasets: what a hub id is (`HUB_ID`, `split_ref`), whether
-the hub cache holds a repo (`in_cache`, `cached_snapshot`), fetching a snapshot (`snapshot`), the refusal when it is
+the hub cache holds a repo (`in_cache`), fetching a snapshot (`snapshot`), the refusal when it is
 not cached and the Hub cannot be asked (`not_cached`), what a step's key records of a hub repo (`identity`) and the
 warning for an unpinned one (`unpinned_warning`).
 
 A hub repo resolves to a snapshot directory in the hub cache ($HF_HUB_CACHE, else $HF_HOME/hub) through
 `huggingface_hub.snapshot_download`: online it downloads what is missing; offline (HF_HUB_OFFLINE=1) or without
 network it uses the cached snapshot of that revision (a commit, or a branch or tag the cache's refs/ records), and
-when there is none it is refused with a UserError (exit 2) that names the repo and the revision, before anything
+when there is none, or one a killed download left partial, it is refused with a UserError (exit 2) that names the repo and the revision, before anything
 runs. `pipeline.core.models` resolves pinned hub models through it; `pipeline.text.hub_datasets` resolves the `load`
 step's `hub:` datasets through it.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from pipeline.core.errors import UserError
 
@@ -42,12 +41,6 @@ def offline() -> bool:
     return now.upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
-def _storage(repo: str, repo_type: str) -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}"
-
-
 def in_cache(repo: str, repo_type: str = "model", probe_file: str | None = None) -> bool:
     """Whether the hub cache holds `repo` (of `repo_type`: model or dataset) at any revision; `probe_file` (e.g. a
     model's config.json) is looked up first, at main, as the quick answer."""
@@ -61,22 +54,6 @@ def in_cache(repo: str, repo_type: str = "model", probe_file: str | None = None)
     except Exception:  # noqa: BLE001 - no cache dir (CacheNotFound), an unreadable one: nothing we can use
         return False
     return any(info.repo_id == repo and info.repo_type == repo_type for info in cache.repos)
-
-
-def cached_snapshot(repo: str, repo_type: str = "model", revision: str | None = None) -> Path | None:
-    """The hub cache's snapshot dir of `repo` at `revision` (a commit, or a branch or tag its refs/ records; None:
-    main), without asking the Hub; None when the cache does not hold it."""
-    storage = _storage(repo, repo_type)
-    revision = revision or DEFAULT_BRANCH
-    commit = revision
-    ref = storage / "refs" / revision
-    try:
-        if ref.is_file():
-            commit = ref.read_text().strip()
-        folder = storage / "snapshots" / commit
-        return folder if folder.is_dir() and any(folder.iterdir()) else None
-    except (OSError, ValueError):  # a revision that names no path ("../x" is refused by HUB_ID before this)
-        return None
 
 
 def not_cached(kind: str, repo: str, revision: str | None) -> UserError:
@@ -96,17 +73,17 @@ def snapshot(repo: str, revision: str | None, *, repo_type: str = "model",
     `snapshot_download` (which downloads what is missing and falls back to the cache without network). A UserError
     naming the repo and the revision when it cannot be had (`not_cached`; unknown revision, gated, no such repo)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     kind = "dataset" if repo_type == "dataset" else "model"
-    if offline():
-        cached = cached_snapshot(repo, repo_type, revision)
-        if cached is None:
-            raise not_cached(kind, repo, revision)
-        return str(cached)
     try:
+        # Offline too through snapshot_download (local_files_only): where the cache kept the repo's file listing it
+        # refuses a snapshot a killed download left partial, which would otherwise load as short data.
         return snapshot_download(repo, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns,
-                                 cache_dir=constants.HF_HUB_CACHE)
+                                 cache_dir=constants.HF_HUB_CACHE, local_files_only=offline())
+    except IncompleteSnapshotError as error:
+        raise UserError(f"{kind} {repo}: the cached snapshot of revision {revision or DEFAULT_BRANCH!r} is "
+                        f"incomplete ({error}); fetch it again where there is network") from None
     except LocalEntryNotFoundError:  # no network, and the cache lacks it
         raise not_cached(kind, repo, revision) from None
     except Exception as error:  # noqa: BLE001 - unknown revision, gated repo, no such repo: say why
