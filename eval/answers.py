@@ -1,16 +1,22 @@
 """Answer extraction and labels: turns (completion, gold) into a Grade, in this process. The verify and evaluate
 steps grade through eval.grading_pool, which runs `grade` in worker processes under a time limit. Over 400 lines as
 one thing: the extraction rules below build on each other (an answer statement's cue, its math, its words, the
-unfinished-reply checks) and are read together when a grade is questioned.
+unfinished-reply checks) and are read together when a grade is questioned. What does not depend on them is split
+out: the cost checks (eval.answer_costs) and the answers whose equality is not math-verify's (eval.answer_forms).
 
 Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
 - Only the text after the last `</think>` is read. A completion that opened `<think>` and never closed it, or
   that stopped at the token limit (finish_reason "length"), only counts a `\\boxed{}` answer: a number picked out
-  of unfinished reasoning is not an answer.
+  of unfinished reasoning is not an answer. Nor is a box such a trace computed on from (more math after it, no answer
+  cue before it: "the intermediate value is \\boxed{17}. ... 84 - 3 = "), nor a box before one the reply opened and
+  never closed (it was cut inside its final answer).
 - The last `\\boxed{}` wins. Without one, the answer is the math of the last answer statement ("the final answer
   is", "answer:", "the solution is"; not the echoed instruction "put your final answer within \\boxed{}"): the
   expression its first math starts ("30 - 16 = 14" reads 14, "126 is the product of 21 and 6" reads 126), whatever a
-  check after it computes; without one, the last math written. Math is a plain number, a tuple or interval of plain
+  check after it computes ("the answer is the sum of 17 and 25, which is 42" reads the result after the operands);
+  without one, the last math written, or the math that operands named after it follow ("So 42 is the sum of 17 and
+  25." reads 42), unless it is an expression still being written or a task restated ("now add 42 + 8", "So we need
+  to compute $8 \\cdot 8$."). A numeral keeps its base subscript ("1021_3", not 1021 and then 3). Math is a plain number, a tuple or interval of plain
   numbers, or a LaTeX math environment ($...$, $$...$$, \\(...\\), \\[...\\]; the numbers inside one are part of it,
   and environments joined by "and", "or" or commas are read together, as math-verify reads them). An answer in words
   counts too: up to three words right after an answer statement's cue ("the final answer is east"), or the one word
@@ -18,21 +24,25 @@ Rules (DeepSeek-R1 / open-r1 / lighteval protocol):
   plain-expression extraction: it would read "answer is 30 - 16 = 15" as 30 - 16, so restating the question would
   score.
 - A reply that stops mid-derivation has no answer: one that ends inside an equation (on an operator, "=", an opened
-  math environment or box), or one that ends in a sentence (or line) it never finished, unless that sentence holds
-  the answer ("Let me compute 6*7 = 42 and then"). Math in a question is not an answer either ("What is $30 - 16$?").
+  math environment or box), or one that ends in a sentence (or line) it never finished, unless an answer statement
+  gives the answer (not "Let me compute 6*7 = 42 and then": the computation under way, issue 27). A closing sign-off with no math ("I think that's right", "Let me
+  know if you have any other questions"), period or not, is dropped first: it leaves nothing unfinished. Math in a
+  question is not an answer either ("What is $30 - 16$?").
 - Noise around an answer is dropped before parsing: ordinal suffixes (`12^{\\mathrm{th}}`) and punctuation that ends
   the sentence inside the math (`$(2, -1, 2).$`). Units after a number are math-verify's (`12 \\text{ grade}` = 12).
 - Golds: integers (AIME, AMC, GSM8K, "2,125" included) parse as numbers; a bare word ("east") as `\\text{east}`
   (as LaTeX, `east` is the product e·a·s·t, equal to "seat"); anything else as LaTeX wrapped in `$...$`
   (MATH-500: unwrapped, many golds do not parse).
-- `verify(gold, prediction)`, gold first (math-verify is not symmetric).
+- `verify(gold, prediction)`, gold first (math-verify is not symmetric); except for a gold numeral in a base (same
+  digits and base) and a gold equation in a normal form (that equation, not a multiple): eval.answer_forms.
 
 Only the answer is parsed. Reasoning traces run to 100k characters; the answer is found by plain string and regex
 scans (the last box from the end; math and numbers in one pass) and only its text goes to math-verify and sympy.
 
 Labels. Graded: `correct`, `incorrect`, `no_answer` (nothing that reads as an answer), `truncated` (cut at the
 token limit with no boxed answer). Ungraded (UNGRADED) -- the grader did not decide, so the sample says nothing
-about the model: `bad_gold` (the gold answer does not parse), `timeout` (grading ran out of time, or would:
+about the model: `bad_gold` (the gold answer does not parse), `no_majority` (verify `label: majority`: the
+problem's samples agreed on no answer), `timeout` (grading ran out of time, or would:
 `too_costly`), `error` (grading raised; the exception is kept in `Grade.error`). One rule everywhere (pass rates in
 verify, every score in evaluate): an ungraded sample leaves the denominator; a problem none of whose samples were
 graded leaves the benchmark, for every model, and the report counts what each label removed.
@@ -51,13 +61,15 @@ from __future__ import annotations
 
 import bisect
 import functools
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from eval import answer_forms
+from eval.answer_costs import MAX_ANSWER_CHARS, MAX_NESTING, MAX_POWER_DIGITS, OverTime, too_costly  # noqa: F401
+
 GRADED = ("correct", "incorrect", "no_answer", "truncated")
-UNGRADED = ("bad_gold", "timeout", "error")
+UNGRADED = ("bad_gold", "no_majority", "timeout", "error")  # no_majority: verify `label: majority` found none
 LABELS = GRADED + UNGRADED
 
 _INTEGER = re.compile(r"[-+]?(\d+|\d{1,3}(,\d{3})+)")
@@ -66,10 +78,11 @@ _BOXED = re.compile(r"\\(boxed|fbox)\s*\{")
 # The math an answer can be, in one pass: environments first (the numbers inside them are theirs), display ones
 # across lines, inline ones on one line as math-verify reads them; then a tuple or interval of plain numbers
 # ("(2, -1, 2)", "[2, 5)"; not a function's arguments); then a plain number, decimal or fraction a/b (a minus right
-# after a word or bracket is subtraction, not a sign). Each environment's content is a named group. An environment
+# after a word or bracket is subtraction, not a sign), with a base subscript if it has one ("1021_3", "1021_{3}": a
+# numeral, not 1021 and then its base). Each environment's content is a named group. An environment
 # cannot contain its own opening delimiter, so an unclosed one is scanned only up to the next: one pass, even on
 # garbage ("\[" 25,000 times).
-_PLAIN_NUMBER = r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?"
+_PLAIN_NUMBER = r"(?:(?<![\w.)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+|_(?:\d|\{\d+\}))?"
 _MATH = re.compile(
     r"\$\$(?P<display_dollar>(?:[^$]|\$(?!\$))+?)\$\$"
     r"|\\\[(?P<display_bracket>(?:[^\\]|\\\\|\\(?![\[\]]))+?)\\\]"
@@ -88,10 +101,32 @@ _ANSWER_CUE = re.compile(r"\b(?:(?:final\s+)?answer|solution)(?:\s+is\b|\s*:)"
 # and 6")
 _OPERATORS = re.compile(r"(?:\s|[-+*/=^×÷·<>]|\\(?:cdot|times|div|pm|approx|le|ge|neq)\b)*")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# operands named right after an answer ("42 is the sum of 17 and 25", "42, which is the product of 6 and 7"): the
+# answer is the math before them, not the operands' last number; right after a cue ("the answer is the sum of 17 and
+# 25, which is 42") the answer is the sentence's last math, the result after the operands
+_OPERATION = r"the\s+(?:sum|product|difference|quotient|ratio|result|total|combination)\s+of\b"
+_NAMES_OPERANDS = re.compile(r"[\s,]*(?:(?:which|that)\s+)?(?:is\s+|being\s+|equals\s+)?(?:just\s+|simply\s+)?"
+                             + _OPERATION, re.IGNORECASE)
+_OPERANDS_FIRST = re.compile(r"\s*(?:just\s+|simply\s+)?" + _OPERATION, re.IGNORECASE)
+# a sign-off closing a reply, with or without its period: not a sentence left unfinished, and no answer
+_SIGN_OFF = re.compile(r"(?:(?<=[.!?:])[ \t]+|\n\s*)(?:(?:I\s+(?:think|believe|hope)\s+(?:that|this|it)(?:['’]s|\s+is)\s+"
+                       r"(?:\w+\s+)?(?:right|correct)|I\s+hope\s+(?:this|that|it)\s+helps|Hope\s+(?:this|that|it)\s+helps"
+                       r")[\s.!:)]*|(?:Let\s+me\s+know\s+if|Feel\s+free\s+to|Thanks?\s+for|Good\s+luck)\b"
+                       r"[^$\\\d=\n.!?]{0,60}[.!?]?\s*)$", re.IGNORECASE)  # no work after it: "right, but let me check"
+SIGN_OFF_CHARS = 300  # how far from the end _SIGN_OFF looks
+# the last number of a reply that is an operand of an expression it was still writing ("now add 42 + 8"), not a result
+_OPERAND_BEFORE = re.compile(r"(?:\s-|[+*/^×÷·]|\\(?:cdot|times|div))\s*$")  # "5-10" is a range, "42 - 8" not
+# a box stated as the answer without a cue: "should be \boxed{42}", "Therefore, \boxed{42}", "\boxed{42} is the answer"
+_STATED_BEFORE = re.compile(r"(?:\b(?:should|must)\s+be|(?:^|[.!?:]\s|\n)\s*(?:Therefore|Thus|Hence|So)\b,?)[\s$\\(\[]*$",
+                            re.IGNORECASE)
+_STATED_AFTER = re.compile(r"[\s$\\)\]]*(?:(?:is|as)\s+(?:the|my|our)\s+(?:final\s+)?answer|for\s+the\s+final\s+answer)\b",
+                           re.IGNORECASE)
+# a computation written out: "12 * 7 = 84", "2 \cdot 5 + 3 = 13"
+_COMPUTATION = re.compile(r"\d\s*(?:[-+*/^×÷·]|\\(?:cdot|times|div))\s*\d+\s*=")
+# a reply that ends by naming a computation to do ("So we need to compute $8 \cdot 8$."): the task, not its result
+_TASK_BEFORE = re.compile(r"\b(?:compute|calculate|evaluate|simplify|find)\s*$", re.IGNORECASE)
 _LINE_END = re.compile(r"[.!?](?=\s|$)|\n")  # derivations write one equation a line, often with no period
-# what states a result just before it: "= 42", "is 64", "we get $x = 5$", "answer: 5"
-_STATES_RESULT = re.compile(r"(?:[=:]|\b(?:is|are|was|equals|gives|get|gets|got))\s*$")
-RESULT_WORDS_CHARS = 40  # how far before a number _STATES_RESULT looks
+RESULT_WORDS_CHARS = 40  # how far before an answer the words that state it are looked for
 # Answers in words: up to three words right after an answer statement's cue that end the sentence ("the final answer
 # is east", "**Answer:** (C)"), or one word ending a concluding last sentence with no math ("Therefore, the person
 # who finishes first is Evelyn.").
@@ -115,9 +150,6 @@ _TEXT_SUFFIX = rf"\\(?:mathrm|text|textrm|textsuperscript)\s*\{{\s*{_SUFFIX}\s*\
 _ORDINAL = re.compile(rf"(?<=\d)\s*(?:\^\s*(?:\{{\s*(?:{_TEXT_SUFFIX}|(?:\\rm\s*)?{_SUFFIX})\s*\}}|{_TEXT_SUFFIX})"
                       rf"|{_TEXT_SUFFIX}|{_SUFFIX}\b)")
 _TRAILING_PUNCTUATION = re.compile(r"(?:\s|\\[,;:! ]|\\q?quad\b|[.,;:])+$")
-MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is runaway output or garbage
-MAX_NESTING = 10  # bracket depth; MATH-500 reference answers reach 3
-MAX_POWER_DIGITS = 100_000  # 10^{100000} grades in well under a second; 10^{10^{7}} takes minutes
 
 
 @dataclass(frozen=True)
@@ -154,9 +186,13 @@ def grade(completion: str | None, gold: str | None, *, gold_is_latex: bool | Non
         if not prediction:
             return Grade("truncated" if cut_short else "no_answer", False, "")
         extracted = next((p for p in prediction if isinstance(p, str)), str(prediction[0]))
-        if verify(list(gold_parsed), prediction, timeout_seconds=None):
-            return Grade("correct", True, extracted)
-        return Grade("incorrect", False, extracted)
+        numeral = answer_forms.gold_numeral(str(gold))
+        if numeral is not None:  # a numeral in a base: digits and base, not math-verify's value (eval.answer_forms)
+            right = answer_forms.same_numeral(numeral, extracted)
+        else:
+            right = verify(list(gold_parsed), prediction, timeout_seconds=None) and answer_forms.keeps_normal_form(
+                gold_parsed, prediction)
+        return Grade("correct", True, extracted) if right else Grade("incorrect", False, extracted)
     except OverTime:
         return TIMEOUT
 
@@ -187,9 +223,12 @@ def _parse_prediction(completion: str, cut_short: bool) -> list:
 
     thinking_unfinished = "<think>" in completion and "</think>" not in completion
     answer_text = completion.rsplit("</think>", 1)[-1]
-    boxed = last_boxed(answer_text)
-    if boxed is not None:
-        content = boxed[boxed.index("{") + 1:-1]
+    box = _last_box(answer_text)
+    if box is not None:
+        start, end, last_opened = box
+        if not last_opened or (cut_short or thinking_unfinished) and _computed_on(answer_text, start, end):
+            return []  # cut inside a later box (its final answer), or the box was a step of a cut derivation
+        content = answer_text[answer_text.index("{", start) + 1:end - 1]
         if too_costly(content):
             raise OverTime
         prediction = parse(f"\\boxed{{{_without_noise(content)}}}", [LatexExtractionConfig(boxed_match_priority=0)],
@@ -204,6 +243,9 @@ def _parse_prediction(completion: str, cut_short: bool) -> list:
 def _parse_unboxed(answer_text: str) -> list:
     """The answer of a reply with no box (see the module docstring), parsed; [] when it has none. Only the answer's
     own text reaches math-verify: one regex pass over the reply finds its math."""
+    sign_off = _SIGN_OFF.search(answer_text, max(0, len(answer_text) - SIGN_OFF_CHARS))
+    if sign_off:
+        answer_text = answer_text[:sign_off.start()]
     math_items = list(_MATH.finditer(answer_text))
     last_math = math_items[-1] if math_items else None
     last_math_end = last_math.end() if last_math else 0
@@ -216,6 +258,8 @@ def _parse_unboxed(answer_text: str) -> list:
         pass
     if cue:
         stated = _statement_math(answer_text, math_items, cue.end())
+        if stated is not None and _OPERANDS_FIRST.match(answer_text, cue.end()):
+            stated = _sentence_last_math(answer_text, math_items, stated)
         if stated is not None:
             return _parse_math(answer_text, math_items, stated)
         words = _STATED_WORDS.match(answer_text, cue.end())
@@ -226,10 +270,52 @@ def _parse_unboxed(answer_text: str) -> list:
         return _parse_words(words.group("words"))
     if not last_math or last_math.start() < answer_from or _in_question(answer_text[last_math_end:]):
         return []
-    if unfinished_from is not None and not _STATES_RESULT.search(
-            answer_text, max(answer_from, last_math.start() - RESULT_WORDS_CHARS), last_math.start()):
-        return []  # cut off in a sentence that only mentions the number ("out of a group of 6 students")
-    return _parse_math(answer_text, math_items, len(math_items) - 1)
+    if unfinished_from is not None:
+        return []  # cut mid-sentence with no answer statement: its numbers are the computation under way
+    if _unevaluated(answer_text, last_math):
+        return []
+    return _parse_math(answer_text, math_items, _before_operands(answer_text, math_items))
+
+
+def _computed_on(answer_text: str, box_start: int, box_end: int) -> bool:
+    """Whether a cut trace's last box was a step of the derivation: not stated as the answer (no answer cue right
+    before it) and followed by more computation ("the intermediate value is \\boxed{17}. Then 12 * 7 = 84"; a figure's
+    code after a solution's final box, "[asy] size(5cm); dot((0,1));", computes nothing)."""
+    before_from = max(0, box_start - RESULT_WORDS_CHARS)
+    stated = (_ANSWER_CUE.search(answer_text, before_from, box_start) or _STATED_BEFORE.search(
+        answer_text, before_from, box_start) or _STATED_AFTER.match(answer_text, box_end))
+    return stated is None and _COMPUTATION.search(answer_text, box_end) is not None
+
+
+def _sentence_last_math(answer_text: str, math_items: list[re.Match], index: int) -> int:
+    """Index of the last math in the sentence (or line) that holds math_items[index]."""
+    while index + 1 < len(math_items) and not _LINE_END.search(answer_text, math_items[index].end(),
+                                                                 math_items[index + 1].start()):
+        index += 1
+    return index
+
+
+def _before_operands(answer_text: str, math_items: list[re.Match]) -> int:
+    """Index of the reply's answer among its math when it has no answer statement: the last math, or the math of the
+    last sentence that the operands named after it follow ("So 42 is the sum of 17 and 25." reads 42)."""
+    index = len(math_items) - 1
+    while index >= 0:
+        if _NAMES_OPERANDS.match(answer_text, math_items[index].end()):
+            return index
+        if not index or _LINE_END.search(answer_text, math_items[index - 1].end(), math_items[index].start()):
+            break
+        index -= 1
+    return len(math_items) - 1
+
+
+def _unevaluated(answer_text: str, last_math: re.Match) -> bool:
+    """Whether the reply's last math is an expression it was still writing or a task it restates, not a result: a
+    number right after an operator ("now add 42 + 8"), or math with no "=" right after "compute" ("So we need to
+    compute $8 \\cdot 8$.")."""
+    before = answer_text[max(0, last_math.start() - RESULT_WORDS_CHARS):last_math.start()]
+    if last_math.lastgroup == "number":
+        return bool(_OPERAND_BEFORE.search(before))
+    return bool(_TASK_BEFORE.search(before.rstrip("$\\[( "))) and "=" not in last_math.group()
 
 
 def _stopped_inside_math(answer_text: str, last_math_end: int) -> bool:
@@ -293,9 +379,9 @@ def _parse_math(answer_text: str, math_items: list[re.Match], index: int) -> lis
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     last = math_items[index]
-    if last.lastgroup == "number":
+    if last.lastgroup == "number" and "_" not in last.group():
         return parse(last.group(), [ExprExtractionConfig()], parsing_timeout=None)
-    if last.lastgroup == "plain_tuple":
+    if last.lastgroup in ("plain_tuple", "number"):  # a number with a base subscript is LaTeX
         return parse(f"${last.group()}$", [LatexExtractionConfig()], parsing_timeout=None)
     first = index
     while first and math_items[first - 1].lastgroup not in ("number", "plain_tuple") and _JOINED.fullmatch(
@@ -351,6 +437,13 @@ def last_boxed(text: str) -> str | None:
 
     Read from the end: each box is scanned only up to where it closes, or up to the brace of a later box that never
     closes (a box opened before an unclosed brace cannot close either), so a long trace costs one pass at most."""
+    box = _last_box(text)
+    return text[box[0]:box[1]] if box else None
+
+
+def _last_box(text: str) -> tuple[int, int, bool] | None:
+    """Start and end of the last complete box in text (see last_boxed), and whether it is the last box opened (False:
+    a later one never closes); None if there is none."""
     unclosed_from = len(text)
     for match in reversed(list(_BOXED.finditer(text))):
         opening = match.end() - 1
@@ -362,107 +455,6 @@ def last_boxed(text: str) -> str | None:
             elif char == "}":
                 depth -= 1
                 if not depth:
-                    return text[match.start():position + 1]
+                    return match.start(), position + 1, unclosed_from == len(text)
         unclosed_from = opening
     return None
-
-
-class OverTime(BaseException):
-    """Grading ran out of time (a worker's SIGALRM) or would (`too_costly`). A BaseException, so that the broad
-    `except Exception` in math-verify and sympy cannot swallow it and carry on."""
-
-
-def too_costly(answer: str, *, boxed: bool = True) -> bool:
-    """Whether math-verify may not finish on this answer text in bounded time (see the module docstring).
-
-    `boxed`: the text is one answer, a \\boxed{}'s or a math environment's content; its length is capped too.
-    (Environments read together with the text that joins them are checked for nesting and powers only.)
-    """
-    if boxed and len(answer) > MAX_ANSWER_CHARS:
-        return True
-    depth = 0
-    for char in answer:
-        if char in "{([":
-            depth += 1
-            if depth > MAX_NESTING:
-                return True
-        elif char in "})]" and depth:
-            depth -= 1
-    return any(_power_digits(answer, caret.start()) > MAX_POWER_DIGITS for caret in re.finditer(r"\^", answer))
-
-
-def _power_digits(text: str, caret: int) -> float:
-    """Digits of the integer power whose ^ is at text[caret] (0 when base or exponent is not a plain number)."""
-    base, exponent = _tower_log10(_base(text, caret)), _argument(text, caret + 1)
-    digits = _power_log10(base, _tower_log10(exponent[0])) if base is not None and exponent else None
-    return digits or 0.0
-
-
-def _tower_log10(text: str | None) -> float | None:
-    """log10 of a number written as an integer or a tower of integer powers ("10", "{2^{3^{4}}}"), or None."""
-    text = (text or "").strip()
-    if text.startswith("{"):
-        group = _argument(text, 0)
-        base, end = (_tower_log10(group[0]), group[1]) if group else (None, 0)
-    else:
-        number = re.match(r"0*(\d*)", text)
-        digits, end = number.group(1), number.end()
-        base = len(digits) - 1 + math.log10(int(digits[:15]) / 10 ** (min(len(digits), 15) - 1)) if digits else None
-        if end and not digits:
-            base = -math.inf  # zero
-    rest = text[end:].lstrip()
-    if base is None or not rest:
-        return base
-    exponent = _argument(rest, 1) if rest[0] == "^" else None
-    if exponent is None or rest[exponent[1]:].strip():
-        return None
-    return _power_log10(base, _tower_log10(exponent[0]))
-
-
-def _power_log10(base: float, exponent: float | None) -> float | None:
-    """log10 of b^e from log10 b and log10 e (an infinite result for a huge e; 0 for b <= 1)."""
-    if exponent is None:
-        return None
-    if base <= 0:
-        return 0.0
-    return base * 10 ** exponent if exponent < 300 else math.inf
-
-
-def _argument(text: str, start: int) -> tuple[str, int] | None:
-    """The TeX argument at text[start] (spaces skipped) -- a {group}'s content or one character -- and the
-    index after it; None if there is none. Groups longer than MAX_ANSWER_CHARS are not looked into."""
-    while start < len(text) and text[start].isspace():
-        start += 1
-    if start >= len(text):
-        return None
-    if text[start] != "{":
-        return text[start], start + 1
-    depth = 0
-    for position in range(start, min(len(text), start + MAX_ANSWER_CHARS)):
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
-        if depth == 0:
-            return text[start + 1:position], position + 1
-    return None
-
-
-def _base(text: str, caret: int) -> str | None:
-    """What is raised to the power at text[caret]: the integer or {group} / (group) written just before it."""
-    end = caret
-    while end > 0 and text[end - 1].isspace():
-        end -= 1
-    start = end
-    while start > 0 and text[start - 1].isdigit() and end - start < MAX_ANSWER_CHARS:
-        start -= 1
-    if start < end:
-        return text[start:end]
-    if not end or text[end - 1] not in "})":
-        return None
-    closing, opening = text[end - 1], {"}": "{", ")": "("}[text[end - 1]]
-    depth = 0
-    for position in range(end - 1, max(-1, end - 1 - MAX_ANSWER_CHARS), -1):
-        depth += {closing: 1, opening: -1}.get(text[position], 0)
-        if depth == 0:
-            return text[position + 1:end - 1]
-    return None
-
-

@@ -54,6 +54,8 @@ class Answer:
     right: Value
     wrong: Value
     restated: tuple[str, str] | None = None
+    # other values the gold's form decides, each with its label and why (rows with the core endings)
+    variants: tuple[tuple[Value, str, str], ...] = ()
 
 
 ANSWERS = [
@@ -92,17 +94,34 @@ ANSWERS = [
            Value("\\frac{270}{11}^\\circ", "270/11 degrees")),
     Answer("money_units", ("5.4 \\text{ cents}",), Value("5.4 \\text{ cents}", "5.4 cents"),
            Value("4.5 \\text{ cents}", "4.5 cents")),
+    # issue 27: a numeral in a base (MATH-500 golds such as 52_8, 4210_{5}) is its digits and its base
+    Answer("base", ("1021_3", "1021_{3}", "\\text{1021}_3"), Value("1021_3", "1021_3"), Value("1012_3", "1012_3"),
+           variants=((Value("1021_{3}"), "correct", "the same digits and base"),
+                     (Value("\\text{1021}_3"), "correct", "the same digits and base"),
+                     (Value("1021", "1021"), "correct", "the digits, read in the base the problem asked for"),
+                     (Value("1021_4", "1021_4"), "incorrect", "the same digits in another base"),
+                     (Value("34_{10}", "34_{10}"), "incorrect", "the same value in base 10, not in the base asked for"))),
+    # issue 27: "Ax + By + Cz + D = 0 with A > 0 and gcd 1" (the gold's form: integer coefficients, gcd 1)
+    Answer("normal_form", ("2x - 3y + z - 5 = 0",), Value("2x - 3y + z - 5 = 0"), Value("2x - 3y + z + 5 = 0"),
+           variants=((Value("2x - 3y + z = 5"), "correct", "the same equation, its constant moved"),
+                     (Value("-4x + 6y - 2z + 10 = 0"), "incorrect", "a multiple: not the gcd-1, A > 0 form"),
+                     (Value("-2x + 3y - z + 5 = 0"), "incorrect", "the negation: A > 0 is the asked form"),
+                     (Value("4x - 6y + 2z - 10 = 0"), "incorrect", "a multiple: not the gcd-1 form"))),
 ]
+NUMERIC = ("integer", "negative", "thousands", "fraction", "decimal", "radical", "pi", "base")  # kinds that are a value
+# A long derivation before a final statement ("after a long derivation": many numbers and equations, none the answer)
+DERIVATION = "\n".join(f"Step {i}: {i} * {i + 3} = {i * (i + 3)}, and adding {2 * i} gives ${i * (i + 3) + 2 * i}$."
+                       for i in range(1, 16))
 
 # Reasoning a response writes before its final statement: numbers, equations and re-checks that are not the answer.
 REASONING = [
     "Let me work through this step by step.\nThe two conditions give $3a + 2 = 11$, so $a = 3$.",
-    "We set up the count: 4 groups of 9 make 4 * 9 = 36 items, and 36 - 7 = 29 are left over.\n"
-    "Wait, let me double check that. Yes, 29 + 7 = 36.",
-    "Let me compute the pieces separately. The first term is $\\frac{1}{2} \\cdot 8 = 4$ and the second is $5^2 = 25$."
-    "\nHmm, so the sum of the pieces is 29, but that is not what is asked.",
-    "First, if $x = 2$ then $x^2 + 1 = 5$, which matches the condition.\n"
-    "Let me re-check the other case: \\(x = -2\\) also gives 5, so both work.",
+    ("We set up the count: 4 groups of 9 make 4 * 9 = 36 items, and 36 - 7 = 29 are left over.\n"
+    "Wait, let me double check that. Yes, 29 + 7 = 36."),
+    ("Let me compute the pieces separately. The first term is $\\frac{1}{2} \\cdot 8 = 4$ and the second is $5^2 = 25$."
+    "\nHmm, so the sum of the pieces is 29, but that is not what is asked."),
+    ("First, if $x = 2$ then $x^2 + 1 = 5$, which matches the condition.\n"
+    "Let me re-check the other case: \\(x = -2\\) also gives 5, so both work."),
 ]
 
 REASONS = {"correct": "the answer given is the gold's value", "incorrect": "the answer given is not the gold's value"}
@@ -120,13 +139,16 @@ class Ending:
     label: str | None = None
     finish_reason: str = "stop"
     both_values: bool = False  # right and wrong rows; otherwise one, alternating between kinds
+    kinds: tuple[str, ...] = ()  # only these answer kinds (a template that reads naturally only for them); () all
 
     def write(self, answer: Answer, reasoning: str, given: Value, other: Value) -> str | None:
         """The completion, or None when the answer has no plain form or restatement the template needs."""
         if "given.plain" in self.template and given.plain is None or (
-                "answer.restated" in self.template and answer.restated is None):
+                "answer.restated" in self.template and answer.restated is None) or (
+                self.kinds and answer.kind not in self.kinds):
             return None
-        return self.template.format(reasoning=reasoning, given=given, other=other, answer=answer)
+        return self.template.format(reasoning=reasoning, given=given, other=other, answer=answer,
+                                    derivation=DERIVATION)
 
 
 ENDINGS = [
@@ -187,6 +209,30 @@ ENDINGS = [
     Ending("restated_latex", "{reasoning}\n\nSo we need to compute ${answer.restated[1]}$.",
            "ends by restating the task: no result given", label="no_answer"),
     Ending("no_answer", "I am not sure how to solve this problem.", "no answer at all", label="no_answer"),
+    # issue 27's kinds
+    Ending("operands_after", "{reasoning}\n\nSo {given.inline} is the sum of the two cases, 29 and 35.",
+           "the value the sentence states, not the operands named after it", both_values=True, kinds=NUMERIC),
+    Ending("operands_after_comma", "{reasoning}\n\nThus the total is {given.inline}, which is the product of 8 and 8.",
+           "the value the sentence states, not the operands named after it", both_values=True, kinds=NUMERIC),
+    Ending("operands_then_result", "{reasoning}\n\nThe answer is the sum of 29 and 35, which is {given.inline}.",
+           "the result after the operands the answer statement names first", both_values=True, kinds=NUMERIC),
+    Ending("signoff_long", "{reasoning}\n{derivation}\n\nSo, the answer is {given.inline}. I think that's right.",
+           "the answer statement after a long derivation, not the derivation's numbers", both_values=True),
+    Ending("signoff_long_no_period", "{reasoning}\n{derivation}\n\nSo, the answer is {given.inline}. I think that's "
+           "right", "the answer statement; the sign-off lacks only its period", both_values=True),
+    Ending("display_final_result", "{reasoning}\n\nThe final result is:\n\\[ S = {given.latex} \\]",
+           "the right-hand side of the last display equation", both_values=True, kinds=NUMERIC),
+    Ending("display_bare_last", "{reasoning}\n$$S = {given.latex}$$",
+           "a bare last display equation: its right-hand side", both_values=True, kinds=NUMERIC),
+    Ending("cut_in_final_box", "{reasoning}\nSo x = \\boxed{{{given.latex}}} for the first part, and the final answer "
+           "is \\boxed{{\\frac{{", "cut at the token limit inside the final box: the box before it was a step",
+           label="truncated", finish_reason="length"),
+    Ending("length_cut_after_box", "<think>\n{reasoning}\nSo the intermediate value is \\boxed{{{given.latex}}}. Let "
+           "me re-check this.\nThen 12 * 7 = 84 and 84 - 3 = 81, so the", "cut at the token limit while computing on "
+           "from an intermediate box", label="truncated", finish_reason="length"),
+    Ending("expression_under_way", "{reasoning}\nNow we add the remaining part: 34 + {given.plain}",
+           "stops while writing an expression: its last number is an operand, not a result", label="no_answer",
+           kinds=("integer", "thousands", "fraction", "decimal")),
 ]
 CORE_ENDINGS = ("boxed", "prose_paren", "dollar_period", "final_answer_no_period")  # for the other gold forms
 
@@ -218,6 +264,14 @@ def devset_rows() -> list[dict]:
                     rows.append({"id": f"{answer.kind}-g{gold_index}-{ending.name}-{value}", "ending": ending.name,
                                  "kind": answer.kind, "completion": completion, "gold": gold,
                                  "finish_reason": ending.finish_reason, "expected": label, "rationale": rationale})
+        for variant_index, (given, label, reason) in enumerate(answer.variants):
+            for ending in (e for e in ENDINGS if e.name in CORE_ENDINGS):
+                completion = ending.write(answer, REASONING[variant_index % len(REASONING)], given, answer.right)
+                if completion is not None:
+                    rows.append({"id": f"{answer.kind}-g0-{ending.name}-variant{variant_index}", "ending": ending.name,
+                                 "kind": answer.kind, "completion": completion, "gold": answer.golds[0],
+                                 "finish_reason": ending.finish_reason, "expected": label,
+                                 "rationale": f"{ending.rationale}; {reason}".lstrip("; ")})
     return rows
 
 

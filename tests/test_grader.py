@@ -55,7 +55,9 @@ def test_math500_gold_needs_dollar_wrapping():
 
 def test_truncated_only_counts_a_box():
     assert grade("Let me compute 6*7 = 42 and then", "42", finish_reason="length").label == "truncated"
-    assert grade("Let me compute 6*7 = 42 and then", "42", finish_reason="stop").label == "correct"
+    # stopped mid-sentence with no answer statement: 42 is the computation under way, not an answer (issue 27)
+    assert grade("Let me compute 6*7 = 42 and then", "42", finish_reason="stop").label == "no_answer"
+    assert grade("So the answer is 42, and then", "42", finish_reason="stop").label == "correct"
     assert grade("\\boxed{42} and now let me check", "42", finish_reason="length").label == "correct"
     assert grade("\\boxed{41} and now let me check", "42", finish_reason="length").label == "incorrect"
 

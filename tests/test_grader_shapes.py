@@ -102,7 +102,8 @@ def test_unfinished_and_truncated_replies_only_count_a_box(completion, finish_re
     ("\n</think>\n\nTherefore, the answer is $\\boxed{42}$.", "correct"),
     ("\n</think>\n\nSo, the final answer is \\( 42 \\).", "correct"),
     ("\n</think>\n\nSo, the final answer is \\( 41 \\).", "incorrect"),
-    ("So far this gives 42, and now I need to", "incorrect"),  # <think> never closed: only a box counts (17)
+    # <think> never closed: only a box counts, and not the guess \boxed{17}: the trace computed on after it
+    ("So far this gives 42, and now I need to", "no_answer"),
 ])
 def test_a_long_trace_reaches_math_verify_only_as_its_answer(monkeypatch, ending, label):
     import math_verify
@@ -120,7 +121,7 @@ def test_a_long_trace_reaches_math_verify_only_as_its_answer(monkeypatch, ending
     trace = "<think>\n" + filler * (100_000 // len(filler) + 1) + ending
     assert len(trace) > 100_000
     assert grade(trace, "42").label == label
-    assert max(seen) < 100, seen  # the gold and the answer, never the trace
+    assert max(seen, default=0) < 100, seen  # the gold and the answer, never the trace
 
 
 def _grader_devset():
@@ -148,3 +149,73 @@ def test_ours_agrees_with_the_dev_set_labels_better_than_plain_math_verify():
     shares = devset.agreement(rows, devset.score(rows))
     assert shares["ours"] >= 0.97 and shares["ours_labels"] >= 0.95
     assert shares["ours"] >= max(shares["plain"], shares["plain_wrapped"]) + 0.1
+
+
+@pytest.mark.parametrize("answer, gold, label", [
+    # issue 27's kinds, right and wrong. Operands named after the answer: the answer, not the last operand
+    ("So 42 is the sum of 17 and 25.", "42", "correct"),
+    ("So 43 is the sum of 17 and 25.", "42", "incorrect"),
+    ("The total number of apples is 42, which is the sum of 17 and 25.", "42", "correct"),
+    ("Thus the total is $42$, the product of $6$ and $7$.", "42", "correct"),
+    ("Thus the total is $41$, the product of $6$ and $7$.", "42", "incorrect"),
+    ("The answer is the sum of 17 and 25, which is 42.", "42", "correct"),
+    ("The answer is the sum of 17 and 24, which is 41.", "42", "incorrect"),
+    # a numeral in a base: digits and base, not the base alone nor math-verify's value
+    ("So the answer is 1021_3.", "1021_3", "correct"),
+    ("So the answer is 1012_3.", "1021_3", "incorrect"),
+    ("Therefore we get 1021_3", "1021_3", "correct"),
+    ("\\boxed{1021_{3}}", "1021_3", "correct"),
+    ("\\boxed{\\text{1021}_3}", "1021_{3}", "correct"),
+    ("\\boxed{1021}", "1021_3", "correct"),  # no subscript: read in the base the problem asked for
+    ("\\boxed{1021_4}", "1021_3", "incorrect"),
+    ("\\boxed{34_{10}}", "1021_3", "incorrect"),  # the same value in base 10 is not the base-3 answer
+    ("\\boxed{3}", "1021_3", "incorrect"),
+    # a sign-off after the answer, with or without its period
+    ("So, the answer is 42. I think that's right", "42", "correct"),
+    ("So, the answer is 41. I think that's right.", "42", "incorrect"),
+    ("So the result is $42$.\nLet me know if you have any other questions", "42", "correct"),
+    ("The answer is 42.\nGood luck with the rest of your homework", "42", "correct"),
+    # the last display equation: its right-hand side
+    ("The final result is:\n\\[ \\cos B = \\frac{3}{5} \\]", "\\frac{3}{5}", "correct"),
+    ("The final result is:\n\\[ \\cos B = \\frac{4}{5} \\]", "\\frac{3}{5}", "incorrect"),
+    ("$$\\cos B = 3/5$$", "\\frac{3}{5}", "correct"),
+    # a gold equation in a normal form (integer coefficients, gcd 1): that equation, not a multiple
+    ("\\boxed{2x - 3y + z - 5 = 0}", "2x - 3y + z - 5 = 0", "correct"),
+    ("\\boxed{2x - 3y + z = 5}", "2x - 3y + z - 5 = 0", "correct"),
+    ("\\boxed{-4x + 6y - 2z + 10 = 0}", "2x - 3y + z - 5 = 0", "incorrect"),
+    ("\\boxed{-2x + 3y - z + 5 = 0}", "2x - 3y + z - 5 = 0", "incorrect"),
+    ("\\boxed{2y = 4x + 6}", "y = 2x + 3", "correct"),  # not `P = 0`: math-verify's equivalence
+    ("\\boxed{1021_3 = 34_{10}}", "1021_3", "correct"),  # a side of an equation that is the gold numeral
+    # an expression still being written, or the task restated, is no result; a range is no expression
+    ("Now we add the remaining part: 34 + 8", "8", "no_answer"),
+    ("Now 3 * 14 = 42, and 42 + 7 = 49, so", "49", "no_answer"),
+    ("Therefore the pages read are 5-10.", "10", "correct"),
+    # a sign-off is a few words that end the reply; work after it is unfinished
+    ("The answer is 5.\nI think that's right, but let me double check the", "5", "no_answer"),
+    ("The answer is 5. I think that's right. Hmm, but wait, maybe the other case gives", "5", "no_answer"),
+    ("So we need to compute $8 \\cdot 8$.", "64", "no_answer"),
+])
+def test_issue_27_shapes(answer, gold, label):
+    for completion in (answer, REASONING + answer, f"<think>\n{REASONING}</think>\n\n{answer}"):
+        assert grade(completion, gold).label == label, completion
+
+
+@pytest.mark.parametrize("completion, finish_reason, label", [
+    # cut inside the final box: not credited from the box before it
+    (f"{REASONING}So x = \\boxed{{5}}, and the final answer is \\boxed{{\\frac{{5}}{{", "length", "truncated"),
+    (f"{REASONING}So x = \\boxed{{5}}, and the final answer is \\boxed{{\\frac{{5}}{{", "stop", "no_answer"),
+    # a cut trace's box that it computed on from was a step, not its answer
+    (f"<think>\n{REASONING}So the intermediate value is \\boxed{{5}}. Let me re-check.\nThen 12 * 7 = 84 and 84 - ",
+     "length", "truncated"),
+    (f"{REASONING}So the intermediate value is \\boxed{{5}}. Then 12 * 7 = 84, so", "length", "truncated"),
+    # ... but one stated as the answer counts, and so does one with no computation after it
+    (f"{REASONING}So the answer is \\boxed{{5}}. Let me verify: 5 * 3 = 15, and", "length", "correct"),
+    (f"<think>\n{REASONING}So the answer should be \\boxed{{5}}. Let me verify: 6 * 7 = 42 and", "length", "correct"),
+    (f"<think>\n{REASONING}So \\boxed{{5}} is the answer. Let me double check: 6 * 7 = 42, and", "length", "correct"),
+    (f"<think>\n{REASONING}Therefore, \\boxed{{5}}.\n\nWait, let me double-check step 2 of the", "length", "correct"),
+    (f"{REASONING}So the answer is \\boxed{{4}}. Let me verify: 4 * 3 = 12, and", "length", "incorrect"),
+    (f"{REASONING}A first attempt gives \\boxed{{5}}. Wait, let me re-check the second case, where", "length",
+     "correct"),
+])
+def test_a_trace_cut_mid_computation_is_not_credited_from_an_intermediate_box(completion, finish_reason, label):
+    assert grade(completion, "5", finish_reason=finish_reason).label == label

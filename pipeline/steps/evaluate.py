@@ -84,8 +84,8 @@ class Config(DtypeSetting, TrackedConfig, EngineFields):
     path_fields: ClassVar = ()
     libraries: ClassVar = ("vllm", "torch", "transformers", "math-verify", "latex2sympy2_extended")
     # 2: one seeded request per sample, chunks per benchmark; 3: ungraded samples leave the denominator, maj@k
-    # over equivalent answers, paired comparisons
-    code_version: ClassVar = "3"
+    # over equivalent answers, paired comparisons; 4: eval/answers.py's extraction of 2026-12-05 (as verify's 3)
+    code_version: ClassVar = "4"
 
     def input_paths(self) -> list[str]:
         from eval.benchmarks import get_benchmark

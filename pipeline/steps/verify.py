@@ -100,7 +100,9 @@ class Config(StepConfig):
     # 2: answers in prose, units and trailing punctuation read (eval/answers.py); ungraded rows and pass rates.
     # (label, min_votes, min_share, judge and the published_correct table: new options whose defaults write what
     # version 2 wrote, so they left it as it was)
-    code_version: ClassVar = "2"
+    # 3: eval/answers.py 2026-12-05: base subscripts, normal-form equations, operands named after the answer,
+    #    sign-offs, cut traces that computed on past a box or stopped mid-sentence (BENCHMARKS.md "Grader dev set")
+    code_version: ClassVar = "3"
     keyed_when_set: ClassVar = ("label", "min_votes", "min_share", "judge")
 
     @model_validator(mode="after")
