@@ -1,5 +1,6 @@
 """`distill`: the argument parser and the small commands (check, status, report, env, compare, export, bench); `distill
-run` is in `run_command`, `distill eval` in `eval_command`, `distill steps` in `steps_reference`.
+run` is in `run_command`, `distill eval` in `eval_command`, `distill steps` in `steps_reference`, `distill push` in
+`push`.
 
 Exit codes: 0 success, 1 a step failed, 2 bad input (recipe, override, data, model reference).
 """
@@ -294,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "STEP_DIR/export/<step><extension>)")
     add_overwrite_argument(export, "the file it writes")
     export.set_defaults(func=cmd_export)
+
+    push = commands.add_parser("push", help="upload a finished dataset or model step to the Hugging Face Hub, with "
+                                            "its card (--dry-run: list what would go)")
+    from pipeline.commands.push import add_arguments as add_push_arguments
+
+    add_push_arguments(push)
 
     bench = commands.add_parser("bench", help="measure sampling, grading, training and caching side by side")
     from pipeline.commands.bench import add_arguments as add_bench_arguments

@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from pipeline import __version__
 from pipeline.core.artifacts import COMPLETE, MANIFEST, Artifact, Output, complete_key, write_json_atomic
+from pipeline.core.cards import write_card
 from pipeline.core.console import environment, step_console
 from pipeline.core.env import RUN_NAME_ENV, library_versions, machine_rank_from_environment
 from pipeline.core.errors import UserError
@@ -257,7 +258,9 @@ def _run_step(step: StepPlan, recipe: Recipe, workdir: Path, outcomes, dry_run, 
         _keep_log(tmp, scratch)
         raise
     seconds = time.time() - started
-    write_json_atomic(tmp / MANIFEST, _manifest(step, recipe, artifact, started, seconds, dry_run))
+    manifest = _manifest(step, recipe, artifact, started, seconds, dry_run)
+    _write_card(tmp, manifest)  # before the manifest, which says the step is complete
+    write_json_atomic(tmp / MANIFEST, manifest)
     final_dir = workdir / name
     publish(tmp, final_dir)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -290,6 +293,15 @@ def _manifest(step: StepPlan, recipe: Recipe, artifact: Artifact, started: float
         "device": device(),
         "dtype": _dtype_record(cfg),
     }
+
+
+def _write_card(tmp: Path, manifest: dict) -> None:
+    """The step's Hub card (pipeline.core.cards). A card that cannot be written costs the step nothing: nothing reads
+    it, and `distill push` renders a missing one from the manifests."""
+    try:
+        write_card(tmp, manifest)
+    except Exception as error:  # noqa: BLE001 - documentation, not output: the step's work stands
+        print(f"warning: no card written for step {manifest['step']!r} ({type(error).__name__}: {error})", flush=True)
 
 
 def _dtype_record(cfg: StepConfig) -> dict | None:

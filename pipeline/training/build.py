@@ -5,7 +5,8 @@
   `drop_overlong` (rows over max_length are dropped and counted, never cut) and `peft_config`;
 - `train_and_save`: train, resuming from the last checkpoint in the step's scratch dir, then save the model, the
   tokenizer and the model card, and return the manifest stats;
-- `model_card` (with `schedule_line`): the README saved with a trained model.
+- `model_card` (with `schedule_line`): the README saved with a trained model (its body: pipeline.core.cards, where
+  the runner adds the front matter and lineage every card shares).
 
 Importing this module imports no torch, transformers, TRL or peft: the functions import what they need.
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.core.cards import model_card_body
 from pipeline.core.errors import UserError
 from pipeline.training.config import LoraSettings, TrainingConfig
 from pipeline.training.tracking import LOG_HISTORY, progress_callback, tracking_run
@@ -194,9 +196,9 @@ def model_card(cfg: TrainingConfig, step_name: str, *, facts: Iterable[str], tra
     """
     if kind is None:
         kind = f"LoRA adapter (r={cfg.lora.r})" if cfg.lora else "Fully fine-tuned model"
-    lines = "".join(f"- {fact}\n" for fact in facts)
-    return (f"# {step_name}\n\n{kind} {trained} the distillery `{cfg.uses}` step `{step_name}`.\n\n{lines}"
-            + schedule_line(cfg, batch_unit))
+    schedule = schedule_line(cfg, batch_unit)[len("- "):-len("\n")]
+    return model_card_body(step_name, f"{kind} {trained} the distillery `{cfg.uses}` step `{step_name}`.",
+                           [*facts, schedule])
 
 
 def schedule_line(cfg: TrainingConfig, batch_unit: str = "") -> str:
