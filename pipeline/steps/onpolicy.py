@@ -20,6 +20,12 @@ ULD's L1 distance between the sorted probabilities of the tokens they do not sha
 GOLD's design). `cross_tokenizer: false` refuses such a teacher instead, naming both models and the differences;
 distil from its samples then (sample -> verify -> select -> sft).
 
+A served teacher (`teacher: {base_url, model}`, a vLLM OpenAI-compatible server) never loads in the training
+process: TRL's ServerDistillationTrainer asks the server for the teacher's log-probs of each rollout (vLLM
+`prompt_logprobs`) and the loss is over the teacher's top-K tokens plus a tail bucket on each side (beta 0: forward KL
+over top K; beta above 0: TRL's top-1 support). See `pipeline.training.served_teacher` for what it needs (the student's
+tokenizer, checked through the server's /tokenize; temperature 1).
+
 Input: rows with `prompt` (chat messages or text, e.g. opsd data) or problems (`problem`, rendered with
 `prompt_template`). Prompts longer than `max_length - max_tokens` tokens are dropped and counted, never cut.
 Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full model.
@@ -27,13 +33,14 @@ Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full m
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.core.errors import UserError
 from pipeline.text.prompts import render_prompt
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save
 from pipeline.training.launch import train_here_or_launch
 from pipeline.training.rollouts import RolloutConfig, prompt_with_think_prefix, rollout_arguments, rollouts_fact
+from pipeline.training.served_teacher import ServedTeacher, check_settings
 
 # Special tokens that must be the same in both tokenizers (pad is left out: the step picks its own).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
@@ -42,9 +49,14 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")
 class Config(RolloutConfig):
     input: str = Field(description="Name of the step whose prompts are trained on: rows with `prompt` (chat "
                                    "messages or text) or problems (`problem`).")
-    teacher: str = Field(description="Teacher model (builtin:NAME, step:NAME, a local dir or a hub id). With the "
-                                     "student's tokenizer (vocabulary and special tokens) it trains with TRL's "
-                                     "DistillationTrainer; with another one, see cross_tokenizer.")
+    teacher: str | ServedTeacher = Field(
+        description="Teacher model (builtin:NAME, step:NAME, a local dir or a hub id). With the student's tokenizer "
+                    "(vocabulary and special tokens) it trains with TRL's DistillationTrainer; with another one, see "
+                    "cross_tokenizer. Or a served teacher, {base_url: http://HOST:PORT/v1, model: NAME, top_k: K}: "
+                    "a vLLM OpenAI-compatible server scores the rollouts (TRL's ServerDistillationTrainer, top-K + "
+                    "tail; the student's tokenizer and temperature 1 required). The step's key sees only the server "
+                    "and the model name, never the weights behind them (as sample's backend openai): restart the "
+                    "server with other weights and nothing re-runs; the manifest records what the server reported.")
     beta: float = Field(default=1.0, ge=0.0, le=1.0,
                         description="Divergence: 0 forward KL(teacher||student), 1 reverse KL(student||teacher), "
                                     "in between the generalized JSD (0.5: JSD). A cross-tokenizer teacher: the "
@@ -63,7 +75,19 @@ class Config(RolloutConfig):
                     "weight, the share of the teacher's vocabulary that the student's holds.")
 
     def model_refs(self) -> list[str]:
-        return [self.model, self.teacher]
+        # a served teacher's weights are the server's business: only its address and name are in the key
+        return [self.model, self.teacher] if isinstance(self.teacher, str) else [self.model]
+
+    @model_validator(mode="after")
+    def _served_teacher_settings(self) -> Config:
+        if isinstance(self.teacher, ServedTeacher):
+            check_settings(self.teacher, beta=self.beta, temperature=self.temperature)
+        return self
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher as the model card and the manifest name it."""
+        return self.teacher if isinstance(self.teacher, str) else self.teacher.identity()
 
 
 def run(cfg: Config, inputs, out):
@@ -72,17 +96,20 @@ def run(cfg: Config, inputs, out):
 
 def train(cfg: Config, inputs, out) -> dict:
     trainer, data_stats = build_trainer(cfg, inputs, out)
-    loss_fact = (f"loss: GOLD hybrid ULD (matched weight {cfg.matched_weight}, {data_stats['alignment']} alignment)"
-                 if data_stats["trl_trainer"] == "GOLDTrainer" else "loss: generalized JSD over the shared vocabulary")
+    loss_fact = {"GOLDTrainer": f"loss: GOLD hybrid ULD (matched weight {cfg.matched_weight}, "
+                                f"{data_stats.get('alignment')} alignment)",
+                 "ServerDistillationTrainer": f"loss: generalized JSD over the served teacher's top "
+                                              f"{data_stats.get('teacher_top_k')} tokens plus a tail bucket"
+                 }.get(data_stats["trl_trainer"], "loss: generalized JSD over the shared vocabulary")
     card = model_card(cfg, out.name, trained="trained by on-policy distillation in", batch_unit=" prompts",
-                      facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher}` (beta {cfg.beta})", loss_fact,
+                      facts=[f"student: `{cfg.model}`", f"teacher: `{cfg.teacher_name}` (beta {cfg.beta})", loss_fact,
                              f"prompts: step `{cfg.input}`", rollouts_fact(cfg)])
     stats = train_and_save(trainer, cfg, out, card, chat_template=trainer.own_chat_template,
                            **data_stats)
     divergence = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
                if "completions/mean_length" in entry]
-    return {**stats, "teacher": cfg.teacher, "divergence_first": divergence[0] if divergence else None,
+    return {**stats, "teacher": cfg.teacher_name, "divergence_first": divergence[0] if divergence else None,
             "divergence_last": divergence[-1] if divergence else None,
             "completion_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None}
 
@@ -97,6 +124,8 @@ def build_trainer(cfg: Config, inputs, out):
 
     set_seed(out.seed)
     model_path = resolve_model(cfg.model, inputs)
+    if isinstance(cfg.teacher, ServedTeacher):
+        return served_trainer(cfg, inputs, out, model_path)
     teacher_path = resolve_model(cfg.teacher, inputs)
     tokenizer = load_tokenizer(cfg, model_path)
     # The raw tokenizers: load_tokenizer may pick a pad token, which is the step's choice, not the model's.
@@ -132,6 +161,30 @@ def build_trainer(cfg: Config, inputs, out):
                                       train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(cfg.lora))
         data_stats.update(trl_trainer="DistillationTrainer")
     trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
+    return trainer, data_stats
+
+
+def served_trainer(cfg: Config, inputs, out, model_path: str):
+    """A ServerDistillationTrainer for a served teacher (checked: it serves the name, with the student's tokenizer),
+    and the data stats, with the server's identity for the manifest."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.training.served_teacher import check_tokenizer, describe_server, served_teacher_trainer
+
+    server = describe_server(cfg.teacher)
+    tokenizer = load_tokenizer(cfg, model_path)
+    check_tokenizer(cfg.teacher, tokenizer)
+    think, own_template = prompt_with_think_prefix(tokenizer, cfg)
+    rows = prompt_dataset(inputs[cfg.input].dataset(), cfg, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    trainer = served_teacher_trainer(cfg.teacher, beta=cfg.beta, model=model, tokenizer=tokenizer, rows=rows,
+                                     arguments={**rollout_arguments(cfg, out), "beta": cfg.beta},
+                                     peft_config=peft_config(cfg.lora))
+    trainer.own_chat_template = own_template
+    data_stats = {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
+                  "think_prefix": think, "trl_trainer": "ServerDistillationTrainer", "served_teacher": server,
+                  "teacher_top_k": cfg.teacher.loss_top_k(cfg.beta)}
     return trainer, data_stats
 
 
