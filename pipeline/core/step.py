@@ -31,6 +31,8 @@ STEP_MODULES = {
     "merge": "merge",
     "evaluate": "evaluate",
     "teachers": "teachers",
+    "score": "score",
+    "kd": "kd",
 }
 
 

@@ -69,7 +69,7 @@ def engine_settings(request: SamplingRequest) -> dict:
     `engine` (vLLM LLM), as every engine that wraps it (this module's `generate`, the Ray replicas) hands them over."""
     return dict(seed=request.seed, think_prefix=request.think_prefix,
                 sampling=dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                              max_tokens=request.max_tokens, stop=request.stop),
+                              max_tokens=request.max_tokens, stop=request.stop, logprobs=request.logprobs),
                 engine=dict(dtype=request.dtype, max_model_len=request.max_model_len,
                             tensor_parallel_size=request.tensor_parallel_size,
                             data_parallel_size=request.data_parallel_size,
@@ -218,7 +218,8 @@ def _serve_chunks(conn, *, model, seed, think_prefix, sampling, engine) -> None:
             chunk_started = time.perf_counter()
             outputs = iter(llm.generate(requests, params, use_tqdm=finished_samples_bar))  # in request order
             seconds = time.perf_counter() - chunk_started
-            per_prompt = [[_completion(next(outputs)) for _ in range(count)] for count in counts]
+            per_prompt = [[_completion(next(outputs), sampling.get("logprobs")) for _ in range(count)]
+                          for count in counts]
             conn.send(("chunk", per_prompt, seconds))
     finally:
         # Stop the engine now. If it runs in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1),
@@ -249,10 +250,20 @@ def _finished_samples_bar(conn):
     return FinishedSamples
 
 
-def _completion(output) -> Completion:
+def _completion(output, k: int | None = None) -> Completion:
     sample = output.outputs[0]
-    return Completion(text=sample.text, finish_reason=sample.finish_reason,
-                      prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(sample.token_ids))
+    completion = Completion(text=sample.text, finish_reason=sample.finish_reason,
+                            prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(sample.token_ids))
+    if k and sample.logprobs is not None:
+        # Each position holds the top K and the sampled token (ranked below them when it is not among them).
+        top = [sorted((lp.rank, token_id, lp.logprob) for token_id, lp in entries.items()) for entries in sample.logprobs]
+        completion.prompt_token_ids = list(output.prompt_token_ids)
+        completion.token_ids = list(sample.token_ids)
+        completion.topk_ids = [[token_id for _, token_id, _ in entries[:k]] for entries in top]
+        completion.topk_logprobs = [[logprob for _, _, logprob in entries[:k]] for entries in top]
+        completion.token_logprobs = [entries[token_id].logprob
+                                     for entries, token_id in zip(sample.logprobs, sample.token_ids)]
+    return completion
 
 
 def engine_env_defaults() -> dict[str, str]:

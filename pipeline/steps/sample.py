@@ -9,6 +9,10 @@ template's rendering plus the think prefix; null with `backend: openai`, where t
 as the recipe wrote it) and `think_prefix` (text the completion continues: the prefix appended to the prompt, or
 the `<think>\n` the chat template wrote itself; verify, select and the training checks read it).
 
+With `logprobs: K` (backend vllm) every completion token also gets the model's top-K token ids and log-probs and the
+sampled token's log-prob, with the prompt's and completion's token ids and the tokenizer's identity: the columns of
+`pipeline.text.teacher_logprobs`, which `kd` trains on (`score` writes the same for existing completions).
+
 The think prefix comes from the model's chat template (`pipeline.text.chat.think_prefix`, the same rule as `evaluate`,
 `opsd` and `onpolicy`) unless `think_prefix` is set.
 
@@ -91,6 +95,12 @@ class Config(DtypeSetting, StepConfig, EngineFields):
                                   "(the model's chat template may add its own default).")
     stop: list[str] | None = Field(
         default=None, description="Strings that end a completion (not included in it); eos always does.")
+    logprobs: int | None = Field(
+        default=None, ge=1, le=20,
+        description="Also store the model's top-K distribution at every completion token (vLLM `logprobs`, K up to "
+                    "20): the teacher columns `kd` trains on (pipeline.text.teacher_logprobs). null: none.")
+    logprob_dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="With logprobs: storage type of the top-K log-probs.")
 
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
     path_fields: ClassVar = ()
@@ -98,6 +108,7 @@ class Config(DtypeSetting, StepConfig, EngineFields):
     # 2: one seeded request per sample (was: an engine seed per chunk). 3: think prefix from the chat template,
     # reasoning returned apart kept in the completion, prompt_text / reasoning / response columns.
     code_version: ClassVar = "3"
+    keyed_when_set: ClassVar = ("logprobs", "logprob_dtype")  # added later; their defaults store nothing new
 
     def model_refs(self) -> list[str]:
         return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
@@ -113,6 +124,10 @@ class Config(DtypeSetting, StepConfig, EngineFields):
             if self.engine == "ray":
                 raise ValueError("engine ray runs vLLM replicas; backend openai sends requests to a server: "
                                  "use one or the other")
+            if self.logprobs is not None:
+                raise ValueError("logprobs: only backend vllm stores top-K log-probs so far (the token ids of a "
+                                 "served model's reply are not returned by its chat API); use backend vllm, or "
+                                 "`score` the samples afterwards")
             if self.think_prefix:
                 raise ValueError("backend openai cannot force think_prefix: the chat completions API has no way to "
                                  "pre-fill the reply; leave it unset (a server whose chat template opens <think> "
@@ -169,10 +184,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
             write_json_atomic(path, shard)
             tallies[chunk] = _tally(path, shard, think.completion_prefix)
             # The engine's returned Generations keeps every Completion (its token counts feed the Ray stats); the
-            # text is on disk now, so drop it: memory holds a chunk's text, not the run's.
+            # text (and any log-probs) is on disk now, so drop it: memory holds a chunk's text, not the run's.
             for per_problem in completions:
                 for completion in per_problem:
                     completion.text = ""
+                    completion.prompt_token_ids = completion.token_ids = completion.topk_ids = None
+                    completion.topk_logprobs = completion.token_logprobs = None
             saved += cfg.n * len(chunk_ids[chunk])
             bar.update(completed=saved)
 
@@ -180,14 +197,18 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
         request = SamplingRequest(
             model=model, prompts=prompts, n=cfg.n, seed=out.seed, ids=ids, stop=cfg.stop, chunks=chunks,
             skip_chunks=set(tallies), think_prefix=think.appended, dtype=dtype.dtype if dtype else "auto",
-            **cfg.request_settings())
+            logprobs=cfg.logprobs, **cfg.request_settings())
         generations = _generate(cfg, request, save, bar, lambda finished: bar.update(completed=saved + finished))
     seconds = time.perf_counter() - started
 
+    from pipeline.text import teacher_logprobs as stored
+
+    teacher = stored.model_identity(model, cfg.model) if cfg.logprobs else None
     samples = _write_samples(cfg, problems, prompts, prompt_texts, think.completion_prefix, chunks,
-                             [tallies[chunk] for chunk in range(len(chunks))], out.scratch / "samples.arrow")
+                             [tallies[chunk] for chunk in range(len(chunks))], out.scratch / "samples.arrow", teacher)
     artifact = out.write_dataset(
         samples, problems=len(problems), **_sample_stats(tallies), chunks=len(chunk_ids), chunks_resumed=resumed,
+        **({"logprobs": cfg.logprobs, **stored.dataset_stats(samples, cfg.logprob_dtype)} if cfg.logprobs else {}),
         load_seconds=round(generations.load_seconds, 2), seconds=round(seconds, 2),
         # this run's replicas, nodes, retries and throughput (none when every chunk was resumed)
         **({"ray": generations.ray_stats()} if cfg.engine == "ray" else {}),
@@ -281,13 +302,16 @@ def _tally(path, shard: dict, completion_prefix: str) -> dict:
 
 
 def _write_samples(cfg: Config, problems, prompts: list[list[dict]], prompt_texts: list[str | None],
-                   completion_prefix: str, chunks: list[range], tallies: list[dict], path):
+                   completion_prefix: str, chunks: list[range], tallies: list[dict], path, teacher: str | None = None):
     """The samples dataset, written chunk by chunk from the shards into the Arrow file `path` (memory holds one
     chunk's completions) and memory-mapped back: each problem row n times with the `SAMPLE_COLUMNS`, typed as
-    Arrow infers them from the whole column's values (null where every value is None, or there are no rows)."""
+    Arrow infers them from the whole column's values (null where every value is None, or there are no rows); with
+    `logprobs`, the teacher columns of pipeline.text.teacher_logprobs too (`teacher`: the tokenizer's identity)."""
     import pyarrow as pa
     from datasets import Dataset, Features
     from datasets.arrow_writer import ArrowWriter
+
+    from pipeline.text import teacher_logprobs as stored
 
     n = cfg.n
     rows = n * len(problems)
@@ -303,7 +327,8 @@ def _write_samples(cfg: Config, problems, prompts: list[list[dict]], prompt_text
              "finish_reason": string, "prompt_tokens": integer, "completion_tokens": integer, "model": string,
              "think_prefix": string}
     types = {column: types[column] if has_values[column] else pa.null() for column in SAMPLE_COLUMNS}
-    features = Features({**problems.features, **Features.from_arrow_schema(pa.schema(list(types.items())))})
+    features = Features({**problems.features, **Features.from_arrow_schema(pa.schema(list(types.items()))),
+                         **(stored.features(cfg.logprob_dtype) if cfg.logprobs else {})})
     problem_rows = problems.with_format("arrow")
 
     with ArrowWriter(features=features, path=str(path)) as writer:
@@ -327,11 +352,16 @@ def _write_samples(cfg: Config, problems, prompts: list[list[dict]], prompt_text
                 "model": [cfg.model] * len(completions),
                 "think_prefix": [completion_prefix] * len(completions),
             }
+            if cfg.logprobs:
+                arrays.update(stored.arrow_columns(
+                    [c["prompt_token_ids"] for c in completions], [c["token_ids"] for c in completions],
+                    [c["topk_ids"] for c in completions], [c["topk_logprobs"] for c in completions],
+                    [c["token_logprobs"] for c in completions], teacher, cfg.logprob_dtype))
             del completions
             arrays.update((column, pa.array(values, type=types[column])) for column, values in columns.items())
             del columns
             table = problem_rows[repeated]
-            for column in SAMPLE_COLUMNS:
+            for column in SAMPLE_COLUMNS + (stored.TEACHER_COLUMNS if cfg.logprobs else ()):
                 table = table.append_column(column, arrays.pop(column))
             writer.write_table(table)
             del table
@@ -359,7 +389,9 @@ def _split_traces(traces: list[str], completion_prefix: str, reasoning_type, res
 def _check_columns(cfg: Config, columns: list[str]) -> None:
     if "problem" not in columns:
         raise UserError(f"sample: dataset {cfg.input!r} has no 'problem' column (columns: {columns})")
-    clashes = [c for c in SAMPLE_COLUMNS if c in columns]
+    from pipeline.text.teacher_logprobs import TEACHER_COLUMNS
+
+    clashes = [c for c in SAMPLE_COLUMNS + (TEACHER_COLUMNS if cfg.logprobs else ()) if c in columns]
     if clashes:
         raise UserError(f"sample: dataset {cfg.input!r} already has column(s) {clashes}, which sampling writes; "
                         "drop or rename them in the load step")
