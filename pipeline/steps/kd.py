@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.errors import UserError
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
-from pipeline.training.config import LoraSettings, TrainingConfig
+from pipeline.training.config import LoraSettings, TrainingConfig, no_adapter_on_the_head
 from pipeline.training.launch import train_here_or_launch
 
 
@@ -60,13 +60,7 @@ class Config(TrainingConfig):
     @field_validator("lora")
     @classmethod
     def _no_adapter_on_the_head(cls, lora: LoraSettings | None) -> LoraSettings | None:
-        if lora is not None:
-            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
-            if "lm_head" in targets:
-                raise ValueError("kd cannot train an adapter on the output head: its loss is computed in chunks from "
-                                 "lm_head's own weight (pipeline.training.token_logprobs); leave lm_head out of "
-                                 "target_modules")
-        return lora
+        return no_adapter_on_the_head(lora, "kd")
 
 
 def run(cfg: Config, inputs, out):

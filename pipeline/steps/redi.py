@@ -40,7 +40,7 @@ from pipeline.training.build import (
     train_and_save,
     training_arguments,
 )
-from pipeline.training.config import LoraSettings, TrainingConfig
+from pipeline.training.config import LoraSettings, TrainingConfig, no_adapter_on_the_head
 from pipeline.training.launch import train_here_or_launch
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
@@ -71,15 +71,7 @@ class Config(TrainingConfig):
     @field_validator("lora")
     @classmethod
     def _no_adapter_on_the_head(cls, lora: LoraSettings | None) -> LoraSettings | None:
-        # TRL and pipeline.training.token_logprobs refuse any adapter on the head when the trainer is built; this
-        # names the usual way in, before anything runs.
-        if lora is not None:
-            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
-            if "lm_head" in targets:
-                raise ValueError("redi cannot train an adapter on the output head: its log-probs are computed in "
-                                 "chunks from lm_head's own weight (pipeline.training.token_logprobs); leave lm_head "
-                                 "out of target_modules")
-        return lora
+        return no_adapter_on_the_head(lora, "redi")
 
 
 def run(cfg: Config, inputs, out):

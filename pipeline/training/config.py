@@ -33,6 +33,19 @@ class LoraSettings(BaseModel):
     )
 
 
+def no_adapter_on_the_head(lora: LoraSettings | None, step_type: str) -> LoraSettings | None:
+    """Refuse LoRA on the output head for a step whose loss is computed in chunks from lm_head's own weight
+    (pipeline.training.token_logprobs; it and TRL refuse such an adapter when the trainer is built): this names the
+    usual way in, before anything runs."""
+    if lora is not None:
+        targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+        if "lm_head" in targets:
+            raise ValueError(f"{step_type} cannot train an adapter on the output head: its loss is computed in chunks "
+                             "from lm_head's own weight (pipeline.training.token_logprobs); leave lm_head out of "
+                             "target_modules")
+    return lora
+
+
 class TrackedConfig(StepConfig):
     """A step that reports to experiment trackers (the training steps, evaluate): `report_to`, whose trackers are
     checked when the recipe loads and installed before the step runs. Each subclass says what it reports."""
