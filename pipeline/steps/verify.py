@@ -34,6 +34,9 @@ Printed and in the manifest: counts per label (graded and ungraded apart), bad g
 error rows with their messages, a pass-rate histogram. With `audit: true` every graded sample is also graded by a
 second, independent method (normalised string / numeric comparison of the last boxed answer or last number
 against the gold) and the rows where the two disagree go to `audit.jsonl` in the step dir, for a person to read.
+
+One file past 400 lines because it is one flow: the label sources (gold, majority) and the judge pass feed the same
+resumable grades, columns and counts; the voting, judging and agreement logic live in eval/.
 """
 
 from __future__ import annotations
