@@ -39,8 +39,13 @@ class FakeServer:
             def log_message(self, *args):  # keep the test output quiet
                 pass
 
+            def do_GET(self):
+                self.answer(*server.info(self.path, self.headers.get("Authorization"), None))
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":  # not a sampling request: neither counted nor failed on purpose
+                    return self.answer(*server.info(self.path, self.headers.get("Authorization"), body))
                 with server.lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -52,6 +57,9 @@ class FakeServer:
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+                self.answer(status, reply)
+
+            def answer(self, status, reply):
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -64,6 +72,10 @@ class FakeServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def info(self, path, authorization, body):
+        """GET /v1/models and POST /tokenize: a plain OpenAI-compatible server has neither (vLLM's has both)."""
+        return 404, {"error": {"message": f"no route {path}"}}
 
     def reply(self, path, authorization, body, attempt):
         if authorization != f"Bearer {KEY}":

@@ -107,5 +107,6 @@ def test_sample_logprobs_leave_old_keys_alone():
     plain = sample.Config(uses="sample", input="p", model="builtin:tiny-random")
     assert "logprobs" not in keyed_config(plain) and "logprob_dtype" not in keyed_config(plain)
     assert keyed_config(sample.Config(uses="sample", input="p", model="builtin:tiny-random", logprobs=5))["logprobs"] == 5
-    with pytest.raises(ValueError, match="only backend vllm"):
-        sample.Config(uses="sample", input="p", model="m", backend="openai", base_url="http://x/v1", logprobs=5)
+    # backend openai takes logprobs too (tests/test_sample_openai_logprobs.py); its tokenizer setting is keyed when set
+    served = sample.Config(uses="sample", input="p", model="m", backend="openai", base_url="http://x/v1", logprobs=5)
+    assert "tokenizer" not in keyed_config(served) and "tokenizer" not in keyed_config(plain)

@@ -6,8 +6,8 @@ For each evaluation (an evaluate step, by name, or `eval` for a `distill eval` o
     mean, sd   across runs (sd with ddof=1: the run-to-run spread, training and sampling seeds included)
     pooled     every run's samples of a problem together, then pass@1 ± stderr over the problems all runs share
 and for each model but the baseline (the evaluation's `baseline`, else its first model):
-    differences  each run's paired difference to the baseline, their mean ± sd across runs, in how many runs it
-                 was positive and in how many its 95% interval excluded 0
+    differences  each run's paired difference to the baseline and its 95% interval, their mean ± sd across runs,
+                 in how many runs it was positive and in how many its 95% interval excluded 0
     pooled       the paired difference over problems of the pooled rates, with its bootstrap interval and MDD.
                  It takes each run's models as given: its interval covers which problems and which samples, not
                  training. Whether a training change helps is read from the per-run differences and their sd.
@@ -164,6 +164,8 @@ def compare_runs(runs: list[tuple[Path, dict]], baseline: str | None = None) -> 
                 if shared else None
             differences[model][benchmark] = {
                 "runs": dict(zip(names, values)), "mean": mean, "sd": sd,
+                # each run's 95% paired interval (None where its results kept no per-problem counts)
+                "runs_ci95": dict(zip(names, (row.get("ci95") for row in per_run))),
                 "positive_runs": sum(v > 0 for v in values),
                 "detectable_runs": sum(r["detectable"] is True for r in per_run),
                 "pooled": pooled}

@@ -11,9 +11,14 @@ Trained by `pipeline.training.kd_trainer.KdTrainer` (TRL's SFTTrainer, its `comp
 stored token ids: the teacher's prompt and completion tokens, as scored. The student must share the teacher's token
 table (`pipeline.text.teacher_logprobs.tokenizer_identity`, recorded in the data): a student whose tokenizer differs
 is refused, naming both (a cross-tokenizer teacher is `onpolicy`'s GOLD). Rows longer than `max_length` tokens are
-dropped and counted, never cut. Not yet: packing.
+dropped and counted, never cut. `packing: true` puts several rows in each max_length sequence
+(`pipeline.training.kd_packing`: TRL's best-fit decreasing; position_ids restart at each row, so attention and the
+labels stay within each row; stats `packed_sequences`).
 
 Logged each logging step: `kd/loss_per_token` and, with TAID, `kd/taid_t`.
+With `monitor:` (the teacher-hacking monitor, `pipeline.training.monitor`), the rows of `holdout` problems are not
+trained on; every `every` steps `monitor/pass_rate`, `monitor/heldout_divergence` and `monitor/train_divergence` are
+logged too, and the stats get `monitor` (the checks, the alarm, the power-law fit) and `monitor_holdout_rows`.
 
 Output: with LoRA, the adapter (peft dir) + tokenizer, stats `adapter: true` and `base_model`; with `lora: null`, the
 full model. Either way the manifest records the teacher's tokenizer identity and K.
@@ -21,7 +26,7 @@ full model. Either way the manifest records the teacher's tokenizer identity and
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,6 +34,7 @@ from pipeline.core.errors import UserError
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save, training_arguments
 from pipeline.training.config import LoraSettings, TrainingConfig, no_adapter_on_the_head
 from pipeline.training.launch import train_here_or_launch
+from pipeline.training.monitor import MonitorSettings
 
 
 class Config(TrainingConfig):
@@ -47,9 +53,25 @@ class Config(TrainingConfig):
                                                                     "update (paper: 5e-4).")
     taid_beta: float = Field(default=0.99, ge=0, lt=1, description="objective taid: momentum of the objective's "
                                                                    "relative change (paper: 0.99).")
+    packing: bool = Field(
+        default=False, description="Pack several rows into each max_length sequence (TRL best-fit decreasing, no row "
+                                   "is cut); position ids restart at each row, so attention stays within it.")
+    keyed_when_set: ClassVar = ("packing", "monitor")  # added later; their defaults train as before
     one_sequence_at_a_time: bool = Field(
         default=False, description="Run each sequence of a batch through the model on its own inside activation "
                                    "checkpointing: backward holds one sequence's activations, for one more forward.")
+
+    monitor: MonitorSettings | None = Field(
+        default=None, description="The teacher-hacking monitor (pipeline.training.monitor): hold `holdout` problems "
+                                  "out of training (the rows need `id` and `answer`) and every `every` steps log the "
+                                  "student's pass rate on them, its divergence on their stored teacher distributions "
+                                  "and the training divergence; warn when both fall for `consecutive` checks.")
+
+    @model_validator(mode="after")
+    def _monitor_in_one_process(self) -> Config:
+        if self.monitor is not None and self.num_processes > 1:
+            raise ValueError("monitor: the held-out checks run in one process; set num_processes: 1 or drop monitor")
+        return self
 
     @model_validator(mode="after")
     def _taid_range(self) -> Config:
@@ -76,6 +98,8 @@ def train(cfg: Config, inputs, out) -> dict:
     result = train_and_save(trainer, cfg, out, card, **stats)
     if trainer.taid is not None:
         result["taid_t_final"] = round(trainer.taid.t, 6)
+    if getattr(trainer, "monitor", None) is not None:
+        result.update(monitor_holdout_rows=trainer.monitor.heldout_rows, monitor=trainer.monitor.summary())
     return result
 
 
@@ -88,7 +112,9 @@ def build_trainer(cfg: Config, inputs, out):
     from pipeline.core.models import resolve_model
     from pipeline.text import teacher_logprobs as stored
     from pipeline.training.kd_loss import TaidSchedule
+    from pipeline.training.kd_packing import check_attention, pack_rows
     from pipeline.training.kd_trainer import KdCollator, KdTrainer
+    from pipeline.training.monitor import attach_kd_monitor, split_holdout
 
     set_seed(out.seed)
     model_path = resolve_model(cfg.model, inputs)
@@ -100,8 +126,14 @@ def build_trainer(cfg: Config, inputs, out):
         raise UserError(f"kd: the student {student!r} does not share the teacher's tokenizer {teacher!r} (recorded in "
                         f"dataset {cfg.input!r}): the stored token ids would mean other tokens; score the data with a "
                         "teacher of the student's tokenizer, or use onpolicy's cross-tokenizer (GOLD) distillation")
-    train_data = training_rows(dataset, cfg)
+    heldout = None
+    if cfg.monitor is not None:  # the held-out problems' rows leave the training data
+        dataset, heldout = split_holdout(dataset, cfg.monitor, seed=out.seed, step="kd", source=cfg.input)
+    rows = training_rows(dataset, cfg)
+    train_data = pack_rows(rows, cfg.max_length, k) if cfg.packing else rows
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if cfg.packing:
+        check_attention(model)
 
     args = SFTConfig(**training_arguments(cfg, out), max_length=None, remove_unused_columns=False,
                      dataset_kwargs={"skip_prepare_dataset": True})
@@ -115,8 +147,12 @@ def build_trainer(cfg: Config, inputs, out):
                         peft_config=peft_config(cfg.lora), data_collator=KdCollator(tokenizer.pad_token_id, k),
                         temperature=cfg.temperature, nll_weight=cfg.nll_weight, taid=taid,
                         one_sequence_at_a_time=cfg.one_sequence_at_a_time)
-    return trainer, {"rows": len(train_data), "dropped_truncated": len(dataset) - len(train_data), "k": k,
-                     "teacher_tokenizer": teacher, "objective": cfg.objective}
+    packed = {"packed_sequences": len(train_data)} if cfg.packing else {}
+    if heldout is not None:
+        trainer.monitor = attach_kd_monitor(trainer, cfg.monitor, heldout, training_rows(heldout, cfg),
+                                            tokenizer=tokenizer, k=k, seed=out.seed)
+    return trainer, {"rows": len(rows), "dropped_truncated": len(dataset) - len(rows), "k": k,
+                     "teacher_tokenizer": teacher, "objective": cfg.objective, **packed}
 
 
 def training_rows(dataset, cfg: Config):

@@ -28,10 +28,15 @@ tokenizer, checked through the server's /tokenize; temperature 1).
 
 Input: rows with `prompt` (chat messages or text, e.g. opsd data) or problems (`problem`, rendered with
 `prompt_template`). Prompts longer than `max_length - max_tokens` tokens are dropped and counted, never cut.
+With `monitor:` (the teacher-hacking monitor, `pipeline.training.monitor`) the rows of `holdout` problems (`id`,
+`answer`) are not trained on; every `every` steps the student's pass rate on them and the training divergence are
+logged (`monitor/*`), and the stats get `monitor` and `monitor_holdout_rows`.
 Output: as `sft`: a LoRA adapter (for `merge`) or, with `lora: null`, the full model.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -39,6 +44,7 @@ from pipeline.core.errors import UserError
 from pipeline.text.prompts import render_prompt
 from pipeline.training.build import load_tokenizer, model_card, peft_config, train_and_save
 from pipeline.training.launch import train_here_or_launch
+from pipeline.training.monitor import MonitorSettings
 from pipeline.training.rollouts import RolloutConfig, prompt_with_think_prefix, rollout_arguments, rollouts_fact
 from pipeline.training.served_teacher import ServedTeacher, check_settings
 
@@ -73,6 +79,20 @@ class Config(RolloutConfig):
                     "L1 distance of the sorted probabilities of the other tokens gets 1 - it (TRL's "
                     "uld_hybrid_matched_weight / _unmatched_weight; 0.6 is TRL's example). null: TRL's adaptive "
                     "weight, the share of the teacher's vocabulary that the student's holds.")
+
+    monitor: MonitorSettings | None = Field(
+        default=None, description="The teacher-hacking monitor (pipeline.training.monitor): hold `holdout` problems "
+                                  "out of training (the rows need `id` and `answer`) and every `every` steps log the "
+                                  "student's pass rate on them beside the training divergence (the logged loss); "
+                                  "warn when both fall for `consecutive` checks. No held-out divergence here: the "
+                                  "held-out problems have no teacher traces, and the teacher is not run for it.")
+    keyed_when_set: ClassVar = ("monitor",)  # added later; its default trains as before
+
+    @model_validator(mode="after")
+    def _monitor_in_one_process(self) -> Config:
+        if self.monitor is not None and self.num_processes > 1:
+            raise ValueError("monitor: the held-out checks run in one process; set num_processes: 1 or drop monitor")
+        return self
 
     def model_refs(self) -> list[str]:
         # a served teacher's weights are the server's business: only its address and name are in the key
@@ -109,9 +129,12 @@ def train(cfg: Config, inputs, out) -> dict:
     divergence = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
                if "completions/mean_length" in entry]
-    return {**stats, "teacher": cfg.teacher_name, "divergence_first": divergence[0] if divergence else None,
-            "divergence_last": divergence[-1] if divergence else None,
-            "completion_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None}
+    result = {**stats, "teacher": cfg.teacher_name, "divergence_first": divergence[0] if divergence else None,
+              "divergence_last": divergence[-1] if divergence else None,
+              "completion_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None}
+    if getattr(trainer, "monitor", None) is not None:
+        result.update(monitor_holdout_rows=trainer.monitor.heldout_rows, monitor=trainer.monitor.summary())
+    return result
 
 
 def build_trainer(cfg: Config, inputs, out):
@@ -140,8 +163,8 @@ def build_trainer(cfg: Config, inputs, out):
             "teacher's samples (sample -> verify -> select -> sft)"
         )
     think, own_template = prompt_with_think_prefix(tokenizer, cfg)
-    rows = prompt_dataset(inputs[cfg.input].dataset(), cfg, tokenizer)
-    data_stats = {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
+    rows, dropped, heldout = training_prompts(cfg, inputs, tokenizer, out.seed)
+    data_stats = {"rows": len(rows), "dropped_truncated": dropped,
                   "think_prefix": think}
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -161,6 +184,7 @@ def build_trainer(cfg: Config, inputs, out):
                                       train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(cfg.lora))
         data_stats.update(trl_trainer="DistillationTrainer")
     trainer.own_chat_template = own_template  # saved with the model (see `prompt_with_think_prefix`)
+    attach_monitor(cfg, trainer, heldout, tokenizer, out.seed)
     return trainer, data_stats
 
 
@@ -176,13 +200,14 @@ def served_trainer(cfg: Config, inputs, out, model_path: str):
     tokenizer = load_tokenizer(cfg, model_path)
     check_tokenizer(cfg.teacher, tokenizer)
     think, own_template = prompt_with_think_prefix(tokenizer, cfg)
-    rows = prompt_dataset(inputs[cfg.input].dataset(), cfg, tokenizer)
+    rows, dropped, heldout = training_prompts(cfg, inputs, tokenizer, out.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     trainer = served_teacher_trainer(cfg.teacher, beta=cfg.beta, model=model, tokenizer=tokenizer, rows=rows,
                                      arguments={**rollout_arguments(cfg, out), "beta": cfg.beta},
                                      peft_config=peft_config(cfg.lora))
     trainer.own_chat_template = own_template
-    data_stats = {"rows": len(rows), "dropped_truncated": len(inputs[cfg.input].dataset()) - len(rows),
+    attach_monitor(cfg, trainer, heldout, tokenizer, out.seed)
+    data_stats = {"rows": len(rows), "dropped_truncated": dropped,
                   "think_prefix": think, "trl_trainer": "ServerDistillationTrainer", "served_teacher": server,
                   "teacher_top_k": cfg.teacher.loss_top_k(cfg.beta)}
     return trainer, data_stats
@@ -244,17 +269,48 @@ def tokenizer_differences(student, teacher) -> list[str]:
     return differences
 
 
+def training_prompts(cfg: Config, inputs, tokenizer, seed: int):
+    """The prompts trained on (`prompt_dataset`), how many were dropped as too long, and the rows held out of them
+    for the monitor (None without one)."""
+    dataset = inputs[cfg.input].dataset()
+    heldout = None
+    if cfg.monitor is not None:
+        from pipeline.training.monitor import split_holdout
+
+        train, heldout = split_holdout(dataset, cfg.monitor, seed=seed, step="onpolicy", source=cfg.input)
+        rows = prompt_dataset(train, cfg, tokenizer)
+        return rows, len(train) - len(rows), heldout
+    rows = prompt_dataset(dataset, cfg, tokenizer)
+    return rows, len(dataset) - len(rows), heldout
+
+
+def attach_monitor(cfg: Config, trainer, heldout, tokenizer, seed: int) -> None:
+    """The teacher-hacking monitor on the trainer (as `trainer.monitor`), when the step has one."""
+    if heldout is None:
+        return
+    from pipeline.training.monitor import attach_rollout_monitor
+
+    trainer.monitor = attach_rollout_monitor(trainer, cfg.monitor, heldout, lambda row: row_messages(row, cfg),
+                                             tokenizer=tokenizer, seed=seed, step="onpolicy")
+
+
+def row_messages(row: dict, cfg: Config) -> list[dict]:
+    """A row's prompt as chat messages: its `prompt` (messages, or text as one user message), else its `problem`
+    rendered with prompt_template."""
+    if "prompt" in row:
+        return row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    return [{"role": "user", "content": render_prompt(cfg.prompt_template, row)}]
+
+
 def prompt_dataset(dataset, cfg: Config, tokenizer):
     """Chat-message `prompt` rows that leave room for a rollout of max_tokens within max_length."""
     columns = dataset.column_names
     if "prompt" in columns:
-        rows = dataset.select_columns(["prompt"]).map(
-            lambda row: {"prompt": row["prompt"] if isinstance(row["prompt"], list)
-                         else [{"role": "user", "content": row["prompt"]}]}, keep_in_memory=True)
+        rows = dataset.select_columns(["prompt"]).map(lambda row: {"prompt": row_messages(row, cfg)},
+                                                      keep_in_memory=True)
     elif "problem" in columns:
-        rows = dataset.map(lambda row: {"prompt": [{"role": "user",
-                                                    "content": render_prompt(cfg.prompt_template, row)}]},
-                           remove_columns=columns, keep_in_memory=True)
+        rows = dataset.map(lambda row: {"prompt": row_messages(row, cfg)}, remove_columns=columns,
+                           keep_in_memory=True)
     else:
         raise UserError(f"onpolicy: dataset of step {cfg.input!r} has neither a prompt nor a problem column "
                         f"(it has {', '.join(columns)})")

@@ -9,9 +9,12 @@ template's rendering plus the think prefix; null with `backend: openai`, where t
 as the recipe wrote it) and `think_prefix` (text the completion continues: the prefix appended to the prompt, or
 the `<think>\n` the chat template wrote itself; verify, select and the training checks read it).
 
-With `logprobs: K` (backend vllm) every completion token also gets the model's top-K token ids and log-probs and the
-sampled token's log-prob, with the prompt's and completion's token ids and the tokenizer's identity: the columns of
-`pipeline.text.teacher_logprobs`, which `kd` trains on (`score` writes the same for existing completions).
+With `logprobs: K` every completion token also gets the model's top-K token ids and log-probs and the sampled token's
+log-prob, with the prompt's and completion's token ids and the tokenizer's identity: the columns of
+`pipeline.text.teacher_logprobs`, which `kd` trains on (`score` writes the same for existing completions). With
+backend openai they come from a vLLM server (`logprobs`/`top_logprobs` with tokens as ids and the prompt's token ids,
+see `pipeline.engines.openai_client`; another server is refused), and the tokenizer identity from `tokenizer:` or the
+path the server reports, checked against the server's own tokenizer.
 
 The think prefix comes from the model's chat template (`pipeline.text.chat.think_prefix`, the same rule as `evaluate`,
 `opsd` and `onpolicy`) unless `think_prefix` is set.
@@ -98,9 +101,16 @@ class Config(DtypeSetting, StepConfig, EngineFields):
     logprobs: int | None = Field(
         default=None, ge=1, le=20,
         description="Also store the model's top-K distribution at every completion token (vLLM `logprobs`, K up to "
-                    "20): the teacher columns `kd` trains on (pipeline.text.teacher_logprobs). null: none.")
+                    "20): the teacher columns `kd` trains on (pipeline.text.teacher_logprobs). null: none. Backend "
+                    "openai: a vLLM server started with --max-logprobs K+1 or more (its default 20 allows K up to "
+                    "19); other servers give no token ids and are refused.")
     logprob_dtype: Literal["float16", "float32"] = Field(
         default="float16", description="With logprobs: storage type of the top-K log-probs.")
+    tokenizer: str | None = Field(
+        default=None, description="backend openai with logprobs: the served model's tokenizer (builtin:NAME, "
+                                  "step:NAME, a local dir or a hub id), whose identity the teacher columns record; "
+                                  "checked against the server's /tokenize. null: the path the server reports "
+                                  "loading (/v1/models root), when this machine can read it.")
 
     dry_run_overrides: ClassVar[dict] = {"n": 2, "max_tokens": 16}
     path_fields: ClassVar = ()
@@ -108,30 +118,33 @@ class Config(DtypeSetting, StepConfig, EngineFields):
     # 2: one seeded request per sample (was: an engine seed per chunk). 3: think prefix from the chat template,
     # reasoning returned apart kept in the completion, prompt_text / reasoning / response columns.
     code_version: ClassVar = "3"
-    keyed_when_set: ClassVar = ("logprobs", "logprob_dtype")  # added later; their defaults store nothing new
+    # added later; their defaults store nothing new
+    keyed_when_set: ClassVar = ("logprobs", "logprob_dtype", "tokenizer")
 
     def model_refs(self) -> list[str]:
-        return [self.model] if self.backend == "vllm" else []  # a served model's name is the server's business
+        if self.backend == "vllm":
+            return [self.model]
+        # a served model's name is the server's business; a tokenizer named for its stored columns is ours
+        return [self.tokenizer] if self.tokenizer else []
 
     def dtype_choice(self):
         return super().dtype_choice() if self.backend == "vllm" else None  # the server's dtype is its own
 
     @model_validator(mode="after")
-    def _openai_settings(self) -> "Config":
+    def _openai_settings(self) -> Config:
         if self.backend == "openai":
             if not self.base_url:
                 raise ValueError("backend openai needs base_url (e.g. http://localhost:8000/v1)")
             if self.engine == "ray":
                 raise ValueError("engine ray runs vLLM replicas; backend openai sends requests to a server: "
                                  "use one or the other")
-            if self.logprobs is not None:
-                raise ValueError("logprobs: only backend vllm stores top-K log-probs so far (the token ids of a "
-                                 "served model's reply are not returned by its chat API); use backend vllm, or "
-                                 "`score` the samples afterwards")
             if self.think_prefix:
                 raise ValueError("backend openai cannot force think_prefix: the chat completions API has no way to "
                                  "pre-fill the reply; leave it unset (a server whose chat template opens <think> "
                                  "needs none) or use backend vllm")
+        if self.tokenizer and (self.backend != "openai" or not self.logprobs):
+            raise ValueError("tokenizer names a served model's tokenizer for backend openai with logprobs; with "
+                             "backend vllm the model's own tokenizer is used: leave it unset")
         return self
 
     @field_validator("prompt_template")
@@ -162,6 +175,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
     _check_columns(cfg, problems.column_names)
     prompts = [chat_messages(cfg, row) for row in problems]
     model, think, prompt_texts = _model_and_prompt_texts(cfg, inputs, prompts)
+    teacher = _teacher_identity(cfg, inputs, model) if cfg.logprobs else None  # before any sampling: fail early
     ids = [str(i) for i in problems["id"]] if "id" in problems.column_names else [str(i) for i in range(len(problems))]
     chunks = chunk_ranges([len(ids)], cfg.chunk_size)
     chunk_ids = [ids[rows.start:rows.stop] for rows in chunks]
@@ -203,7 +217,6 @@ def run(cfg: Config, inputs: dict[str, Artifact], out: Output) -> Artifact:
 
     from pipeline.text import teacher_logprobs as stored
 
-    teacher = stored.model_identity(model, cfg.model) if cfg.logprobs else None
     samples = _write_samples(cfg, problems, prompts, prompt_texts, think.completion_prefix, chunks,
                              [tallies[chunk] for chunk in range(len(chunks))], out.scratch / "samples.arrow", teacher)
     artifact = out.write_dataset(
@@ -234,15 +247,31 @@ def _model_and_prompt_texts(cfg: Config, inputs, prompts: list[list[dict]]):
     return model, think, [chat.generation_prompt(tokenizer, p) + think.appended for p in prompts]
 
 
+def _server(cfg: Config):
+    from pipeline.engines.openai_client import OpenAIServer
+
+    return OpenAIServer(cfg.base_url, cfg.api_key_env, cfg.max_concurrency, cfg.max_retries, cfg.request_timeout)
+
+
+def _teacher_identity(cfg: Config, inputs, model: str) -> str:
+    """The tokenizer identity the teacher columns record: the sampled model's own with backend vllm; with backend
+    openai, that of `tokenizer` or of the path the server reports, checked against the server's tokenizer."""
+    from pipeline.core.models import resolve_model
+    from pipeline.engines import openai_client
+    from pipeline.text import teacher_logprobs as stored
+
+    if cfg.backend == "vllm":
+        return stored.model_identity(model, cfg.model)
+    tokenizer = resolve_model(cfg.tokenizer, inputs) if cfg.tokenizer else None
+    return openai_client.served_tokenizer_identity(_server(cfg), cfg.model, tokenizer, cfg.model)
+
+
 def _generate(cfg: Config, request, save, bar, on_samples):
     """The request through the engine the config names; `save` gets each finished chunk."""
     from pipeline.engines import openai_client, vllm_local
 
     if cfg.backend == "openai":
-        server = openai_client.OpenAIServer(
-            base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-            max_retries=cfg.max_retries, request_timeout=cfg.request_timeout)
-        return openai_client.generate(request, server, on_chunk=save)
+        return openai_client.generate(request, _server(cfg), on_chunk=save)
     if cfg.engine == "ray":
         from pipeline.engines import ray_replicas
 

@@ -7,7 +7,8 @@ student reads exactly the tokens the teacher's distributions were computed for; 
 refused before this (the `kd` step). SFTTrainer's dataset preparation is skipped (`skip_prepare_dataset`); the collator
 pads `input_ids` and `labels` (the completion tokens, -100 on the prompt and padding) and lays each completion
 token's teacher top-K ids and log-probs at its position, packed into one float tensor [batch, length, 2K]
-(`kd_loss.pack_teacher`).
+(`kd_loss.pack_teacher`). Packed sequences (`packing: true`) are collated by `kd_packing.collate_packed`, with
+position_ids restarting at each row; `compute_loss` then gives the model no attention mask, so rows stay apart.
 
 `compute_loss` runs the model's patched forward (`pipeline.training.token_logprobs.add_token_logprob_forward`) with the
 KD loss as the per-position loss: full-vocabulary logits of `LOGPROB_CHUNK_SIZE` positions at a time, recomputed in
@@ -32,6 +33,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from pipeline.core.errors import UserError
 from pipeline.training.kd_loss import TaidSchedule, pack_teacher, position_loss
+from pipeline.training.kd_packing import collate_packed
 from pipeline.training.token_logprobs import UnsupportedHead, add_token_logprob_forward
 
 # Positions whose full-vocabulary logits exist at once (as in pipeline.training.redi_trainer).
@@ -46,6 +48,8 @@ class KdCollator:
         self.pad_token_id, self.k = pad_token_id, k
 
     def __call__(self, rows: list[dict]) -> dict:
+        if "seq_lengths" in rows[0]:  # packed sequences (`packing: true`)
+            return collate_packed(rows, self.pad_token_id, self.k)
         longest = max(len(row["input_ids"]) for row in rows)
         batch = len(rows)
         input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
@@ -112,7 +116,7 @@ class KdTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self):
         # The collator's inputs: the Trainer must not drop them as "unused" by the model's forward.
         self._signature_columns = ["input_ids", "labels", "completion_start", "teacher_topk_ids",
-                                   "teacher_topk_logprobs"]
+                                   "teacher_topk_logprobs", "completion_mask", "seq_lengths"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean KD (or TAID) loss per completion token of the batch."""
@@ -122,7 +126,11 @@ class KdTrainer(SFTTrainer):
             raise UserError("kd: a training batch has no completion token to distil, so its loss would be a silent "
                             "zero; check that the completions are not empty")
         t = self.taid.t if self.taid is not None else 1.0
-        per_position = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+        # Packed rows: no attention mask, so the restarting position_ids keep the rows apart (`kd_packing`).
+        packed = "position_ids" in inputs
+        per_position = model(input_ids=inputs["input_ids"], labels=labels,
+                             attention_mask=None if packed else inputs["attention_mask"],
+                             position_ids=inputs["position_ids"] if packed else None,
                              logprob_chunk_size=LOGPROB_CHUNK_SIZE, one_sequence_at_a_time=self.one_sequence_at_a_time,
                              position_loss=position_loss(self.temperature, t, self.nll_weight),
                              position_context=inputs["teacher"])

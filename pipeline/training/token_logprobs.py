@@ -238,6 +238,8 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
     `model(input_ids=..., attention_mask=..., labels=labels, logprob_chunk_size=n)` returns `token_logprobs` of
     labels[:, 1:] from the final hidden states at positions [:-1], [batch, length - 1], n positions at a time. Without
     `logprob_chunk_size` the forward is the one it replaces. `full_params` is passed on to `ChunkedTokenLogProbs`.
+    `position_ids=` (packed rows, restarting at each row) go to the transformer; with them and no attention_mask, no
+    all-ones mask is made up, so transformers keeps the packed rows apart.
 
     With `one_sequence_at_a_time=True` each sequence of the batch (cut after its last attended position) runs through
     the model on its own inside activation checkpointing (`torch.utils.checkpoint`, non-reentrant): the forward keeps
@@ -269,12 +271,14 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
         return
     replaced_forward = model.forward
 
-    def final_hidden_states(self, input_ids, attention_mask):
-        return self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+    def final_hidden_states(self, input_ids, attention_mask, position_ids=None):
+        # position_ids restarting at each packed row, with no attention mask, keep the rows apart (transformers
+        # builds the block-diagonal mask from them; pipeline.training.kd_packing).
+        return self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
 
-    def score(self, input_ids, attention_mask, labels, chunk_size, position_loss, context):
-        hidden_states = final_hidden_states(self, input_ids, attention_mask)
+    def score(self, input_ids, attention_mask, labels, chunk_size, position_loss, context, position_ids=None):
+        hidden_states = final_hidden_states(self, input_ids, attention_mask, position_ids)
         # Looked up on every call: FSDP and DeepSpeed replace or partition the head's parameters after patching.
         weight, bias = head_params(self.get_output_embeddings())
         return token_logprobs(hidden_states[:, :-1], weight, bias, labels[:, 1:], chunk_size, full_params,
@@ -287,26 +291,29 @@ def add_token_logprob_forward(model, full_params=no_gathering) -> None:
         if logprob_chunk_size is None and not only_final_hidden_states:
             return replaced_forward(*args, labels=labels, **kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask", None)
+        position_ids = kwargs.pop("position_ids", None)
         # Wrappers (peft) pass their defaults along; the flags are moot, as no model output is returned.
         unused = sorted(name for name, value in kwargs.items() if value is not None and name not in OUTPUT_FLAGS)
         if args or unused:
             raise TypeError("the chunked log-prob forward takes input_ids, attention_mask and labels by keyword, not "
                             f"{len(args)} positional arguments and {unused}")
-        if attention_mask is None:
+        if attention_mask is None and position_ids is None:
             attention_mask = torch.ones_like(input_ids)
         if only_final_hidden_states:
-            return final_hidden_states(self, input_ids, attention_mask)
+            return final_hidden_states(self, input_ids, attention_mask, position_ids)
         if not one_sequence_at_a_time:
-            return score(self, input_ids, attention_mask, labels, logprob_chunk_size, position_loss, position_context)
+            return score(self, input_ids, attention_mask, labels, logprob_chunk_size, position_loss, position_context,
+                         position_ids)
         length = input_ids.shape[1]
         rows = []
         for row in range(len(input_ids)):
-            attended = attention_mask[row].nonzero()
+            attended = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[row].nonzero()
             end = int(attended[-1]) + 1 if len(attended) else 1  # padding after the last attended position is cut
             cut = slice(row, row + 1), slice(0, end)
-            logprobs = checkpoint(score, self, input_ids[cut], attention_mask[cut], labels[cut], logprob_chunk_size,
-                                  position_loss, None if position_context is None else position_context[cut],
-                                  use_reentrant=False)
+            logprobs = checkpoint(score, self, input_ids[cut], None if attention_mask is None else attention_mask[cut],
+                                  labels[cut], logprob_chunk_size, position_loss,
+                                  None if position_context is None else position_context[cut],
+                                  None if position_ids is None else position_ids[cut], use_reentrant=False)
             rows.append(torch.nn.functional.pad(logprobs, (0, length - end)))
         return torch.cat(rows)
 

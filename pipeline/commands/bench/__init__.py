@@ -5,7 +5,8 @@
     verify   the grading pool with 1 and 2 workers, graded samples/s on MATH-500/GSM8K completions, clean and with
              5% pathological ones; and on 10k-100k-character teacher-like traces, ours vs plain math-verify
     train    SFT tokens/s packed and padding-free vs padded, on log-normal lengths; REDI vs TRL's DPO with a
-             reference model, peak memory; with --lengths, REDI vs DPO+ref on long pairs, length by length
+             reference model, peak memory; with --lengths, REDI vs DPO+ref on long pairs, length by length; with
+             --kd-lengths, kd (top-K) vs full-logit KD, peak memory, length by length
     cache    a finished recipe re-run in a fresh process, wall seconds
     decode   matmul GFLOP/s and copy GB/s on this machine: the bounds on decode tokens/s (`sample` includes it)
     data     load, verify's bookkeeping, select, pairs and filter at 10k-1M synthetic rows: seconds and peak memory
@@ -157,6 +158,9 @@ def add_arguments(parser) -> None:
     train.add_argument("--lengths", type=token_lengths, metavar="N,N,...",
                        help="instead of the default cases: REDI vs DPO+ref peak memory on pairs of each of these "
                        "lengths in tokens (chosen and rejected each), batch 1, e.g. 512,1024,2048,4096")
+    train.add_argument("--kd-lengths", type=token_lengths, metavar="N,N,...",
+                       help="instead of the default cases: a kd step (top-K, K=20) vs a full-logit KD step, peak "
+                       "memory on rows of each of these lengths in tokens, batch 1, e.g. 512,1024,2048")
     train.add_argument("--gradient-checkpointing", action="store_true", help="train every case with it")
     cache = parser.add_argument_group("cache")
     cache.add_argument("--recipe", default="recipes/smoke.yaml", help="recipe to run, then re-run from cache")

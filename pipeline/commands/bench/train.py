@@ -15,6 +15,8 @@
   lengths around it or, when every measured one fits, extrapolated along the line through the two longest (memory
   grows linearly with the length once the attention is memory-efficient). `--gradient-checkpointing` trains every
   case with it.
+- With `--kd-lengths 512,1024,...`, instead: a `kd` step (chunked top-K loss, K = 20) against a full-logit KD step,
+  peak memory per length (`pipeline.commands.bench.kd_memory`).
 
 Each case runs in its own process so one case's peak memory never shows in another's.
 """
@@ -158,6 +160,10 @@ def run(opts, console) -> tuple[dict, dict]:
 
     if opts.lengths:
         return run_length_sweep(opts, console)
+    if opts.kd_lengths:
+        from pipeline.commands.bench import kd_memory
+
+        return kd_memory.run(opts, console)
     results = {}
     for case in CASES:
         console.print(f"[bold]bench train[/bold]: {case} ({opts.model}, {opts.steps} steps, batch {opts.batch_size})")
