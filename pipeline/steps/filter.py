@@ -123,6 +123,7 @@ def run(cfg: Config, inputs, out):
     import pyarrow.compute as pc
 
     from pipeline.text.columns import arrow_columns, problem_index
+    from pipeline.text.rows import warn_dry_run_stand_ins
 
     data = inputs[cfg.input].dataset()
     needed = ["id", "problem"] + (["pass_rate"] if cfg.min_pass_rate is not None or cfg.max_pass_rate is not None
@@ -147,6 +148,9 @@ def run(cfg: Config, inputs, out):
         removed += [{"id": problem_ids[codes[row]], "reason": "truncated", "detail": f"row {row}"}
                     for row in np.flatnonzero(cut).tolist()]
         row_dropped |= cut
+    if out.dry_run and len(codes) and row_dropped.all():  # as select does: the steps after this one run on something
+        row_dropped[:], removed = False, []
+        warn_dry_run_stand_ins("filter", "the row rules keep no row", len(codes))
 
     # id -> problem text (its first row's), input order
     first_texts = columns["problem"].take(pa.array(first_rows)).to_pylist()

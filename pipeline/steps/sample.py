@@ -1,5 +1,6 @@
 """`sample`: n completions per problem from a model, with vLLM or an OpenAI-compatible server, into the
-`samples` contract.
+`samples` contract. One file past 400 lines because it is one thing: the step's Config (its backend checks) and
+its run over chunks; the engines live in pipeline/engines, the stored-logprob layout in pipeline/text.
 
 Each problem row comes out n times, contiguous and in input order, with all its columns plus
 `sample_idx`, `prompt` (the chat messages sent), `prompt_text` (the prompt as the model read it: the chat
