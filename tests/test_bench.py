@@ -4,7 +4,7 @@ import json
 import statistics
 
 from pipeline.commands.bench import HEADLINES
-from pipeline.commands.bench.train import PROMPT_ROOM, skewed_rows
+from pipeline.commands.bench.train import FIXED_LENGTH_MARGIN, PROMPT_ROOM, fixed_length_rows, skewed_rows
 from pipeline.commands.bench.verify import long_traces, teacher_like_samples
 from pipeline.commands.cli import main
 
@@ -138,3 +138,19 @@ def test_synthetic_problems_share_phrasing_and_plant_duplicates():
         for gram in ngrams(text, 5):
             counts[gram] = counts.get(gram, 0) + 1
     assert max(counts.values()) >= 200
+
+
+def test_fixed_length_pairs_fit_the_length_they_are_built_for():
+    # `bench train --lengths` trains one pair per step at max_length = its length: a pair one token over is dropped,
+    # and a sweep of such pairs trained nothing (it did, when the chat template grew by a token).
+    from transformers import AutoTokenizer
+
+    from pipeline.core.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-random"))
+    for tokens in (128, 512):
+        for row in fixed_length_rows(6, tokens, tokenizer):
+            for side in ("chosen", "rejected"):
+                length = len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True,
+                                                           return_dict=True)["input_ids"])
+                assert tokens - 2 * FIXED_LENGTH_MARGIN <= length <= tokens, (tokens, side, length)

@@ -166,3 +166,19 @@ def test_where_fields_at_their_default_leave_the_key_as_it_was():
     assert "keep_where" not in keyed_config(plain) and "drop_where" not in keyed_config(plain)
     set_ = filter_step.Config(uses="filter", input="graded", drop_where={"source": ["cn_k12"]})
     assert keyed_config(set_)["drop_where"] == {"source": ["cn_k12"]}
+
+
+def test_a_dry_run_whose_row_rules_keep_nothing_writes_stand_ins_so_the_next_steps_run(tmp_path):
+    data = [{"id": "a", "problem": "p1", "sample_idx": 0, "correct": False},
+            {"id": "b", "problem": "p2", "sample_idx": 0, "correct": False}]
+    artifact, kept, removed = run_filter(tmp_path, data, keep_where={"correct": [True]}, decontaminate=[],
+                                         dry_run=True)
+    assert kept["id"] == ["a", "b"] and removed == []
+    assert artifact.stats["dry_run_stand_ins"] == 2
+    # a real run keeps to the rule and writes nothing; a dry run that keeps a row keeps to the rule too
+    artifact, kept, _ = run_filter(tmp_path / "real", data, keep_where={"correct": [True]}, decontaminate=[])
+    assert len(kept) == 0 and "dry_run_stand_ins" not in artifact.stats
+    data[1]["correct"] = True
+    artifact, kept, _ = run_filter(tmp_path / "kept", data, keep_where={"correct": [True]}, decontaminate=[],
+                                   dry_run=True)
+    assert kept["id"] == ["b"] and "dry_run_stand_ins" not in artifact.stats

@@ -25,9 +25,9 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string) or "length" (max_tokens or max_model_len)
     prompt_tokens: int
     completion_tokens: int
-    # With a request's `logprobs: K` (local vLLM only), per completion token: the prompt's and the completion's token
-    # ids, the model's K most likely tokens and their log-probs (most likely first) and the sampled token's log-prob
-    # (the columns of pipeline.text.teacher_logprobs). None otherwise.
+    # With a request's `logprobs: K` (local vLLM, or the openai backend against a vLLM server), per completion
+    # token: the prompt's and the completion's token ids, the model's K most likely tokens and their log-probs (most
+    # likely first) and the sampled token's log-prob (the columns of pipeline.text.teacher_logprobs). None otherwise.
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
     topk_ids: list[list[int]] | None = None
@@ -91,7 +91,7 @@ class SamplingRequest:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
-    logprobs: int | None = None  # top-K log-probs per completion token (see Completion); the vLLM engines only
+    logprobs: int | None = None  # top-K log-probs per completion token (see Completion)
 
     def plan(self) -> ChunkPlan:
         """Samples per prompt, problem ids, chunks, and the chunks to generate; refused (ValueError) when the

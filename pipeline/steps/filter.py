@@ -148,9 +148,11 @@ def run(cfg: Config, inputs, out):
         removed += [{"id": problem_ids[codes[row]], "reason": "truncated", "detail": f"row {row}"}
                     for row in np.flatnonzero(cut).tolist()]
         row_dropped |= cut
+    stand_ins = {}
     if out.dry_run and len(codes) and row_dropped.all():  # as select does: the steps after this one run on something
         row_dropped[:], removed = False, []
         warn_dry_run_stand_ins("filter", "the row rules keep no row", len(codes))
+        stand_ins = {"dry_run_stand_ins": len(codes)}
 
     # id -> problem text (its first row's), input order
     first_texts = columns["problem"].take(pa.array(first_rows)).to_pylist()
@@ -210,6 +212,7 @@ def run(cfg: Config, inputs, out):
         **{f"removed_{reason}": counts[reason] for reason in ("truncated", "ungraded", "pass_rate", "duplicate",
                                                                "near_duplicate", "contaminated")},
         **{f"removed_{reason}": counts[reason] for reason in ("keep_where", "drop_where") if getattr(cfg, reason)},
+        **stand_ins,
     )
 
 

@@ -102,6 +102,26 @@ def run_child(module: str, spec: dict, env: dict | None = None) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
+def memory_sweep(module: str, cases: tuple[str, str], lengths: list[int], console, describe, spec) -> tuple:
+    """Each of the two `cases` at each of `lengths`, each in its own process (`run_child` on `module`, with the dict
+    `spec(case, length)` and a temporary workdir). Returns (results[case][length], the memory measure: the CUDA peak
+    on a GPU, else RSS above the process baseline, and {length: first case's memory / second case's})."""
+    import tempfile
+
+    results = {case: {} for case in cases}
+    for length in lengths:
+        for case in cases:
+            console.print(f"[bold]bench train[/bold]: {case}, {describe(length)}")
+            with tempfile.TemporaryDirectory(prefix=f"bench-{case}-{length}-") as workdir:
+                results[case][length] = run_child(module, {**spec(case, length), "workdir": workdir})
+    ours, theirs = cases
+    memory_key = ("cuda_peak_gib" if results[ours][lengths[0]]["cuda_peak_gib"] is not None
+                  else "peak_rss_above_baseline_gib")
+    ratios = {length: round(results[ours][length][memory_key] / results[theirs][length][memory_key], 3)
+              for length in lengths}
+    return results, memory_key, ratios
+
+
 def child_main(cases: dict) -> None:
     """The child side of `run_child`: run cases[spec["case"]](spec) and print its result as the last stdout line."""
     spec = json.loads(sys.argv[1])

@@ -20,11 +20,10 @@ on a GPU, else of RSS above baseline.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
-from pipeline.commands.bench import child_main, run_child
+from pipeline.commands.bench import child_main, memory_sweep
 
 CASES = ("kd", "full_logit_kd")
 TOP_K = 20
@@ -137,20 +136,12 @@ def run(opts, console) -> tuple[dict, dict]:
     """kd vs full-logit KD at each of opts.kd_lengths: peak memory and their ratio (no headline)."""
     from rich.table import Table
 
-    results = {case: {} for case in CASES}
-    for length in opts.kd_lengths:
-        for case in CASES:
-            console.print(f"[bold]bench train[/bold]: {case}, {length} tokens ({opts.model}, {opts.steps} steps, "
-                          f"batch 1, K {TOP_K}{', gradient checkpointing' if opts.gradient_checkpointing else ''})")
-            with tempfile.TemporaryDirectory(prefix=f"bench-{case}-{length}-") as workdir:
-                results[case][length] = run_child("pipeline.commands.bench.kd_memory", {
-                    "case": case, "model": opts.model, "steps": opts.steps, "length": length,
-                    "gradient_checkpointing": opts.gradient_checkpointing, "workdir": workdir})
-
-    first = results["kd"][opts.kd_lengths[0]]
-    memory_key = "cuda_peak_gib" if first["cuda_peak_gib"] is not None else "peak_rss_above_baseline_gib"
-    ratios = {length: round(results["kd"][length][memory_key] / results["full_logit_kd"][length][memory_key], 3)
-              for length in opts.kd_lengths}
+    checkpointing = ", gradient checkpointing" if opts.gradient_checkpointing else ""
+    results, memory_key, ratios = memory_sweep(
+        "pipeline.commands.bench.kd_memory", CASES, opts.kd_lengths, console,
+        lambda length: f"{length} tokens ({opts.model}, {opts.steps} steps, batch 1, K {TOP_K}{checkpointing})",
+        lambda case, length: {"case": case, "model": opts.model, "steps": opts.steps, "length": length,
+                              "gradient_checkpointing": opts.gradient_checkpointing})
     table = Table(title=f"distill bench train --kd-lengths — {opts.model}, {opts.steps} steps, batch 1, K {TOP_K}, "
                         f"full fine-tuning{', gradient checkpointing' if opts.gradient_checkpointing else ''}")
     for column in ("tokens", "kd peak RSS", "kd above base", "full-logit peak RSS", "full-logit above base",

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.commands.bench import child_main, run_child
+from pipeline.commands.bench import child_main, memory_sweep, run_child
 
 CASES = ("redi", "dpo_with_reference", "sft_padded", "sft_packed", "sft_padding_free")
 SWEEP_CASES = ("redi", "dpo_with_reference")
@@ -41,6 +41,7 @@ SWEEP_TARGET_FROM = 2048  # the sweep's headline ratio is the worst at this many
 MEDIAN_TOKENS = 150
 SIGMA = 1.0
 PROMPT_ROOM = 64  # tokens left for the prompt, the answer line and the chat template
+FIXED_LENGTH_MARGIN = 4  # tokens a fixed-length pair leaves unused: its numbers may take a token more than measured
 WORDS = ("then", "add", "the", "next", "digit", "and", "carry", "one", "so", "we", "check", "it", "again")
 
 
@@ -51,10 +52,18 @@ def skewed_rows(count: int, max_length: int, seed: int = 0) -> list[dict]:
         4, round(rng.lognormvariate(math.log(MEDIAN_TOKENS), SIGMA)))), seed)
 
 
-def fixed_length_rows(count: int, tokens: int, seed: int = 0) -> list[dict]:
-    """Arithmetic pairs whose chosen and rejected sequences (prompt + completion) are each a little under `tokens`
-    tokens: PROMPT_ROOM is left for the prompt, the answer line and the chat template."""
-    return arithmetic_pairs(count, lambda rng: tokens - PROMPT_ROOM, seed)
+def fixed_length_rows(count: int, tokens: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Arithmetic pairs whose chosen and rejected sequences (prompt + completion in `tokenizer`'s chat template) are
+    each a little under `tokens` tokens: the reasoning gets the tokens a pair without reasoning leaves, less
+    FIXED_LENGTH_MARGIN (each of WORDS is one token in SmolLM2's tokenizer; the numbers' digits vary). Measured, not
+    assumed: a template one token longer made every row too long for max_length, and the sweep trained nothing."""
+
+    def length(row: dict) -> int:
+        return max(len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True,
+                                                     return_dict=True)["input_ids"]) for side in ("chosen", "rejected"))
+
+    frame = length(arithmetic_pairs(1, lambda rng: 0, seed)[0])
+    return arithmetic_pairs(count, lambda rng: tokens - frame - FIXED_LENGTH_MARGIN, seed)
 
 
 def arithmetic_pairs(count: int, reasoning_words, seed: int) -> list[dict]:
@@ -84,14 +93,18 @@ def run_case(spec: dict) -> dict:
     import datasets
     import torch
     import trl  # noqa: F401 -- imported before the baseline is read, as every case needs it
-    from transformers import AutoModelForCausalLM  # noqa: F401 -- likewise
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 -- likewise
 
     from pipeline.core.artifacts import Artifact, Output
+    from pipeline.core.models import resolve_model
     from pipeline.steps import redi, sft
 
     case, workdir = spec["case"], Path(spec["workdir"])
-    data = (fixed_length_rows(spec["rows"], spec["max_length"]) if spec.get("fixed_length")
-            else skewed_rows(spec["rows"], spec["max_length"]))
+    if spec.get("fixed_length"):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
+        data = fixed_length_rows(spec["rows"], spec["max_length"], tokenizer)
+    else:
+        data = skewed_rows(spec["rows"], spec["max_length"])
     datasets.Dataset.from_list(data).save_to_disk(str(workdir / "pairs" / "data"))
     datasets.Dataset.from_list([{"id": r["id"], "messages": r["prompt"] + r["chosen"]} for r in data]).save_to_disk(
         str(workdir / "sft_data" / "data"))
@@ -214,22 +227,14 @@ def run_length_sweep(opts, console) -> tuple[dict, dict]:
     each could train within MEMORY_BUDGET_GIB."""
     from rich.table import Table
 
-    results = {case: {} for case in SWEEP_CASES}
-    for length in opts.lengths:
-        for case in SWEEP_CASES:
-            console.print(f"[bold]bench train[/bold]: {case}, pairs of {length} tokens ({opts.model}, {opts.steps} "
-                          f"steps, batch 1{', gradient checkpointing' if opts.gradient_checkpointing else ''})")
-            with tempfile.TemporaryDirectory(prefix=f"bench-{case}-{length}-") as workdir:
-                results[case][length] = run_child("pipeline.commands.bench.train", {
-                    "case": case, "model": opts.model, "steps": opts.steps, "rows": opts.steps, "batch_size": 1,
-                    "max_length": length, "fixed_length": True,
-                    "gradient_checkpointing": opts.gradient_checkpointing, "workdir": workdir})
-
+    checkpointing = ", gradient checkpointing" if opts.gradient_checkpointing else ""
     # Training memory as in the default cases: CUDA allocations on a GPU, else RSS above the process baseline.
-    memory_key = "cuda_peak_gib" if results["redi"][opts.lengths[0]]["cuda_peak_gib"] is not None \
-        else "peak_rss_above_baseline_gib"
-    ratios = {length: round(results["redi"][length][memory_key] / results["dpo_with_reference"][length][memory_key],
-                            3) for length in opts.lengths}
+    results, memory_key, ratios = memory_sweep(
+        "pipeline.commands.bench.train", SWEEP_CASES, opts.lengths, console,
+        lambda length: f"pairs of {length} tokens ({opts.model}, {opts.steps} steps, batch 1{checkpointing})",
+        lambda case, length: {"case": case, "model": opts.model, "steps": opts.steps, "rows": opts.steps,
+                              "batch_size": 1, "max_length": length, "fixed_length": True,
+                              "gradient_checkpointing": opts.gradient_checkpointing})
     # The whole process must fit in the budget: raw peak RSS (or the CUDA peak on a GPU).
     budget_key = "cuda_peak_gib" if memory_key == "cuda_peak_gib" else "peak_rss_gib"
     longest = {case: longest_within(MEMORY_BUDGET_GIB, [(length, results[case][length][budget_key])
