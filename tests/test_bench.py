@@ -3,6 +3,8 @@
 import json
 import statistics
 
+import pytest
+
 from pipeline.commands.bench import HEADLINES
 from pipeline.commands.bench.train import FIXED_LENGTH_MARGIN, PROMPT_ROOM, fixed_length_rows, skewed_rows
 from pipeline.commands.bench.verify import long_traces, teacher_like_samples
@@ -154,3 +156,21 @@ def test_fixed_length_pairs_fit_the_length_they_are_built_for():
                 length = len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True,
                                                            return_dict=True)["input_ids"])
                 assert tokens - 2 * FIXED_LENGTH_MARGIN <= length <= tokens, (tokens, side, length)
+
+
+@pytest.mark.slow
+def test_length_sweep_trains_pairs_of_the_asked_length_in_both_cases(tmp_path):
+    # the sweep once trained nothing (its pairs were over max_length) and no test ran it
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--lengths", "256", "--model", "builtin:tiny-random", "--steps", "1",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    measured = results["train"]
+    cases = {case["case"]: case for case in measured["cases"]}
+    assert set(cases) == {"redi", "dpo_with_reference"}
+    for case in cases.values():
+        assert case["steps"] == 1
+        assert 256 - 2 * FIXED_LENGTH_MARGIN <= case["row_tokens"]["mean"] <= case["row_tokens"]["max"] <= 256
+    above = {name: case["peak_rss_above_baseline_gib"] for name, case in cases.items()}
+    assert measured["redi_mem_ratio_by_length"]["256"] == round(above["redi"] / above["dpo_with_reference"], 3)
+    assert results["redi_mem_ratio"] == measured["redi_mem_ratio_by_length"]["256"]

@@ -102,6 +102,20 @@ def run_child(module: str, spec: dict, env: dict | None = None) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
+def train_measured(trainer) -> tuple[float, int]:
+    """`trainer.train()` from a reset CUDA peak: (its seconds, this process's peak RSS in KiB once it is done)."""
+    import resource
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.time()
+    trainer.train()
+    return time.time() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def memory_sweep(module: str, cases: tuple[str, str], lengths: list[int], console, describe, spec) -> tuple:
     """Each of the two `cases` at each of `lengths`, each in its own process (`run_child` on `module`, with the dict
     `spec(case, length)` and a temporary workdir). Returns (results[case][length], the memory measure: the CUDA peak

@@ -20,10 +20,9 @@ on a GPU, else of RSS above baseline.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from pipeline.commands.bench import child_main, memory_sweep
+from pipeline.commands.bench import child_main, memory_sweep, train_measured
 
 CASES = ("kd", "full_logit_kd")
 TOP_K = 20
@@ -113,12 +112,7 @@ def run_case(spec: dict) -> dict:
     trainer = kd.build_trainer(cfg, inputs, out)[0]
     if case == "full_logit_kd":
         trainer = full_logit_kd_trainer(trainer, trainer.model.config.vocab_size)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, peak_kib = train_measured(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "case": case, "model": spec["model"], "length": length, "k": TOP_K, "vocab_size": vocab_size,

@@ -27,10 +27,9 @@ import math
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from pipeline.commands.bench import child_main, memory_sweep, run_child
+from pipeline.commands.bench import child_main, memory_sweep, run_child, train_measured
 
 CASES = ("redi", "dpo_with_reference", "sft_padded", "sft_packed", "sft_padding_free")
 SWEEP_CASES = ("redi", "dpo_with_reference")
@@ -126,12 +125,7 @@ def run_case(spec: dict) -> dict:
                          padding_free=case == "sft_padding_free", **common)
         trainer = sft.build_trainer(cfg, inputs, out)[0]
         row_tokens = None if cfg.packing else [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, peak_kib = train_measured(trainer)
     return {
         "case": case,
         "model": spec["model"],
