@@ -62,17 +62,17 @@ def test_full_logit_kd_is_at_least_the_top_k_bucket_kl():
 @pytest.mark.slow
 def test_kd_memory_benchmark_measures_both_cases(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "train", "--kd-lengths", "128", "--model", "builtin:tiny-random", "--steps", "1",
+    assert main(["bench", "train", "--kd-lengths", "512", "--model", "builtin:tiny-random", "--steps", "1",
                  "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     measured = results["train"]["kd_memory"]
-    assert measured["k"] == TOP_K and measured["lengths"] == [128]
+    assert measured["k"] == TOP_K and measured["lengths"] == [512]
     cases = {case["case"]: case for case in measured["cases"]}
     assert set(cases) == {"kd", "full_logit_kd"}
     for case in cases.values():
-        assert case["steps"] == 1 and case["length"] == 128 and case["loss_first"] > 0
+        assert case["steps"] == 1 and case["length"] == 512 and case["loss_first"] > 0
         assert case["peak_rss_gib"] >= case["peak_rss_above_baseline_gib"] > 0
-    ratio = measured["kd_mem_ratio_by_length"]["128"]
+    ratio = measured["kd_mem_ratio_by_length"]["512"]
     above = {name: case["peak_rss_above_baseline_gib"] for name, case in cases.items()}
     assert ratio == round(above["kd"] / above["full_logit_kd"], 3)
     assert results["redi_mem_ratio"] is None and results["sft_packing_speedup"] is None

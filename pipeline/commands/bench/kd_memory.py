@@ -137,7 +137,7 @@ def run(opts, console) -> tuple[dict, dict]:
         lambda case, length: {"case": case, "model": opts.model, "steps": opts.steps, "length": length,
                               "gradient_checkpointing": opts.gradient_checkpointing})
     table = Table(title=f"distill bench train --kd-lengths — {opts.model}, {opts.steps} steps, batch 1, K {TOP_K}, "
-                        f"full fine-tuning{', gradient checkpointing' if opts.gradient_checkpointing else ''}")
+                        f"full fine-tuning{checkpointing}")
     for column in ("tokens", "kd peak RSS", "kd above base", "full-logit peak RSS", "full-logit above base",
                    "kd / full", "kd s/step", "full s/step"):
         table.add_column(column, justify="right", no_wrap=True)

@@ -235,7 +235,7 @@ def run_length_sweep(opts, console) -> tuple[dict, dict]:
                                                         for length in opts.lengths]) for case in SWEEP_CASES}
 
     table = Table(title=f"distill bench train --lengths — {opts.model}, {opts.steps} steps, batch 1 pair, full "
-                        f"fine-tuning{', gradient checkpointing' if opts.gradient_checkpointing else ''}")
+                        f"fine-tuning{checkpointing}")
     for column in ("pair tokens", "seq tokens (mean)", "REDI peak RSS", "REDI above base", "DPO+ref peak RSS",
                    "DPO+ref above base", "REDI / DPO+ref", "REDI s/step", "DPO+ref s/step"):
         table.add_column(column, justify="right", no_wrap=True)
